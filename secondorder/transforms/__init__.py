@@ -1,0 +1,1 @@
+"""Gradient transformations: one file per method family (primitive, state and alias)."""
