@@ -1,0 +1,20 @@
+"""Curvature toolkit: products, estimators and spectra on pytree parameters.
+
+Pure functions of a loss, logits or outputs function and the parameters; each runs under
+`jax.jit` and `jax.vmap` and never forms a matrix whose side is the number of parameters.
+"""
+
+from secondorder.curvature.estimators import empirical_fisher_diag
+from secondorder.curvature.estimators import gnb_diag
+from secondorder.curvature.estimators import hutchinson_diag
+from secondorder.curvature.losses import softmax_cross_entropy
+from secondorder.curvature.losses import squared_error
+from secondorder.curvature.products import fisher_operator
+from secondorder.curvature.products import fisher_vp
+from secondorder.curvature.products import gauss_newton_operator
+from secondorder.curvature.products import gnvp
+from secondorder.curvature.products import hessian_operator
+from secondorder.curvature.products import hvp
+from secondorder.curvature.products import jvp
+from secondorder.curvature.products import value_grad_hvp
+from secondorder.curvature.products import vjp

@@ -1,0 +1,174 @@
+"""Stochastic estimators of curvature diagonals.
+
+- `hutchinson_diag`: diag(H) of a scalar loss from Rademacher probes, E[z ⊙ H z] = diag(H).
+- `gnb_diag`: Sophia-G's Gauss-Newton-Bartlett estimate of diag(G) for softmax
+  cross-entropy, from one backward pass with labels sampled from the model.
+- `empirical_fisher_diag`: the diagonal of the empirical Fisher (data labels), from
+  per-example gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from secondorder._validation import check_int
+from secondorder.curvature import products as _products
+
+PyTree = Any
+
+
+def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
+  """One independent Rademacher (±1) probe per leaf, in each leaf's dtype."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  probes = [
+      jax.random.rademacher(k, jnp.shape(p), dtype=jnp.float32).astype(jnp.result_type(p))
+      for k, p in zip(keys, leaves)
+  ]
+  return jax.tree.unflatten(treedef, probes)
+
+
+def sample_mean(fn: Callable[[jax.Array], PyTree], key: jax.Array, num_samples: int,
+                batch_size: int | None) -> PyTree:
+  """Mean of `fn(k)` over `num_samples` keys split from `key` (accumulated in float32+).
+
+  `batch_size=None` evaluates the samples one after the other (`lax.map`), keeping memory
+  at one sample; an integer vectorises that many at a time.
+  """
+  if num_samples == 1:
+    return fn(jax.random.split(key, 1)[0])
+  keys = jax.random.split(key, num_samples)
+  samples = jax.lax.map(fn, keys, batch_size=batch_size)
+
+  def mean(x):
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.mean(x.astype(acc), axis=0).astype(x.dtype)
+
+  return jax.tree.map(mean, samples)
+
+
+def hutchinson_diag(
+    f: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    key: jax.Array,
+    num_samples: int = 1,
+    *,
+    batch_size: int | None = None,
+) -> PyTree:
+  """Hutchinson estimate of the Hessian diagonal of a scalar function.
+
+    diag(H) ≈ (1/S) Σ_s z_s ⊙ (H z_s),   z_s Rademacher (independent ±1 entries),
+
+  unbiased since E[z zᵀ] = I; exact with one probe when H is diagonal. Each leaf gets its
+  own probe. With several samples ∇f is linearised once and H is applied S times.
+
+  Args:
+    f: `params -> scalar` (the loss on the current batch).
+    params: the point θ.
+    key: a PRNG key.
+    num_samples: the number of probes S (>= 1).
+    batch_size: how many probes to evaluate at once (None: one at a time).
+
+  Returns:
+    A pytree like `params` holding the estimate of diag(H).
+
+  Example:
+    >>> d = hutchinson_diag(lambda p: loss(p, batch), params, jax.random.key(0))
+
+  Reference: Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1990;
+  Yao et al., "ADAHESSIAN", AAAI 2021.
+  """
+  check_int("num_samples", num_samples, minimum=1)
+  if num_samples == 1:
+    z = rademacher_like(jax.random.split(key, 1)[0], params)
+    hz = _products.hvp(f, params, z)
+    return jax.tree.map(jnp.multiply, z, hz)
+  matvec = _products.hessian_operator(f, params)
+
+  def one(k):
+    z = rademacher_like(k, params)
+    return jax.tree.map(jnp.multiply, z, matvec(z))
+
+  return sample_mean(one, key, num_samples, batch_size)
+
+
+def gnb_diag(logits_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array) -> PyTree:
+  """Gauss-Newton-Bartlett estimate of diag(G) for softmax cross-entropy (Sophia-G).
+
+  With logits z_b (shape [..., C], all leading axes flattened into B examples), sample
+  ŷ_b ∼ softmax(z_b) and take ĝ = ∇_θ (1/B) Σ_b CE(z_b, ŷ_b); the estimate is
+
+    ĥ = B · ĝ ⊙ ĝ,
+
+  whose expectation over ŷ is diag of the Gauss-Newton matrix of the mean cross-entropy,
+  G = (1/B) Σ_b J_bᵀ (diag(p_b) − p_b p_bᵀ) J_b, up to cross-example terms of zero mean
+  (Bartlett's identity). It costs one forward and one backward pass: ĝ is a single
+  vector-Jacobian product with the cotangent (softmax(z) − onehot(ŷ)) / B.
+
+  Args:
+    logits_fn: `params -> logits` of shape [..., classes] on the current batch.
+    params: the point θ.
+    key: a PRNG key for the sampled labels.
+
+  Returns:
+    A pytree like `params`.
+
+  Example:
+    >>> h = gnb_diag(lambda p: model.apply(p, x), params, jax.random.key(0))
+
+  Reference: Liu et al., "Sophia: A scalable stochastic second-order optimizer for language
+  model pre-training", ICLR 2024, Algorithm 2.
+  """
+  logits, pullback = jax.vjp(logits_fn, params)
+  if not hasattr(logits, "shape") or jnp.ndim(logits) < 1:
+    raise ValueError("gnb_diag needs logits_fn to return an array of logits [..., classes]; "
+                     f"it returned {getattr(logits, 'shape', type(logits).__name__)}.")
+  num_classes = logits.shape[-1]
+  batch = logits.size // num_classes
+  z = logits.reshape(batch, num_classes).astype(jnp.promote_types(logits.dtype, jnp.float32))
+  sampled = jax.random.categorical(key, z, axis=-1)
+  cotangent = (jax.nn.softmax(z, axis=-1) - jax.nn.one_hot(sampled, num_classes, dtype=z.dtype))
+  cotangent = (cotangent / batch).reshape(logits.shape).astype(logits.dtype)
+  (g,) = pullback(cotangent)
+  return jax.tree.map(lambda x: batch * x * x, g)
+
+
+def empirical_fisher_diag(
+    example_loss_fn: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    batch: Any,
+) -> PyTree:
+  """Diagonal of the empirical Fisher, (1/B) Σ_b ∇ℓ_b ⊙ ∇ℓ_b, from per-example gradients.
+
+  This is the *empirical* Fisher: the gradients ∇ℓ_b = ∇_θ ℓ(θ; x_b, y_b) use the data labels
+  y_b, not labels sampled from the model, so it is not the Fisher information (compare
+  `fisher_vp`, `gnb_diag`) and not a curvature matrix in general. The per-example gradients
+  come from `jax.vmap` over the batch; normalisation is the mean over the B examples.
+
+  Args:
+    example_loss_fn: `(params, example) -> scalar`, the loss of a single example.
+    params: the point θ.
+    batch: a pytree whose leaves all have the leading batch axis B (e.g. `(x, y)`).
+
+  Returns:
+    A pytree like `params`.
+
+  Example:
+    >>> def example_loss(p, ex):
+    ...   x, y = ex
+    ...   return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x[None]), y[None])[0]
+    >>> d = empirical_fisher_diag(example_loss, params, (x, y))
+
+  Reference: Kunstner, Balles & Hennig, "Limitations of the empirical Fisher approximation
+  for natural gradient descent", NeurIPS 2019.
+  """
+  per_example = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))(params, batch)
+
+  def mean_sq(g):
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    return jnp.mean(jnp.square(g.astype(acc)), axis=0).astype(g.dtype)
+
+  return jax.tree.map(mean_sq, per_example)
