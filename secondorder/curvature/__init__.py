@@ -18,3 +18,9 @@ from secondorder.curvature.products import hvp
 from secondorder.curvature.products import jvp
 from secondorder.curvature.products import value_grad_hvp
 from secondorder.curvature.products import vjp
+from secondorder.curvature.spectrum import Eigenpairs
+from secondorder.curvature.spectrum import NewtonDecrement
+from secondorder.curvature.spectrum import directional_sharpness
+from secondorder.curvature.spectrum import hutchinson_trace
+from secondorder.curvature.spectrum import newton_decrement
+from secondorder.curvature.spectrum import top_eigenvalues

@@ -1,0 +1,226 @@
+"""Spectral quantities of symmetric linear operators on pytrees.
+
+An operator is any function `matvec: pytree -> pytree` that is linear and symmetric, e.g.
+`hessian_operator(f, params)`, `gauss_newton_operator(f, loss, params)`,
+`fisher_operator(logits_fn, params)` from `secondorder.curvature.products`, or a plain
+`lambda v: hvp(f, params, v)`. Nothing here forms the matrix: only products with vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.sparse.linalg
+from jax.flatten_util import ravel_pytree
+
+from secondorder._validation import check_int, check_range, check_same_structure
+from secondorder.curvature.estimators import rademacher_like, sample_mean
+
+PyTree = Any
+Operator = Callable[[PyTree], PyTree]
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """Σ over leaves of ⟨a, b⟩, accumulated in float32 or wider."""
+  def leaf(x, y):
+    acc = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+    return jnp.sum(x.astype(acc) * y.astype(acc))
+  return sum(jax.tree.leaves(jax.tree.map(leaf, a, b)), start=jnp.zeros((), jnp.float32))
+
+
+def hutchinson_trace(
+    matvec: Operator,
+    params: PyTree,
+    key: jax.Array,
+    num_samples: int = 1,
+    *,
+    batch_size: int | None = None,
+) -> jax.Array:
+  """Hutchinson estimate of tr(A): the mean over Rademacher probes z of zᵀ A z.
+
+  Unbiased; each leaf gets its own probe.
+
+  Args:
+    matvec: the operator `v -> A v` (e.g. `hessian_operator(loss_fn, params)`).
+    params: a pytree with the structure and shapes of the operator's vectors.
+    key: a PRNG key.
+    num_samples: the number of probes (>= 1).
+    batch_size: how many probes to evaluate at once (None: one at a time).
+
+  Example:
+    >>> tr = hutchinson_trace(hessian_operator(loss_fn, params), params, key, 100)
+
+  Reference: Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1990.
+  """
+  check_int("num_samples", num_samples, minimum=1)
+
+  def one(k):
+    z = rademacher_like(k, params)
+    return _vdot(z, matvec(z))
+
+  return sample_mean(one, key, num_samples, batch_size)
+
+
+def directional_sharpness(matvec: Operator, u: PyTree) -> jax.Array:
+  """The curvature along a direction, uᵀ A u / ‖u‖² (a Rayleigh quotient).
+
+  With A the Hessian and u the update (or the gradient) this is the sharpness the step
+  sees; it lies between the smallest and the largest eigenvalue of A.
+
+  Example:
+    >>> s = directional_sharpness(hessian_operator(loss_fn, params), grads)
+  """
+  return _vdot(u, matvec(u)) / _vdot(u, u)
+
+
+class Eigenpairs(NamedTuple):
+  """Top eigenvalues (descending) and their unit eigenvectors (a pytree, leading axis k)."""
+  eigenvalues: jax.Array
+  eigenvectors: PyTree
+
+
+def top_eigenvalues(
+    matvec: Operator,
+    params: PyTree,
+    key: jax.Array,
+    k: int = 1,
+    num_iterations: int | None = None,
+) -> Eigenpairs:
+  """The k largest (algebraic) eigenvalues and eigenvectors of a symmetric operator, by Lanczos.
+
+  Runs m Lanczos steps from a random start, with full reorthogonalisation of every new
+  Krylov vector against all previous ones (twice, for stability), then takes the Ritz pairs
+  of the m×m tridiagonal matrix T: A V = V T + r eₘᵀ, eigenvalues of T approximate the
+  extreme eigenvalues of A. If the Krylov space becomes invariant, it restarts from a fresh
+  random vector orthogonal to it. Memory is m vectors the size of `params` (never n×n).
+
+  Args:
+    matvec: the operator `v -> A v` (symmetric).
+    params: a pytree with the structure and shapes of the operator's vectors.
+    key: a PRNG key for the starting vector.
+    k: how many eigenpairs (1 <= k <= n).
+    num_iterations: Lanczos steps m (k <= m <= n); default min(n, max(2k + 20, 30)).
+
+  Returns:
+    `Eigenpairs(eigenvalues [k] descending, eigenvectors)`; `eigenvectors` is a pytree like
+    `params` with a leading axis of size k, each vector of unit norm.
+
+  Example:
+    >>> vals, vecs = top_eigenvalues(hessian_operator(loss_fn, params), params, key, k=3)
+
+  Reference: Lanczos, 1950; Golub & Van Loan, "Matrix Computations", §10.1;
+  Ghorbani, Krishnan & Xiao, "An investigation into neural net optimization via Hessian
+  eigenvalue density", ICML 2019.
+  """
+  flat0, unravel = ravel_pytree(params)
+  n = flat0.size
+  check_int("k", k, minimum=1)
+  if k > n:
+    raise ValueError(f"k must be an integer <= {n} (the number of parameters), got {k}.")
+  if num_iterations is None:
+    num_iterations = min(n, max(2 * k + 20, 30))
+  check_int("num_iterations", num_iterations, minimum=k)
+  if num_iterations > n:
+    raise ValueError(
+        f"num_iterations must lie in [{k}, {n}] (k to the number of parameters), "
+        f"got {num_iterations}.")
+  m = num_iterations
+  dtype = jnp.promote_types(flat0.dtype, jnp.float32)
+
+  def flat_matvec(x):
+    out = matvec(unravel(x.astype(flat0.dtype)))
+    check_same_structure("matvec(v)", params, out)
+    return ravel_pytree(out)[0].astype(dtype)
+
+  def orthogonalize(w, basis):
+    # Rows of `basis` not yet filled are zero and contribute nothing.
+    for _ in range(2):
+      w = w - basis.T @ (basis @ w)
+    return w
+
+  key, start_key = jax.random.split(key)
+  v0 = jax.random.normal(start_key, (n,), dtype)
+  basis = jnp.zeros((m + 1, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+  alphas = jnp.zeros((m,), dtype)
+  betas = jnp.zeros((m + 1,), dtype)  # betas[j] couples basis[j - 1] and basis[j]
+  tiny = jnp.finfo(dtype).eps ** 0.75
+
+  def step(j, carry):
+    basis, alphas, betas, key = carry
+    v = basis[j]
+    w = flat_matvec(v)
+    alpha = jnp.vdot(v, w)
+    w = w - alpha * v - betas[j] * basis[jnp.maximum(j - 1, 0)]
+    w = orthogonalize(w, basis)
+    beta = jnp.linalg.norm(w)
+    # Breakdown: the Krylov space is invariant. Continue from a fresh random vector
+    # orthogonal to it, and decouple the tridiagonal matrix there (beta = 0).
+    scale = jnp.maximum(jnp.abs(alpha), jnp.max(jnp.abs(alphas)))
+    broke = beta <= tiny * scale
+    key, sub = jax.random.split(key)
+    w = jax.lax.cond(
+        broke, lambda: orthogonalize(jax.random.normal(sub, (n,), dtype), basis), lambda: w)
+    basis = basis.at[j + 1].set(w / jnp.linalg.norm(w))
+    betas = betas.at[j + 1].set(jnp.where(broke, 0.0, beta))
+    return basis, alphas.at[j].set(alpha), betas, key
+
+  basis, alphas, betas, _ = jax.lax.fori_loop(0, m, step, (basis, alphas, betas, key))
+  basis = basis[:m]
+  tridiagonal = jnp.diag(alphas) + jnp.diag(betas[1:m], 1) + jnp.diag(betas[1:m], -1)
+  theta, s = jnp.linalg.eigh(tridiagonal)
+  order = jnp.argsort(-theta)[:k]
+  vectors = (basis.T @ s[:, order]).T  # [k, n]
+  vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
+  eigenvectors = jax.vmap(lambda x: unravel(x.astype(flat0.dtype)))(vectors)
+  return Eigenpairs(theta[order], eigenvectors)
+
+
+class NewtonDecrement(NamedTuple):
+  """λ = sqrt(gᵀ (A + δI)⁻¹ g) and the Newton direction (A + δI)⁻¹ g that gives it."""
+  decrement: jax.Array
+  direction: PyTree
+
+
+def newton_decrement(
+    matvec: Operator,
+    grads: PyTree,
+    damping: float = 0.0,
+    *,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+) -> NewtonDecrement:
+  """Newton decrement λ = sqrt(gᵀ (A + δ I)⁻¹ g) by conjugate gradient on the damped operator.
+
+  Solves (A + δ I) x = g with `jax.scipy.sparse.linalg.cg` (pytrees, products only), then
+  λ = sqrt(⟨g, x⟩). ½λ² is the decrease a Newton step predicts on the local quadratic model,
+  and x is the (damped) Newton direction. CG needs A + δ I positive definite: for a Hessian
+  that may be indefinite, use a Gauss-Newton operator or enough damping.
+
+  Args:
+    matvec: the operator `v -> A v` (e.g. the Hessian or Gauss-Newton operator).
+    grads: the gradient g, a pytree.
+    damping: δ >= 0 added to the diagonal.
+    tol, atol: CG stopping tolerances (relative and absolute residual norms).
+    maxiter: the most CG iterations (default: CG's own, 10 n).
+
+  Returns:
+    `NewtonDecrement(decrement, direction)`.
+
+  Example:
+    >>> lam, step = newton_decrement(gauss_newton_operator(f, loss, params), grads, 1e-3)
+
+  Reference: Boyd & Vandenberghe, "Convex Optimization", §9.5.1; Martens, "Deep learning via
+  Hessian-free optimization", 2010.
+  """
+  check_range("damping", damping, 0.0)
+  if maxiter is not None:
+    check_int("maxiter", maxiter, minimum=1)
+
+  def damped(x):
+    return jax.tree.map(lambda ax, xx: ax + damping * xx, matvec(x), x)
+
+  direction, _ = jax.scipy.sparse.linalg.cg(damped, grads, tol=tol, atol=atol, maxiter=maxiter)
+  return NewtonDecrement(jnp.sqrt(jnp.maximum(_vdot(grads, direction), 0.0)), direction)
