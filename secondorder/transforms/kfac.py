@@ -1,0 +1,387 @@
+"""K-FAC as an optax transform: Kronecker-factored natural-gradient preconditioning.
+
+`scale_by_kfac_factors` keeps, for every covered layer (dense or convolution), running
+estimates of the two Kronecker factors of its Fisher block and preconditions the layer's
+gradient with them; `kfac` is the assembled optimizer. The per-batch factor contributions
+come from `secondorder.capture` through the `kfac_stats` extra argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from secondorder import linalg
+from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
+from secondorder.capture import KfacLayer, KfacLayers, LayerStats, param_path
+
+__all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class ScaleByKfacState(NamedTuple):
+  """State of `scale_by_kfac_factors`.
+
+  Attributes:
+    count: number of `update` calls.
+    factor_weight: total EMA weight Σ(1 − β)βᵏ of the accepted statistics; the factors used
+      are `a / factor_weight`, `s / factor_weight` (bias-corrected running averages).
+    a, s: per layer (keyed by layer name) the running sums of Â and Ŝ.
+    a_eigvals, a_eigvecs, s_eigvals, s_eigvecs: per layer the eigendecompositions of the
+      factors at the last refresh (identity and zeros before the first).
+    num_refreshes: number of eigendecomposition refreshes done.
+    num_skipped: number of steps whose statistics were non-finite and were not accumulated.
+    kl_scale: the KL-clipping scale ν of the last step (1 when not clipped).
+    fallback: state of the diagonal method for the uncovered parameters.
+  """
+  count: jax.Array
+  factor_weight: jax.Array
+  a: dict
+  s: dict
+  a_eigvals: dict
+  a_eigvecs: dict
+  s_eigvals: dict
+  s_eigvecs: dict
+  num_refreshes: jax.Array
+  num_skipped: jax.Array
+  kl_scale: jax.Array
+  fallback: optax.OptState
+
+
+def _value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return v(count) if callable(v) else v
+
+
+def _layers_tuple(layers) -> tuple[KfacLayer, ...]:
+  if isinstance(layers, KfacLayers):
+    return layers.layers
+  if isinstance(layers, (tuple, list)) and all(isinstance(l, KfacLayer) for l in layers):
+    return tuple(layers)
+  raise ValueError(
+      "layers must be the KfacLayers of the model (capture.linen_capture(...).layers(params, x) "
+      "or capture.nnx_capture(...).layers(model, x)), or capture.no_layers() for a pytree "
+      f"with no covered layer; got {type(layers).__name__}.")
+
+
+def _leaf_index(tree) -> dict[tuple[str, ...], int]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {param_path(p): i for i, (p, _) in enumerate(leaves)}
+
+
+def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str) -> dict:
+  """Leaf indices of each layer's kernel and bias, raising when one is absent or misshapen."""
+  index = _leaf_index(tree)
+  leaves = jax.tree_util.tree_leaves(tree)
+  known = ", ".join("/".join(p) for p in list(index)[:8]) + (", ..." if len(index) > 8 else "")
+  out = {}
+  for layer in layers:
+    for role, path, shape in (("kernel", layer.kernel, layer.kernel_shape),
+                              ("bias", layer.bias, layer.kernel_shape[-1:])):
+      if path is None:
+        continue
+      if path not in index:
+        raise ValueError(
+            f"K-FAC layer {layer.name!r}: its {role} {'/'.join(path)} is not in the {what} "
+            f"(which has {known}). Build the transform from the same params tree that the "
+            "optimizer updates.")
+      got = tuple(jnp.shape(leaves[index[path]]))
+      if got != tuple(shape):
+        raise ValueError(
+            f"K-FAC layer {layer.name!r}: {role} {'/'.join(path)} has shape {got} in the {what}, "
+            f"expected {tuple(shape)}.")
+    out[layer.name] = (index[layer.kernel], None if layer.bias is None else index[layer.bias])
+  return out
+
+
+def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
+  if not isinstance(stats, dict):
+    raise ValueError(
+        "kfac_stats must be the dict of LayerStats returned by a secondorder.capture call "
+        f"(or capture.no_stats()), got {type(stats).__name__}.")
+  names = {l.name for l in layers}
+  extra = sorted(set(stats) - names)
+  if extra:
+    raise ValueError(
+        f"kfac_stats has statistics for layers {extra} that the transform was not built with "
+        f"(it covers {sorted(names)}); build it with layers=cap.layers(...) of the same model.")
+  for layer in layers:
+    if layer.name not in stats:
+      raise ValueError(
+          f"kfac_stats is missing K-FAC layer {layer.name!r} (kernel {'/'.join(layer.kernel)}, "
+          f"shape {layer.kernel_shape}); it has {sorted(stats)}.")
+    st = stats[layer.name]
+    want_a, want_s = (layer.a_dim, layer.a_dim), (layer.s_dim, layer.s_dim)
+    got_a, got_s = tuple(jnp.shape(st[0])), tuple(jnp.shape(st[1]))
+    if got_a != want_a or got_s != want_s:
+      raise ValueError(
+          f"kfac_stats for layer {layer.name!r} (kernel {'/'.join(layer.kernel)}, shape "
+          f"{layer.kernel_shape}) have shapes A {got_a}, S {got_s}; expected A {want_a}, "
+          f"S {want_s}.")
+
+
+def scale_by_kfac_factors(
+    *,
+    layers: KfacLayers,
+    damping: ScalarOrSchedule = 1e-3,
+    damping_mode: str = "factored",
+    decay: float = 0.95,
+    update_interval: int = 10,
+    kl_clip: float | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    fallback: optax.GradientTransformation | None = None,
+    stats_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions each covered layer's gradient by its damped Kronecker-factored Fisher.
+
+  For a layer with gradient G (the kernel flattened to `[in, out]`, the bias appended as a
+  last row) and factors A ([in+1, in+1]) and S ([out, out])::
+
+    A ← β A + (1 − β) Â,   S ← β S + (1 − β) Ŝ          (bias-corrected; non-finite Â, Ŝ skipped)
+    A = Q_A diag(α) Q_Aᵀ,  S = Q_S diag(σ) Q_Sᵀ          (recomputed every `update_interval` steps)
+    factored: V = (A + π√λ I)⁻¹ G (S + √λ/π I)⁻¹,  π = sqrt((tr A / dim A) / (tr S / dim S))
+    exact:    V = Q_A [(Q_Aᵀ G Q_S) / (α σᵀ + λ)] Q_Sᵀ
+    KL clip:  ν = min(1, sqrt(κ / (η² Σ_layers ⟨V, G⟩))),  every update scaled by ν
+
+  Both damping forms are applied through the stored eigendecompositions, so a damping
+  schedule takes effect at every step. Convolutions use the KFC approximation (see
+  `secondorder.capture`). Parameters outside the covered layers go through `fallback`
+  (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999, 1e-8,
+  eps_in_sqrt=False, bias_correction=True)`) and are left out of the KL sum.
+
+  Args:
+    layers: the covered layers, `cap.layers(model_or_params, x)` from `secondorder.capture`,
+      or `capture.no_layers()` when no layer is covered (every parameter on the fallback).
+    damping: λ > 0, a float or a schedule of the step.
+    damping_mode: "factored" (π-split Tikhonov damping) or "exact" (λ added to the
+      eigenvalues of A ⊗ S).
+    decay: β in [0, 1), the EMA decay of the factors.
+    update_interval: T, eigendecompositions are refreshed every T steps (`lax.cond`).
+    kl_clip: κ > 0 to clip the step's KL divergence, or None. Needs `learning_rate`.
+    learning_rate: η (float or schedule), the rate the step is later scaled by; used only
+      by KL clipping.
+    fallback: diagonal method for the uncovered parameters.
+    stats_dtype: dtype of the factors.
+
+  Extra args of `update`: `kfac_stats`, the dict of `LayerStats` from a capture call (or
+  `capture.no_stats()`).
+
+  Example::
+
+    cap = capture.nnx_capture(loss_fn, likelihood="softmax")
+    tx = optax.chain(scale_by_kfac_factors(layers=cap.layers(model, x), damping=1e-3),
+                     optax.trace(0.9), optax.scale_by_learning_rate(0.1))
+    loss, grads, stats = cap(model, x, y, key=key)
+    updates, state = tx.update(grads, state, params, kfac_stats=stats)
+
+  References:
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+    Curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix
+    for convolution layers", ICML 2016; Ba, Grosse & Martens, "Distributed Second-Order
+    Optimization using Kronecker-Factored Approximations", ICLR 2017.
+  """
+  layer_list = _layers_tuple(layers)
+  check_range("damping", damping, 0.0, None, low_inclusive=False)
+  check_choice("damping_mode", damping_mode, ("factored", "exact"))
+  check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
+  check_int("update_interval", update_interval, minimum=1)
+  if kl_clip is not None:
+    check_range("kl_clip", kl_clip, 0.0, None, low_inclusive=False)
+    if learning_rate is None:
+      raise ValueError(
+          "kl_clip needs learning_rate= (the rate the step is scaled by afterwards), e.g. "
+          "scale_by_kfac_factors(layers=..., kl_clip=1e-3, learning_rate=0.1).")
+  if learning_rate is not None:
+    check_range("learning_rate", learning_rate, 0.0, None)
+  if fallback is None:
+    fallback = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
+                                  bias_correction=True)
+  owned = set()
+  for layer in layer_list:
+    owned.add(layer.kernel)
+    if layer.bias is not None:
+      owned.add(layer.bias)
+
+  def uncovered_mask(tree):
+    return jax.tree_util.tree_map_with_path(lambda p, _: param_path(p) not in owned, tree)
+
+  fallback_tx = optax.masked(fallback, uncovered_mask)
+
+  def init_fn(params):
+    _check_layers_in(params, layer_list, "params")
+    zeros = lambda n: jnp.zeros((n, n), stats_dtype)
+    eye = lambda n: jnp.eye(n, dtype=stats_dtype)
+    a = {l.name: zeros(l.a_dim) for l in layer_list}
+    s = {l.name: zeros(l.s_dim) for l in layer_list}
+    return ScaleByKfacState(
+        count=jnp.zeros([], jnp.int32),
+        factor_weight=jnp.zeros([], stats_dtype),
+        a=a, s=s,
+        a_eigvals={l.name: jnp.zeros((l.a_dim,), stats_dtype) for l in layer_list},
+        a_eigvecs={l.name: eye(l.a_dim) for l in layer_list},
+        s_eigvals={l.name: jnp.zeros((l.s_dim,), stats_dtype) for l in layer_list},
+        s_eigvecs={l.name: eye(l.s_dim) for l in layer_list},
+        num_refreshes=jnp.zeros([], jnp.int32),
+        num_skipped=jnp.zeros([], jnp.int32),
+        kl_scale=jnp.ones([], stats_dtype),
+        fallback=fallback_tx.init(params))
+
+  def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
+    del extra_args
+    stats = require_extra_arg(
+        "scale_by_kfac_factors", "kfac_stats", kfac_stats,
+        "kfac_stats=stats)  # loss, grads, stats = cap(model, x, y, key=key"
+        if layer_list else "kfac_stats=capture.no_stats()")
+    _check_stats(stats, layer_list)
+    where = _check_layers_in(updates, layer_list, "updates")
+
+    # Running factors: skip (and count) a batch whose statistics are not finite.
+    finite = jnp.array(True)
+    for layer in layer_list:
+      st = stats[layer.name]
+      finite &= jnp.all(jnp.isfinite(st[0])) & jnp.all(jnp.isfinite(st[1]))
+    b = jnp.asarray(decay, stats_dtype)
+    ema = lambda old, new: jnp.where(finite, b * old + (1 - b) * new.astype(stats_dtype), old)
+    a = {l.name: ema(state.a[l.name], stats[l.name][0]) for l in layer_list}
+    s = {l.name: ema(state.s[l.name], stats[l.name][1]) for l in layer_list}
+    weight = jnp.where(finite, b * state.factor_weight + (1 - b), state.factor_weight)
+
+    def refresh(_):
+      inv_w = 1.0 / weight
+      out = ({}, {}, {}, {})
+      for layer in layer_list:
+        for j, mat in ((0, a[layer.name]), (2, s[layer.name])):
+          w, v = linalg.symmetric_eigh(mat * inv_w)
+          out[j][layer.name] = jnp.maximum(w, 0.0).astype(stats_dtype)
+          out[j + 1][layer.name] = v.astype(stats_dtype)
+      return out
+
+    def keep(_):
+      return (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs)
+
+    due = ((state.count % update_interval) == 0) | (state.num_refreshes == 0)
+    do_refresh = due & (weight > 0)
+    if layer_list:
+      a_w, a_v, s_w, s_v = jax.lax.cond(do_refresh, refresh, keep, None)
+    else:
+      a_w, a_v, s_w, s_v = keep(None)
+
+    lam = jnp.asarray(_value_at(damping, state.count), stats_dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    new_leaves = list(leaves)
+    kl_sum = jnp.zeros([], stats_dtype)
+    for layer in layer_list:
+      ki, bi = where[layer.name]
+      gk = leaves[ki]
+      g = gk.reshape(-1, gk.shape[-1]).astype(stats_dtype)
+      if bi is not None:
+        g = jnp.concatenate([g, leaves[bi].reshape(1, -1).astype(stats_dtype)], axis=0)
+      qa, qs = a_v[layer.name], s_v[layer.name]
+      alpha, sigma = a_w[layer.name], s_w[layer.name]
+      vt = jnp.matmul(jnp.matmul(qa.T, g, precision=_HIGHEST), qs, precision=_HIGHEST)
+      if damping_mode == "factored":
+        ta = jnp.sum(alpha) / alpha.shape[0]
+        ts = jnp.sum(sigma) / sigma.shape[0]
+        pi = jnp.where((ta > 0) & (ts > 0), jnp.sqrt(ta / jnp.where(ts > 0, ts, 1.0)), 1.0)
+        sl = jnp.sqrt(lam)
+        denom = (alpha + pi * sl)[:, None] * (sigma + sl / pi)[None, :]
+      else:
+        denom = alpha[:, None] * sigma[None, :] + lam
+      v = jnp.matmul(jnp.matmul(qa, vt / denom, precision=_HIGHEST), qs.T, precision=_HIGHEST)
+      kl_sum += jnp.sum(v * g)
+      if bi is not None:
+        new_leaves[bi] = v[-1].reshape(leaves[bi].shape).astype(leaves[bi].dtype)
+        v = v[:-1]
+      new_leaves[ki] = v.reshape(gk.shape).astype(gk.dtype)
+
+    # optax.masked passes the covered leaves through and returns the full tree.
+    fb_updates, fb_state = fallback_tx.update(updates, state.fallback, params)
+    covered_idx = {i for pair in where.values() for i in pair if i is not None}
+    for i, x in enumerate(jax.tree_util.tree_leaves(fb_updates)):
+      if i not in covered_idx:
+        new_leaves[i] = x.astype(leaves[i].dtype)
+
+    if kl_clip is not None and layer_list:
+      eta = jnp.asarray(_value_at(learning_rate, state.count), stats_dtype)
+      denom = eta * eta * kl_sum
+      nu = jnp.where(denom > kl_clip, jnp.sqrt(kl_clip / jnp.where(denom > 0, denom, 1.0)), 1.0)
+      new_leaves = [(x * nu).astype(x.dtype) for x in new_leaves]
+    else:
+      nu = jnp.ones([], stats_dtype)
+
+    new_state = ScaleByKfacState(
+        count=optax.safe_increment(state.count),
+        factor_weight=weight, a=a, s=s,
+        a_eigvals=a_w, a_eigvecs=a_v, s_eigvals=s_w, s_eigvecs=s_v,
+        num_refreshes=state.num_refreshes + do_refresh.astype(jnp.int32),
+        num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+        kl_scale=nu.astype(stats_dtype), fallback=fb_state)
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kfac(
+    learning_rate: ScalarOrSchedule = 0.1,
+    *,
+    layers: KfacLayers,
+    damping: ScalarOrSchedule = 1e-2,
+    damping_mode: str = "factored",
+    decay: float = 0.95,
+    update_interval: int = 5,
+    kl_clip: float | None = 1e-2,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    fallback: optax.GradientTransformation | None = None,
+    stats_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""K-FAC: the natural gradient with Kronecker-factored curvature, momentum and KL clipping.
+
+  `optax.chain(scale_by_kfac_factors(...), optax.trace(momentum), optax.add_decayed_weights(
+  weight_decay), optax.scale_by_learning_rate(learning_rate))`::
+
+    v = ν (F̂ + damping)⁻¹ g          (per layer, Kronecker-factored; see scale_by_kfac_factors)
+    m ← μ m + v
+    θ ← θ − η (m + weight_decay · θ)
+
+  Args:
+    learning_rate: η, a float or a schedule (also used by KL clipping).
+    layers: `cap.layers(...)` from `secondorder.capture`, or `capture.no_layers()`.
+    damping: λ, a float or a schedule.
+    damping_mode: "factored" or "exact".
+    decay: EMA decay of the factors.
+    update_interval: steps between eigendecompositions.
+    kl_clip: κ, the KL budget per step (None: no clipping).
+    momentum: μ, momentum on the natural gradient (0 for none).
+    nesterov: Nesterov momentum.
+    weight_decay: decoupled weight decay.
+    fallback: diagonal method for uncovered parameters.
+    stats_dtype: dtype of the factors.
+
+  Example::
+
+    cap = capture.nnx_capture(loss_fn, likelihood="bernoulli")
+    tx = kfac(0.1, layers=cap.layers(model, x))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    loss, grads, stats = cap(model, x, y, key=key)
+    opt.update(model, grads, kfac_stats=stats)
+
+  References:
+    Martens & Grosse 2015; Ba, Grosse & Martens 2017 (KL clipping).
+  """
+  check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+  check_range("weight_decay", weight_decay, 0.0, None)
+  parts = [scale_by_kfac_factors(
+      layers=layers, damping=damping, damping_mode=damping_mode, decay=decay,
+      update_interval=update_interval, kl_clip=kl_clip, learning_rate=learning_rate,
+      fallback=fallback, stats_dtype=stats_dtype)]
+  if not (isinstance(momentum, (int, float)) and momentum == 0):
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
