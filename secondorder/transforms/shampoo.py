@@ -1,0 +1,587 @@
+"""Shampoo: Kronecker-factored preconditioning for tensors of any rank, blocked and grafted.
+
+`shampoo_preconditioner` is the primitive (a `GradientTransformationExtraArgs` that needs no
+extra argument); `shampoo` chains it with momentum, weight decay and the learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from secondorder import linalg
+from secondorder._validation import check_choice, check_int, check_range
+
+__all__ = ["ShampooState", "shampoo_preconditioner", "shampoo", "GRAFTS", "STATIC_ARGS"]
+
+GRAFTS = ("adam", "rmsprop", "rmsprop_normalized", "adagrad", "sgd", "none")
+
+# Arguments that fix the structure of the state; name them in
+# `optax.inject_hyperparams(shampoo_preconditioner, static_args=STATIC_ARGS)`.
+STATIC_ARGS = ("block_size", "max_preconditioner_dim", "exponent_override", "newton_max_iters")
+
+
+class ShampooState(NamedTuple):
+  """State of `shampoo_preconditioner`.
+
+  Attributes:
+    count: steps taken (int32).
+    stats: Kronecker statistics, one stack `[n, s, s]` per group of factors that share a
+      size s and a root p (groups sorted by (s, p)); float32 by default.
+    preconds: the inverse p-th roots in use, stacked like `stats`.
+    diag_stats: second moments of the diagonal-path parameters (one per such leaf, in leaf
+      order) when there is no grafting; empty otherwise (the grafted method is the diagonal
+      path).
+    graft_state: state of the grafted diagonal method (`optax.EmptyState()` without one).
+    root_failures: number of inverse roots that failed (non-finite, or residual above
+      `root_tolerance`) and were not installed; the previous root stayed in use.
+    stat_skips: number of steps on which some statistic was left unchanged because its
+      update was not finite.
+  """
+
+  count: jax.Array
+  stats: tuple[jax.Array, ...]
+  preconds: tuple[jax.Array, ...]
+  diag_stats: tuple[jax.Array, ...]
+  graft_state: optax.OptState
+  root_failures: jax.Array
+  stat_skips: jax.Array
+
+
+# ----------------------------------------------------------------------------- blocking plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  start: int  # offset of this run of blocks along the dimension
+  count: int  # number of blocks in the run
+  size: int  # size of each block
+
+
+@dataclasses.dataclass(frozen=True)
+class _Combo:
+  """Blocks of one shape: one piece per dimension; `num` blocks stacked along axis 0."""
+  index: tuple[int, ...]  # piece index per dimension
+  pieces: tuple[_Piece, ...]
+  slots: tuple[tuple[int, int], ...]  # per dimension: (group, offset of the first factor)
+
+  @property
+  def num(self) -> int:
+    return math.prod(p.count for p in self.pieces)
+
+  @property
+  def block(self) -> tuple[int, ...]:
+    return tuple(p.size for p in self.pieces)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafPlan:
+  shape: tuple[int, ...]
+  diagonal: bool
+  merged: tuple[int, ...] = ()
+  root: float = 0.0
+  pieces_per_dim: tuple[int, ...] = ()
+  combos: tuple[_Combo, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  leaves: tuple[_LeafPlan, ...]
+  groups: tuple[tuple[int, float], ...]  # (factor size, root p)
+  group_sizes: tuple[int, ...]  # number of factors per group
+
+
+def _merge_small_dims(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
+  """Drops size-1 dimensions and merges adjacent ones while their product stays <= max_size.
+
+  `[3, 3, 16, 32]` with 128 -> `(9, 16, 32)`; `[1, 10]` -> `(10,)`.
+  """
+  merged: list[int] = []
+  for d in shape:
+    if d == 1:
+      continue
+    if merged and merged[-1] * d <= max_size:
+      merged[-1] *= d
+    else:
+      merged.append(d)
+  return tuple(merged)
+
+
+def _pieces(d: int, block_size: int) -> tuple[_Piece, ...]:
+  if d <= block_size:
+    return (_Piece(0, 1, d),)
+  full, rem = divmod(d, block_size)
+  pieces = [_Piece(0, full, block_size)]
+  if rem:
+    pieces.append(_Piece(full * block_size, 1, rem))
+  return tuple(pieces)
+
+
+@functools.lru_cache(maxsize=256)
+def _make_plan(shapes: tuple[tuple[int, ...], ...], block_size: int, merge: bool,
+               max_dim: int, precondition_1d: bool, exponent_override: float | None) -> _Plan:
+  group_index: dict[tuple[int, float], int] = {}
+  group_sizes: list[int] = []
+  pending = []
+  for shape in shapes:
+    size = math.prod(shape)
+    merged = _merge_small_dims(shape, block_size) if merge else tuple(d for d in shape)
+    if size > 0 and not merged:
+      merged = (1,)  # a scalar, or all dimensions 1
+    # Vectors and scalars (by their own rank, not after merging) go diagonal unless asked.
+    diagonal = (size == 0 or (len(shape) <= 1 and not precondition_1d)
+                or max(merged) > max_dim)
+    if diagonal:
+      pending.append(_LeafPlan(shape=shape, diagonal=True))
+      continue
+    root = float(exponent_override) if exponent_override is not None else 2.0 * len(merged)
+    per_dim = [_pieces(d, block_size) for d in merged]
+    combos = []
+    for index in itertools.product(*(range(len(p)) for p in per_dim)):
+      pieces = tuple(per_dim[i][j] for i, j in enumerate(index))
+      num = math.prod(p.count for p in pieces)
+      slots = []
+      for piece in pieces:
+        key = (piece.size, root)
+        if key not in group_index:
+          group_index[key] = len(group_sizes)
+          group_sizes.append(0)
+        g = group_index[key]
+        slots.append((g, group_sizes[g]))
+        group_sizes[g] += num
+      combos.append(_Combo(index=index, pieces=pieces, slots=tuple(slots)))
+    pending.append(_LeafPlan(shape=shape, diagonal=False, merged=merged, root=root,
+                             pieces_per_dim=tuple(len(p) for p in per_dim),
+                             combos=tuple(combos)))
+  # Sort groups by (size, root) so the state layout does not depend on leaf order details.
+  order = sorted(group_index, key=lambda k: k)
+  remap = {group_index[k]: i for i, k in enumerate(order)}
+  leaves = []
+  for lp in pending:
+    if lp.diagonal:
+      leaves.append(lp)
+      continue
+    combos = tuple(dataclasses.replace(c, slots=tuple((remap[g], o) for g, o in c.slots))
+                   for c in lp.combos)
+    leaves.append(dataclasses.replace(lp, combos=combos))
+  return _Plan(leaves=tuple(leaves), groups=tuple(order),
+               group_sizes=tuple(group_sizes[group_index[k]] for k in order))
+
+
+def _to_blocks(x: jax.Array, combo: _Combo) -> jax.Array:
+  """The blocks of `x` (in merged shape) that `combo` covers, stacked: `[num, *block]`."""
+  starts = [p.start for p in combo.pieces]
+  limits = [p.start + p.count * p.size for p in combo.pieces]
+  sub = jax.lax.slice(x, starts, limits)
+  k = len(combo.pieces)
+  sub = sub.reshape([v for p in combo.pieces for v in (p.count, p.size)])
+  sub = sub.transpose(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
+  return sub.reshape((combo.num,) + combo.block)
+
+
+def _from_blocks(parts: Sequence[jax.Array], lp: _LeafPlan) -> jax.Array:
+  """Inverse of `_to_blocks` over all combos of a leaf: the array in merged shape."""
+  k = len(lp.merged)
+  pieces = {}
+  for combo, blocks in zip(lp.combos, parts):
+    counts = [p.count for p in combo.pieces]
+    sub = blocks.reshape(counts + list(combo.block))
+    perm = [v for i in range(k) for v in (i, k + i)]
+    sub = sub.transpose(perm).reshape([p.count * p.size for p in combo.pieces])
+    pieces[combo.index] = sub
+
+  def assemble(prefix: tuple[int, ...]) -> jax.Array:
+    if len(prefix) == k:
+      return pieces[prefix]
+    parts = [assemble(prefix + (j,)) for j in range(lp.pieces_per_dim[len(prefix)])]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=len(prefix))
+
+  return assemble(())
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _factor_stats(blocks: jax.Array, dim: int) -> jax.Array:
+  """`G_(i) G_(i)^T` for every block: contraction over all block axes but `dim`. [num, s, s]."""
+  x = jnp.moveaxis(blocks, dim + 1, 1)
+  x = x.reshape(x.shape[0], x.shape[1], -1)
+  return jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST)
+
+
+def _precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
+  """Contracts every block axis i with its (symmetric) factor root: `[num, *block]`."""
+  x = blocks
+  for root in roots:
+    # Contract axis 1 with the root; the new axis goes last, so after all the axes have
+    # been visited the original order is back.
+    x = jnp.einsum("na...,nab->n...b", x, root, precision=_HIGHEST)
+  return x
+
+
+def _block_norms(blocks: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=tuple(range(1, blocks.ndim))))
+
+
+# ----------------------------------------------------------------------------- grafting
+
+
+def _normalize_per_leaf() -> optax.GradientTransformation:
+  def fn(updates, params=None):
+    del params
+    def one(u):
+      n = jnp.sqrt(jnp.sum(jnp.square(u)))
+      return jnp.where(n > 0, u / jnp.where(n > 0, n, 1.0), u)
+    return jax.tree.map(one, updates)
+  return optax.stateless(fn)
+
+
+def _graft_transform(graft, b1, b2, eps) -> optax.GradientTransformation | None:
+  if graft is None or graft == "none":
+    return None
+  if isinstance(graft, optax.GradientTransformation):
+    return graft
+  if graft == "adam":
+    if isinstance(b1, (int, float)) and b1 == 0:
+      # Adam without momentum is bias-corrected RMSProp: same numbers, one buffer fewer.
+      return optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  if graft == "rmsprop":
+    return optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False)
+  if graft == "rmsprop_normalized":
+    return optax.chain(_normalize_per_leaf(),
+                       optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False))
+  if graft == "adagrad":
+    return optax.scale_by_rss(initial_accumulator_value=0.0, eps=eps)
+  if graft == "sgd":
+    return optax.identity()
+  raise AssertionError(graft)
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def _static_int(name: str, value: Any, cast=int) -> int:
+  """A structural number; a concrete array is accepted, a traced one explained."""
+  if hasattr(value, "shape"):
+    try:
+      value = cast(value)
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError(
+          f"{name} fixes the shape of the Shampoo state and cannot be an injected "
+          "hyperparameter: use optax.inject_hyperparams(shampoo_preconditioner, "
+          "static_args=secondorder.transforms.shampoo.STATIC_ARGS).") from None
+  if cast is int:
+    check_int(name, value, minimum=1)
+  return value
+
+
+def shampoo_preconditioner(
+    block_size: int = 128,
+    update_interval: int = 10,
+    beta2: float = 0.999,
+    eps: float = 1e-6,
+    *,
+    exponent_override: float | None = None,
+    start_preconditioning_step: int = 1,
+    graft: str | optax.GradientTransformation | None = "adam",
+    graft_b1: float = 0.0,
+    graft_b2: float = 0.999,
+    graft_eps: float = 1e-8,
+    method: str = "eigh",
+    root_tolerance: float = 0.1,
+    newton_max_iters: int = 100,
+    merge_small_dims: bool = True,
+    precondition_1d: bool = False,
+    max_preconditioner_dim: int = 4096,
+    statistics_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Shampoo: precondition each tensor with one Kronecker factor per dimension.
+
+  For a parameter of order k with gradient G, every dimension i keeps a statistic
+  H_i (the mode-i unfolding G_(i) of G gives G_(i) G_(i)^T), and the update contracts G
+  with a root of every H_i:
+
+  .. math::
+    H_i \leftarrow \beta_2 H_i + (1 - \beta_2) G_{(i)} G_{(i)}^\top
+      \quad(\text{or } H_i + G_{(i)} G_{(i)}^\top \text{ when } \beta_2 = 1),\qquad
+    U = G \times_1 \tilde H_1^{-1/p} \times_2 \cdots \times_k \tilde H_k^{-1/p},
+
+  with p = 2k (a matrix: L^{-1/4} G R^{-1/4}) unless `exponent_override` sets it, and
+  \tilde H = \hat H + \epsilon \lambda_{max}(\hat H) I the bias-corrected statistic damped
+  relative to its own scale. The roots are recomputed every `update_interval` steps inside
+  `lax.cond` (eigendecomposition or coupled Newton iteration, `secondorder.linalg`);
+  a root that fails (not finite, or residual above `root_tolerance`) is not installed: the
+  previous one stays and `root_failures` counts it. A non-finite statistic update is
+  skipped and counted in `stat_skips`.
+
+  Practical Shampoo (Anil et al.): size-1 dimensions are dropped and small adjacent ones
+  merged (product <= block_size); a dimension above `block_size` is split into blocks of
+  `block_size` (the last one smaller), each block with its own factors, so no factor is
+  larger than block_size²; parameters with a dimension above `max_preconditioner_dim`, and
+  1-D and 0-D parameters (unless `precondition_1d`), take the diagonal path; a small matrix
+  merged into one dimension gets one full-matrix factor (p = 2). Blocks of one shape
+  are stacked, so each group of same-sized factors is one batched root computation.
+
+  Grafting: each block's update takes the norm of the grafted diagonal method's update on
+  that block, u = ‖u_graft‖ · u_shampoo / ‖u_shampoo‖; diagonal-path parameters get the
+  grafted update itself (or, without grafting, diagonal AdaGrad/RMSProp from their own
+  statistics). Before `start_preconditioning_step` only the grafted method runs.
+  Momentum / Nesterov belong after this transform in the chain (see `shampoo`).
+
+  Args:
+    block_size: largest factor side; larger dimensions are blocked.
+    update_interval: steps between root recomputations (T).
+    beta2: statistics EMA decay; 1.0 sums them (original Shampoo).
+    eps: damping relative to each statistic's largest eigenvalue.
+    exponent_override: p for all factors (roots -1/p) instead of 2·order.
+    start_preconditioning_step: first step (1-based) that uses Shampoo; the roots are first
+      computed at this step.
+    graft: "adam", "rmsprop", "rmsprop_normalized" (per-leaf normalised gradients into
+      RMSProp), "adagrad", "sgd" (the gradient's norm), "none"/None, or any optax
+      `GradientTransformation`. Built from optax's `scale_by_adam`, `scale_by_rms`,
+      `scale_by_rss`, `identity`.
+    graft_b1: the Adam graft's first-moment decay (0: momentum is left to the chain).
+    graft_b2: second-moment decay of the Adam/RMSProp grafts.
+    graft_eps: epsilon of the grafted method.
+    method: "eigh" or "newton" (integer p only).
+    root_tolerance: a Newton root whose residual max|H^p A - I| exceeds it is rejected.
+    newton_max_iters: Newton iterations at most.
+    merge_small_dims: merge small adjacent dimensions (and drop size-1 ones).
+    precondition_1d: give 1-D (and scalar) parameters a full factor instead of the
+      diagonal path.
+    max_preconditioner_dim: parameters with a larger (merged) dimension go diagonal.
+    statistics_dtype: dtype of statistics and roots (float32 whatever the params' dtype).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its update needs no extra argument and
+    returns updates in the gradients' dtypes.
+
+  Example:
+    >>> tx = optax.chain(shampoo_preconditioner(block_size=128, update_interval=10),
+    ...                  optax.ema(0.9, debias=True), optax.scale_by_learning_rate(1e-3))
+
+  References:
+    Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", 2018.
+    Anil et al., "Scalable Second Order Optimization for Deep Learning", 2020.
+  """
+  block_size = _static_int("block_size", block_size)
+  max_preconditioner_dim = _static_int("max_preconditioner_dim", max_preconditioner_dim)
+  newton_max_iters = _static_int("newton_max_iters", newton_max_iters)
+  # The step-counter arguments may be injected arrays: they only enter comparisons.
+  if not hasattr(update_interval, "shape"):
+    check_int("update_interval", update_interval, minimum=1)
+  if not hasattr(start_preconditioning_step, "shape"):
+    check_int("start_preconditioning_step", start_preconditioning_step, minimum=1)
+  check_range("beta2", beta2, 0.0, 1.0, low_inclusive=False)
+  check_range("eps", eps, 0.0, None)
+  check_range("graft_b1", graft_b1, 0.0, 1.0, high_inclusive=False)
+  check_range("graft_b2", graft_b2, 0.0, 1.0)
+  check_range("graft_eps", graft_eps, 0.0, None)
+  check_range("root_tolerance", root_tolerance, 0.0, None, low_inclusive=False)
+  check_choice("method", method, ("eigh", "newton"))
+  if exponent_override is not None:
+    exponent_override = _static_int("exponent_override", exponent_override, float)
+    check_range("exponent_override", exponent_override, 0.0, None, low_inclusive=False)
+    if method == "newton" and int(exponent_override) != exponent_override:
+      raise ValueError("exponent_override must be an integer for method='newton', got "
+                       f"{exponent_override!r}.")
+  if not (graft is None or isinstance(graft, optax.GradientTransformation)):
+    check_choice("graft", graft, GRAFTS)
+  graft_tx = _graft_transform(graft, graft_b1, graft_b2, graft_eps)
+  stat_dtype = jnp.dtype(statistics_dtype)
+
+  def plan_for(leaves) -> _Plan:
+    shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
+    return _make_plan(shapes, block_size, bool(merge_small_dims), max_preconditioner_dim,
+                      bool(precondition_1d), exponent_override)
+
+  def init_fn(params):
+    leaves = jax.tree.leaves(params)
+    plan = plan_for(leaves)
+    eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
+    stats = tuple(jnp.zeros((n, s, s), stat_dtype)
+                  for (s, _), n in zip(plan.groups, plan.group_sizes))
+    preconds = tuple(eye(n, s) for (s, _), n in zip(plan.groups, plan.group_sizes))
+    diag_stats = ()
+    if graft_tx is None:
+      diag_stats = tuple(jnp.zeros(lp.shape, stat_dtype) for lp in plan.leaves if lp.diagonal)
+    graft_state = (optax.EmptyState() if graft_tx is None else
+                   graft_tx.init(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), stat_dtype),
+                                              params)))
+    zero = jnp.zeros([], jnp.int32)
+    return ShampooState(count=zero, stats=stats, preconds=preconds, diag_stats=diag_stats,
+                        graft_state=graft_state, root_failures=zero, stat_skips=zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    plan = plan_for(leaves)
+    count = optax.safe_increment(state.count)
+    grads = [g.astype(stat_dtype) for g in leaves]
+    b2 = jnp.asarray(beta2, stat_dtype)
+    weight = jnp.where(b2 < 1, 1 - b2, jnp.ones_like(b2))
+    debias = jnp.where(b2 < 1, 1 / (1 - b2 ** count.astype(stat_dtype)), jnp.ones_like(b2))
+
+    if graft_tx is not None:
+      graft_out, graft_state = graft_tx.update(jax.tree.unflatten(treedef, grads),
+                                               state.graft_state, params)
+      graft_leaves = treedef.flatten_up_to(graft_out)
+    else:
+      graft_state, graft_leaves = state.graft_state, grads
+
+    # Statistics: every factor's new contribution, gathered per group in slot order.
+    blocks = []
+    contribs: list[list[jax.Array]] = [[] for _ in plan.groups]
+    for lp, g in zip(plan.leaves, grads):
+      if lp.diagonal:
+        blocks.append(None)
+        continue
+      merged = g.reshape(lp.merged)
+      leaf_blocks = [_to_blocks(merged, c) for c in lp.combos]
+      blocks.append(leaf_blocks)
+      for combo, b in zip(lp.combos, leaf_blocks):
+        for dim, (group, _) in enumerate(combo.slots):
+          contribs[group].append(_factor_stats(b, dim))
+    new_stats, any_skip = [], jnp.asarray(False)
+    for old, parts in zip(state.stats, contribs):
+      c = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+      finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
+      new = b2 * old + weight * c
+      new_stats.append(jnp.where(finite[:, None, None], new, old))
+      any_skip = any_skip | ~jnp.all(finite)
+
+    # Roots, every `update_interval` steps from `start_preconditioning_step` on.
+    def refresh(stats, preconds):
+      out, failures = [], jnp.zeros([], jnp.int32)
+      for (_, p), s, old in zip(plan.groups, stats, preconds):
+        res = linalg.inverse_pth_root(s * debias, p, eps=eps, method=method,
+                                      max_iters=newton_max_iters)
+        ok = (res.error <= root_tolerance) & jnp.all(jnp.isfinite(res.root), axis=(1, 2))
+        out.append(jnp.where(ok[:, None, None], res.root.astype(old.dtype), old))
+        failures = failures + jnp.sum(~ok).astype(jnp.int32)
+      return tuple(out), failures
+
+    def keep(stats, preconds):
+      del stats
+      return tuple(preconds), jnp.zeros([], jnp.int32)
+
+    active = count >= start_preconditioning_step
+    due = active & ((count - start_preconditioning_step) % update_interval == 0)
+    if plan.groups:
+      preconds, failures = jax.lax.cond(due, refresh, keep, tuple(new_stats), state.preconds)
+    else:
+      preconds, failures = state.preconds, jnp.zeros([], jnp.int32)
+
+    # Diagonal path without grafting: AdaGrad / RMSProp from the parameters' own statistics.
+    diag_stats = list(state.diag_stats)
+    diag_i = 0
+    out_leaves = []
+    for lp, g, gu, lb in zip(plan.leaves, grads, graft_leaves, blocks):
+      if lp.diagonal:
+        if graft_tx is not None:
+          out = gu
+        else:
+          v_old = diag_stats[diag_i]
+          v_new = b2 * v_old + weight * jnp.square(g)
+          v_new = jnp.where(jnp.isfinite(v_new), v_new, v_old)
+          any_skip = any_skip | ~jnp.all(jnp.isfinite(g))
+          diag_stats[diag_i] = v_new
+          diag_i += 1
+          v_hat = v_new * debias
+          v_max = jnp.max(v_hat) if v_hat.size else jnp.zeros([], stat_dtype)
+          denom = jnp.sqrt(v_hat + eps * v_max)
+          out = jnp.where(denom > 0, g / jnp.where(denom > 0, denom, 1.0), 0.0)
+          out = jnp.where(active, out, g)
+        out_leaves.append(out)
+        continue
+      pre_blocks = []
+      graft_blocks = ([_to_blocks(gu.reshape(lp.merged), c) for c in lp.combos]
+                      if graft_tx is not None else None)
+      for ci, (combo, b) in enumerate(zip(lp.combos, lb)):
+        roots = [preconds[group][off:off + combo.num] for group, off in combo.slots]
+        u = _precondition_blocks(b, roots)
+        if graft_tx is not None:
+          u_norm = _block_norms(u)
+          g_norm = _block_norms(graft_blocks[ci])
+          scale = jnp.where(u_norm > 0, g_norm / jnp.where(u_norm > 0, u_norm, 1.0), 0.0)
+          u = u * scale.reshape((-1,) + (1,) * (u.ndim - 1))
+        pre_blocks.append(u)
+      out = _from_blocks(pre_blocks, lp).reshape(lp.shape)
+      out_leaves.append(jnp.where(active, out, gu))
+
+    out_leaves = [o.astype(x.dtype) for o, x in zip(out_leaves, leaves)]
+    new_state = ShampooState(
+        count=count, stats=tuple(new_stats), preconds=tuple(preconds),
+        diag_stats=tuple(diag_stats), graft_state=graft_state,
+        root_failures=state.root_failures + failures,
+        stat_skips=state.stat_skips + any_skip.astype(jnp.int32))
+    return jax.tree.unflatten(treedef, out_leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    block_size: int = 128,
+    update_interval: int = 10,
+    start_preconditioning_step: int = 10,
+    graft: str | optax.GradientTransformation | None = "adam",
+    graft_eps: float = 1e-8,
+    nesterov: bool = False,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Shampoo with Adam grafting, momentum, decoupled weight decay and a learning rate.
+
+  .. math::
+    u_t = \mathrm{shampoo\_preconditioner}(g_t),\quad
+    m_t = b_1 m_{t-1} + (1 - b_1) u_t,\quad
+    \theta_{t+1} = \theta_t - \eta_t \left(\hat m_t + \lambda \theta_t\right)
+
+  with \hat m_t the bias-corrected EMA (or the Nesterov variant). With Adam grafting a
+  learning rate that suits Adam suits this optimizer.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: momentum (EMA) decay applied to the preconditioned update.
+    b2: decay of the Shampoo statistics and of the Adam graft's second moment.
+    eps: Shampoo damping relative to each statistic's largest eigenvalue.
+    weight_decay: decoupled weight decay (AdamW-style).
+    block_size, update_interval, start_preconditioning_step, graft, graft_eps: see
+      `shampoo_preconditioner`.
+    nesterov: Nesterov momentum instead of the EMA.
+    **kwargs: any other `shampoo_preconditioner` argument.
+
+  Example:
+    >>> tx = shampoo(1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  References:
+    Gupta, Koren & Singer 2018; Anil et al., "Scalable Second Order Optimization for Deep
+    Learning", 2020.
+  """
+  check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
+  check_range("weight_decay", weight_decay, 0.0, None)
+  precond = shampoo_preconditioner(
+      block_size=block_size, update_interval=update_interval, beta2=b2, eps=eps,
+      start_preconditioning_step=start_preconditioning_step, graft=graft, graft_b2=b2,
+      graft_eps=graft_eps, **kwargs)
+  if nesterov:
+    momentum = optax.chain(optax.trace(decay=b1, nesterov=True), optax.scale(1.0 - b1))
+  else:
+    momentum = optax.ema(decay=b1, debias=True)
+  return optax.chain(precond, momentum, optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_learning_rate(learning_rate))

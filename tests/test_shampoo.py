@@ -1,0 +1,339 @@
+"""shampoo_preconditioner / shampoo against NumPy references (float64 eigh, explicit blocks)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from secondorder.transforms.shampoo import STATIC_ARGS, shampoo, shampoo_preconditioner
+from tests import contract as C
+from tests.contract import Case
+
+EPS = 1e-4
+
+
+def _np_root(h, p, eps=EPS):
+  """(H + eps λ_max I)^(-1/p) in float64."""
+  w, v = np.linalg.eigh(h.astype(np.float64))
+  w = np.maximum(w, 0.0)
+  w = w + eps * w[-1]
+  return (v * w ** (-1.0 / p)) @ v.T
+
+
+def _np_precondition(g, stats, p):
+  """Contract every axis i of g with the root of stats[i]."""
+  out = g.astype(np.float64)
+  for i, h in enumerate(stats):
+    out = np.moveaxis(np.tensordot(_np_root(h, p), out, axes=([1], [i])), 0, i)
+  return out
+
+
+def _np_unfold_stats(g):
+  stats = []
+  for i in range(g.ndim):
+    x = np.moveaxis(g.astype(np.float64), i, 0).reshape(g.shape[i], -1)
+    stats.append(x @ x.T)
+  return stats
+
+
+def _grads(shape, n, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randn(*shape).astype(np.float32) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(**kwargs):
+  tx = shampoo_preconditioner(**kwargs)
+  return tx, jax.jit(tx.update)
+
+
+def _plain(**kwargs):
+  base = dict(update_interval=1, beta2=1.0, eps=EPS, graft=None, merge_small_dims=False,
+              start_preconditioning_step=1)
+  base.update(kwargs)
+  return _jitted(**base)
+
+
+def _rel_close(a, b, rtol):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+# ----------------------------------------------------------------------------- NumPy references
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_matrix_update_is_l_quarter_g_r_quarter(method):
+  tx, update = _plain(method=method)
+  params = jnp.zeros((6, 4))
+  state = tx.init(params)
+  left, right = np.zeros((6, 6)), np.zeros((4, 4))
+  for g in _grads((6, 4), 5):
+    u, state = update(jnp.asarray(g), state, params)
+    left += g.astype(np.float64) @ g.T
+    right += g.T.astype(np.float64) @ g
+    ref = _np_root(left, 4) @ g @ _np_root(right, 4)
+    _rel_close(u, ref, 2e-3)
+  assert int(state.root_failures) == 0 and int(state.stat_skips) == 0
+
+
+def test_eigh_and_newton_agree_on_a_tensor():
+  shape = (5, 4, 3)
+  (tx_e, up_e), (tx_n, up_n) = _plain(), _plain(method="newton")
+  params = jnp.zeros(shape)
+  s_e, s_n = tx_e.init(params), tx_n.init(params)
+  for g in _grads(shape, 4, seed=1):
+    u_e, s_e = up_e(jnp.asarray(g), s_e, params)
+    u_n, s_n = up_n(jnp.asarray(g), s_n, params)
+    _rel_close(u_n, u_e, 2e-3)
+  for pe, pn in zip(s_e.preconds, s_n.preconds):
+    _rel_close(pn, pe, 2e-3)
+
+
+def test_order3_tensor_uses_minus_one_sixth_per_dimension():
+  shape = (5, 4, 3)
+  tx, update = _plain()
+  params = jnp.zeros(shape)
+  state = tx.init(params)
+  stats = [np.zeros((d, d)) for d in shape]
+  for g in _grads(shape, 5, seed=1):
+    u, state = update(jnp.asarray(g), state, params)
+    stats = [s + c for s, c in zip(stats, _np_unfold_stats(g))]
+    _rel_close(u, _np_precondition(g, stats, 6), 2e-3)
+
+
+def test_exponent_override_and_ema_statistics():
+  tx, update = _plain(exponent_override=2, beta2=0.9)
+  params = jnp.zeros((5, 3))
+  state = tx.init(params)
+  stats = [np.zeros((5, 5)), np.zeros((3, 3))]
+  for t, g in enumerate(_grads((5, 3), 3, seed=2), start=1):
+    u, state = update(jnp.asarray(g), state, params)
+    stats = [0.9 * s + 0.1 * c for s, c in zip(stats, _np_unfold_stats(g))]
+    debiased = [s / (1 - 0.9 ** t) for s in stats]
+    _rel_close(u, _np_precondition(g, debiased, 2), 2e-3)
+
+
+def test_blocking_300x70_equals_per_block_answer():
+  tx, update = _plain(block_size=128)
+  params = jnp.zeros((300, 70))
+  state = tx.init(params)
+  assert max(s.shape[-1] for s in state.stats) <= 128
+  bounds = [(0, 128), (128, 256), (256, 300)]
+  stats = {b: [np.zeros((b[1] - b[0],) * 2), np.zeros((70, 70))] for b in bounds}
+  for g in _grads((300, 70), 3, seed=3):
+    u, state = update(jnp.asarray(g), state, params)
+    for (lo, hi) in bounds:
+      blk = g[lo:hi]
+      stats[(lo, hi)] = [s + c for s, c in zip(stats[(lo, hi)], _np_unfold_stats(blk))]
+      _rel_close(u[lo:hi], _np_precondition(blk, stats[(lo, hi)], 4), 2e-3)
+
+
+def test_state_shapes_blocking_merging_and_diagonal_path():
+  params = {"conv": jnp.zeros((3, 3, 16, 32)), "bias": jnp.zeros((70,)), "s": jnp.zeros(()),
+            "emb": jnp.zeros((5000, 8)), "w": jnp.zeros((300, 70)), "row": jnp.zeros((1, 20)),
+            "small": jnp.zeros((5, 4))}
+  state = shampoo_preconditioner(block_size=128, max_preconditioner_dim=4096).init(params)
+  sizes = sorted((s.shape[-1], s.shape[0]) for s in state.stats)
+  # conv merges to (9, 16, 32); w blocks to 128, 128, 44 rows x 70 columns; the [1, 20] row
+  # and the [5, 4] matrix merge to one dimension with one full factor; emb (5000 > 4096),
+  # bias and the scalar take the diagonal path.
+  assert sizes == [(9, 1), (16, 1), (20, 2), (32, 1), (44, 1), (70, 3), (128, 2)]
+  assert all(s.dtype == jnp.float32 for s in state.stats + state.preconds)
+  # The 1-D leaves take a full factor on request, blocked like any other dimension.
+  state = shampoo_preconditioner(block_size=32, precondition_1d=True).init({"b": jnp.zeros(70)})
+  assert sorted(s.shape for s in state.stats) == [(1, 6, 6), (2, 32, 32)]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_failed_root_keeps_previous_preconditioner(method):
+  tx, update = _plain(method=method, update_interval=2)
+  params = jnp.zeros((6, 4))
+  state = tx.init(params)
+  gs = _grads((6, 4), 4, seed=4)
+  for g in gs[:2]:  # roots computed at step 1; step 2 uses them
+    u, state = update(jnp.asarray(g), state, params)
+  before = [np.asarray(p) for p in state.preconds]
+  # A NaN in the 6x6 statistic: the refresh at step 3 fails for that factor only.
+  group = [i for i, s in enumerate(state.stats) if s.shape[-1] == 6][0]
+  stats = list(state.stats)
+  stats[group] = stats[group].at[0, 2, 3].set(jnp.nan)
+  state = state._replace(stats=tuple(stats))
+  u, state = update(jnp.asarray(gs[2]), state, params)
+  assert int(state.root_failures) == 1
+  np.testing.assert_array_equal(state.preconds[group], before[group])
+  other = 1 - group
+  assert not np.array_equal(state.preconds[other], before[other])  # refreshed normally
+  assert np.all(np.isfinite(u))
+  expected = (np.asarray(state.preconds[group][0]) @ gs[2] @ np.asarray(state.preconds[other][0]))
+  _rel_close(u, expected, 1e-5)
+  u, state = update(jnp.asarray(gs[3]), state, params)
+  assert np.all(np.isfinite(u)) and int(state.root_failures) == 1  # no refresh at step 4
+
+
+def test_non_finite_gradient_leaves_statistics_unchanged():
+  tx, update = _plain()
+  params = jnp.zeros((6, 4))
+  state = tx.init(params)
+  g0, g1 = _grads((6, 4), 2, seed=5)
+  _, state = update(jnp.asarray(g0), state, params)
+  bad = jnp.asarray(g1).at[1, 1].set(jnp.inf)
+  _, state2 = update(bad, state, params)
+  for a, b in zip(state.stats, state2.stats):
+    np.testing.assert_array_equal(a, b)
+  assert int(state2.stat_skips) == 1 and int(state2.root_failures) == 0
+  assert all(np.all(np.isfinite(p)) for p in state2.preconds)
+
+
+# ----------------------------------------------------------------------------- grafting
+
+
+def _reference_graft(name):
+  return {
+      "adam": optax.scale_by_adam(b1=0.0, b2=0.999, eps=1e-8),
+      "rmsprop_normalized": optax.chain(
+          optax.stateless(lambda u, p=None: jax.tree.map(lambda x: x / jnp.linalg.norm(x), u)),
+          optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False)),
+      "adagrad": optax.scale_by_rss(initial_accumulator_value=0.0, eps=1e-8),
+      "sgd": optax.identity(),
+  }[name]
+
+
+@pytest.mark.parametrize("graft", ["adam", "rmsprop_normalized", "adagrad", "sgd"])
+def test_grafting_per_block_norm_equals_grafted_method(graft):
+  tx, update = _jitted(block_size=128, update_interval=1, beta2=0.99, graft=graft,
+                       start_preconditioning_step=2)
+  ref = _reference_graft(graft)
+  params = {"w": jnp.zeros((300, 70)), "b": jnp.zeros((70,))}
+  state, ref_state = tx.init(params), ref.init(params)
+  rng = np.random.RandomState(6)
+  rows = [(0, 128), (128, 256), (256, 300)]
+  for step in range(1, 4):
+    g = {"w": jnp.asarray(rng.randn(300, 70), jnp.float32),
+         "b": jnp.asarray(rng.randn(70), jnp.float32)}
+    u, state = update(g, state, params)
+    r, ref_state = ref.update(g, ref_state, params)
+    # 1-D parameters take the diagonal path: the grafted update itself.
+    _rel_close(u["b"], r["b"], 1e-5)
+    if step == 1:  # before start_preconditioning_step: only the grafted method
+      _rel_close(u["w"], r["w"], 1e-5)
+      continue
+    for lo, hi in rows:
+      un, rn = np.linalg.norm(u["w"][lo:hi]), np.linalg.norm(r["w"][lo:hi])
+      np.testing.assert_allclose(un, rn, rtol=1e-4)
+    # The direction is Shampoo's, not the grafted method's.
+    cos = np.sum(np.asarray(u["w"]) * np.asarray(r["w"])) / (
+        np.linalg.norm(u["w"]) * np.linalg.norm(r["w"]))
+    assert cos < 0.999
+
+
+# ----------------------------------------------------------------------------- schedule, dtypes
+
+
+def test_roots_refresh_every_update_interval_from_start_step():
+  tx, update = _jitted(update_interval=3, start_preconditioning_step=2, graft="sgd")
+  params = jnp.zeros((5, 4))
+  state = tx.init(params)
+  changed = []
+  prev = [np.asarray(p) for p in state.preconds]
+  for g in _grads((5, 4), 8, seed=7):
+    _, state = update(jnp.asarray(g), state, params)
+    now = [np.asarray(p) for p in state.preconds]
+    changed.append(any(not np.array_equal(a, b) for a, b in zip(prev, now)))
+    prev = now
+  assert changed == [False, True, False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_keep_float32_statistics(dtype):
+  tx, update = _jitted(update_interval=1)
+  params = {"w": jnp.zeros((6, 4), dtype), "b": jnp.zeros((4,), dtype)}
+  state = tx.init(params)
+  g = {"w": jnp.asarray(_grads((6, 4), 1)[0], dtype), "b": jnp.ones((4,), dtype)}
+  u, state = update(g, state, params)
+  assert u["w"].dtype == dtype and u["b"].dtype == dtype
+  assert all(s.dtype == jnp.float32 for s in state.stats + state.preconds)
+  assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
+
+
+def test_bad_hyperparameters_raise():
+  with pytest.raises(ValueError, match="block_size"):
+    shampoo_preconditioner(block_size=0)
+  with pytest.raises(ValueError, match="beta2"):
+    shampoo_preconditioner(beta2=1.5)
+  with pytest.raises(ValueError, match="graft"):
+    shampoo_preconditioner(graft="lion")
+  with pytest.raises(ValueError, match="method"):
+    shampoo_preconditioner(method="svd")
+  with pytest.raises(ValueError, match="exponent_override"):
+    shampoo_preconditioner(exponent_override=2.5, method="newton")
+  with pytest.raises(ValueError, match="update_interval"):
+    shampoo_preconditioner(update_interval=0)
+  with pytest.raises(ValueError, match="b1"):
+    shampoo(1e-3, b1=1.0)
+
+
+# ----------------------------------------------------------------------------- shared contract
+
+
+def _numeric_shampoo(beta2, eps, update_interval, start_preconditioning_step, graft_b2):
+  """The primitive's numeric hyperparameters only (structural ones stay Python ints)."""
+  return shampoo_preconditioner(beta2=beta2, eps=eps, update_interval=update_interval,
+                                start_preconditioning_step=start_preconditioning_step,
+                                graft="adam", graft_b2=graft_b2)
+
+
+def test_inject_hyperparams_with_static_args():
+  kwargs = dict(block_size=4, update_interval=2, beta2=0.99, exponent_override=4)
+  plain = shampoo_preconditioner(**kwargs)
+  injected = optax.inject_hyperparams(shampoo_preconditioner, static_args=STATIC_ARGS)(**kwargs)
+  params = jnp.zeros((6, 3))
+  sp, si = plain.init(params), injected.init(params)
+  for g in _grads((6, 3), 3, seed=8):
+    up, sp = jax.jit(plain.update)(jnp.asarray(g), sp, params)
+    ui, si = jax.jit(injected.update)(jnp.asarray(g), si, params)
+    _rel_close(ui, up, 1e-5)
+  with pytest.raises(ValueError, match="static_args"):
+    bad = optax.inject_hyperparams(shampoo_preconditioner)(block_size=4)
+    jax.jit(bad.update)(jnp.ones((6, 3)), bad.init(params), params)
+
+
+CASES = [
+    Case("shampoo", lambda learning_rate: shampoo(learning_rate, start_preconditioning_step=1,
+                                                  update_interval=2),
+         lr={"quadratic": 0.05, "matrix_quadratic": 0.05, "mixed_pytree": 0.05,
+             "rosenbrock": 0.02},
+         steps={"quadratic": 300, "matrix_quadratic": 300, "mixed_pytree": 300,
+                "rosenbrock": 3000}),
+    Case("shampoo_preconditioner_newton",
+         lambda learning_rate: optax.chain(
+             shampoo_preconditioner(update_interval=1, method="newton", graft="sgd",
+                                    precondition_1d=True),
+             optax.scale_by_learning_rate(learning_rate)),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.05,
+             "rosenbrock": 2e-3},
+         steps={"quadratic": 300, "matrix_quadratic": 300, "mixed_pytree": 300,
+                "rosenbrock": 3000},
+         primitive=(_numeric_shampoo, {"beta2": 0.99, "eps": 1e-5, "update_interval": 2,
+                                       "start_preconditioning_step": 1, "graft_b2": 0.9})),
+]
+
+
+@pytest.mark.parametrize("check", list(C.CHECKS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_contract(case, check):
+  C.CHECKS[check](case)
+
+
+@pytest.mark.parametrize("case,problem",
+                         [pytest.param(c, p, id=f"{c.name}-{p}") for c in CASES for p in c.problems])
+def test_converges(case, problem):
+  C.check_converges(case, problem)
