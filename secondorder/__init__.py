@@ -1,3 +1,44 @@
-"""secondorder: curvature-aware optimizers for JAX as composable optax transformations."""
+"""secondorder: curvature-aware optimizers for JAX as composable optax transformations.
+
+The public API is flat::
+
+  import secondorder as so
+  tx = so.sophia(3e-4)                      # or any primitive inside optax.chain
+  hv = so.hvp(loss_fn, params, v)           # curvature products on pytrees
+"""
+
+from secondorder import capture
+from secondorder import linalg
+from secondorder.capture import linen_capture
+from secondorder.capture import nnx_capture
+from secondorder.curvature.estimators import empirical_fisher_diag
+from secondorder.curvature.estimators import gnb_diag
+from secondorder.curvature.estimators import hutchinson_diag
+from secondorder.curvature.losses import softmax_cross_entropy
+from secondorder.curvature.losses import squared_error
+from secondorder.curvature.products import fisher_vp
+from secondorder.curvature.products import gnvp
+from secondorder.curvature.products import hvp
+from secondorder.curvature.products import jvp
+from secondorder.curvature.products import value_grad_hvp
+from secondorder.curvature.products import vjp
+from secondorder.curvature.spectrum import directional_sharpness
+from secondorder.curvature.spectrum import hutchinson_trace
+from secondorder.curvature.spectrum import newton_decrement
+from secondorder.curvature.spectrum import top_eigenvalues
+from secondorder.transforms.accumulate import accumulated_adamw
+from secondorder.transforms.accumulate import accumulated_sgd
+from secondorder.transforms.accumulate import every_k_accumulate
+from secondorder.transforms.accumulate import every_k_gate
+from secondorder.transforms.accumulate import scale_by_adam_beta_tilde
+from secondorder.transforms.hutchinson import adahessian
+from secondorder.transforms.hutchinson import scale_by_hutchinson
+from secondorder.transforms.hutchinson import value_grad_and_hessian_diag
+from secondorder.transforms.kfac import kfac
+from secondorder.transforms.kfac import scale_by_kfac_factors
+from secondorder.transforms.shampoo import shampoo
+from secondorder.transforms.shampoo import shampoo_preconditioner
+from secondorder.transforms.sophia import sophia
+from secondorder.transforms.sophia import sophia_clip
 
 __version__ = "0.1.0"
