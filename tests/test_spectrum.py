@@ -137,14 +137,24 @@ def test_newton_decrement_matches_dense_solve_on_gauss_newton():
     logits_fn = lambda p: jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"] + p["l2"]["b"]
     ce = softmax_cross_entropy(y)
     t0, unravel = ravel_pytree(params)
-    J = jax.jacfwd(lambda t: logits_fn(unravel(t)))(t0).reshape(-1, t0.size)
-    p = jax.nn.softmax(logits_fn(params))
-    H_L = jax.scipy.linalg.block_diag(*[(jnp.diag(q) - jnp.outer(q, q)) / 12 for q in p])
-    G = np.asarray(J.T @ H_L @ J)
-    g = jax.grad(lambda q: ce(logits_fn(q)))(params)
+
+    @jax.jit
+    def dense_gauss_newton(t):
+      J = jax.jacfwd(lambda s: logits_fn(unravel(s)))(t)  # [B, C, n]
+      q = jax.nn.softmax(logits_fn(unravel(t)))
+      H_L = jax.vmap(lambda r: jnp.diag(r) - jnp.outer(r, r))(q) / 12
+      return jnp.einsum("bci,bcd,bdj->ij", J, H_L, J)
+
+    G = np.asarray(dense_gauss_newton(t0))
     damping = 1e-2
-    lam, step = jax.jit(lambda q, g: newton_decrement(
-        gauss_newton_operator(logits_fn, ce, q), g, damping, tol=1e-12, maxiter=500))(params, g)
+
+    @jax.jit
+    def run(q):
+      g = jax.grad(lambda r: ce(logits_fn(r)))(q)
+      return g, newton_decrement(gauss_newton_operator(logits_fn, ce, q), g, damping,
+                                 tol=1e-12, maxiter=500)
+
+    g, (lam, step) = run(params)
     x_ref = np.linalg.solve(G + damping * np.eye(t0.size), np.asarray(flat(g)))
     np.testing.assert_allclose(flat(step), x_ref, rtol=1e-7)
     np.testing.assert_allclose(lam, np.sqrt(np.asarray(flat(g)) @ x_ref), rtol=1e-9)
@@ -157,7 +167,7 @@ def test_spectrum_accepts_plain_hvp_closures():
   f = lambda p: jnp.sum(jnp.cos(p["a"])) + 0.5 * jnp.sum(p["b"] ** 2) * jnp.sum(p["a"] ** 2)
   params = {"a": jnp.array([0.1, 0.7, -0.4]), "b": jnp.array([1.0, -2.0])}
   t0, unravel = ravel_pytree(params)
-  H = np.asarray(jax.hessian(lambda t: f(unravel(t)))(t0))
-  vals, _ = top_eigenvalues(lambda v: hvp(f, params, v), params, jax.random.key(0), k=1,
-                            num_iterations=5)
+  H = np.asarray(jax.jit(jax.hessian(lambda t: f(unravel(t))))(t0))
+  vals, _ = jax.jit(lambda p: top_eigenvalues(lambda v: hvp(f, p, v), p, jax.random.key(0), k=1,
+                                              num_iterations=5))(params)
   np.testing.assert_allclose(vals, np.linalg.eigvalsh(H)[-1:], rtol=1e-5)
