@@ -74,6 +74,11 @@ class Problem:
       output_loss(apply(p, inputs(b)), labels(b))`` (None for the synthetic problems).
     kind: "classification", "autoencoder", "language_model" or "synthetic".
     stochastic: False when every "batch" is the same deterministic objective.
+    likelihood: the output distribution whose negative log-likelihood `output_loss` is
+      ("softmax", "bernoulli"; for `secondorder.capture`), None for the synthetic problems.
+    lr_sweep: optional ``{preset: (points, factor)}``: the learning-rate grid of every
+      optimizer on this problem (`points` rates spaced by `factor` around each optimizer's
+      centre); None: the preset's grid. The same for every optimizer either way.
   """
 
   name: str
@@ -94,6 +99,8 @@ class Problem:
   output_loss: Callable[[jax.Array, Any], jax.Array] | None = None
   kind: str = "classification"
   stochastic: bool = True
+  likelihood: str | None = None
+  lr_sweep: dict | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -305,7 +312,8 @@ def _autoencoder() -> Problem:
       loss=loss, eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
       target_loss=0.30, steps={"quick": 300, "full": 2000},
       logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
-      inputs=inputs, labels=labels, output_loss=_bernoulli_logit, kind="autoencoder")
+      inputs=inputs, labels=labels, output_loss=_bernoulli_logit, kind="autoencoder",
+      likelihood="bernoulli")
 
 
 def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
@@ -321,7 +329,7 @@ def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
       loss=loss, eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
       target_loss=target, steps=steps, logits_fn=logits_fn, apply=apply, make_model=make,
       bind=bind, inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
-      kind="classification")
+      kind="classification", likelihood="softmax")
 
 
 def _digits_mlp() -> Problem:
@@ -371,7 +379,7 @@ def _char_transformer() -> Problem:
       target_loss=2.5, steps={"quick": 150, "full": 2000},
       logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
       inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
-      kind="language_model")
+      kind="language_model", likelihood="softmax")
 
 
 def _spd(n: int, condition: float, seed: int) -> np.ndarray:
@@ -381,13 +389,18 @@ def _spd(n: int, condition: float, seed: int) -> np.ndarray:
   return (q * eig) @ q.T
 
 
+# The sanity rows are cheap, and their best learning rates lie further from the network
+# problems' than a narrow grid reaches: a wider grid there, the same for every optimizer.
+_SYNTHETIC_SWEEP = {"quick": (5, 10.0), "full": (9, 10 ** 0.5)}
+
+
 def _quadratic() -> Problem:
-  # f(W) = 1/2 tr((W - W*)^T A (W - W*) B): Hessian A (x) B, condition number 1e4 overall;
+  # f(W) = 1/2 tr((W - W*)^T A (W - W*) B): Hessian A (x) B, condition number 1e3 overall;
   # a Kronecker-factored preconditioner (Shampoo, K-FAC) can undo it exactly.
-  a = jnp.asarray(_spd(16, 100.0, 0), jnp.float32)
-  b = jnp.asarray(_spd(8, 100.0, 1), jnp.float32)
+  a = jnp.asarray(_spd(16, 10 ** 1.5, 0), jnp.float32)
+  b = jnp.asarray(_spd(8, 10 ** 1.5, 1), jnp.float32)
   target = jnp.asarray(np.random.RandomState(2).randn(16, 8), jnp.float32)
-  scale = 1.0 / (100.0 * 100.0)  # largest Hessian eigenvalue 1
+  scale = 1e-3  # largest Hessian eigenvalue 1
 
   def objective(p):
     d = p["w"] - target
@@ -402,10 +415,11 @@ def _quadratic() -> Problem:
 
   return Problem(
       name="quadratic",
-      description="ill-conditioned matrix quadratic 16x8, Hessian A (x) B, condition 1e4",
+      description="ill-conditioned matrix quadratic 16x8, Hessian A (x) B, condition 1e3",
       init_params=init_params, batches=batches, loss=lambda p, b: objective(p),
-      eval_loss=objective, train_loss=objective, target_loss=1e-3,
-      steps={"quick": 200, "full": 1000}, kind="synthetic", stochastic=False)
+      eval_loss=objective, train_loss=objective, target_loss=1e-2,
+      steps={"quick": 200, "full": 1000}, kind="synthetic", stochastic=False,
+      lr_sweep=_SYNTHETIC_SWEEP)
 
 
 def _rosenbrock() -> Problem:
@@ -427,7 +441,8 @@ def _rosenbrock() -> Problem:
       name="rosenbrock", description=f"chained Rosenbrock in {n} dimensions, start (-1.2, 1, ...)",
       init_params=init_params, batches=batches, loss=lambda p, b: objective(p),
       eval_loss=objective, train_loss=objective, target_loss=1e-2,
-      steps={"quick": 300, "full": 3000}, kind="synthetic", stochastic=False)
+      steps={"quick": 300, "full": 3000}, kind="synthetic", stochastic=False,
+      lr_sweep=_SYNTHETIC_SWEEP)
 
 
 # Registry: name -> factory (problems are built lazily; building one loads its data).

@@ -1,0 +1,271 @@
+"""The optimizer registry of the benchmark harness: adding a method or a peer is one entry.
+
+An entry is an `OptimizerSpec`: a builder `(learning_rate, total_steps, problem) -> optax
+transform`
+(imports happen inside it, so a module that is not present only skips that row), the centre
+of its learning-rate sweep, and the extra arguments its `update` reads (`obj_fn`,
+`logits_fn`, `kfac_stats`). The runner supplies those from the problem; an entry with a
+faster way of getting the loss, gradient and extras together (AdaHessian's single
+forward-over-reverse pass, K-FAC's capture) gives a `value_grad` hook.
+
+The learning rate reaches the builder as a traced scalar inside `jax.jit`, so one
+compilation serves the whole sweep; a builder that needs a Python float sets
+`static_lr=True` and is compiled once per learning rate.
+
+Peers that need other versions of JAX (kfac-jax's `Optimizer`, Google's Distributed
+Shampoo) run in their own environments from `benchmarks/kfac_bench.py` and
+`benchmarks/shampoo_bench.py`; the rows here are those that run on the installed JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "register", "sweep_grid", "available"]
+
+EXTRA_ARGS = ("obj_fn", "logits_fn", "kfac_stats")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """One row of the benchmark.
+
+  Attributes:
+    name: identifier on the command line and in tables.
+    build: ``(learning_rate, total_steps, problem) -> GradientTransformation``;
+      `learning_rate` is a traced scalar unless `static_lr`.
+    lr: centre of the learning-rate sweep (every optimizer gets the same grid of multiples).
+    needs: extra keyword arguments of `update` ("obj_fn", "logits_fn", "kfac_stats").
+    family: "optax" (baseline), "secondorder" (this library) or "peer" (another library).
+    note: one line for `python -m benchmarks list`.
+    value_grad: optional ``(problem, params, batch, opt_state, key) -> (loss, grads,
+      extra)`` replacing the default `jax.value_and_grad` plus the extras named in `needs`
+      (`key` is a fresh PRNG key for this step).
+    applies: optional ``problem -> bool``; rows that do not apply are left out.
+    static_lr: build needs a concrete learning rate.
+    in_quick: optional ``problem -> bool`` limiting the row in the `quick` preset (for peers
+      too slow to run everywhere in a few minutes).
+  """
+
+  name: str
+  build: Callable[[Any, int, Any], optax.GradientTransformation]
+  lr: float
+  needs: tuple[str, ...] = ()
+  family: str = "optax"
+  note: str = ""
+  value_grad: Callable | None = None
+  applies: Callable[[Any], bool] | None = None
+  static_lr: bool = False
+  in_quick: Callable[[Any], bool] | None = None
+
+  def applies_to(self, problem, preset: str = "full") -> bool:
+    if preset == "quick" and self.in_quick is not None and not self.in_quick(problem):
+      return False
+    if "logits_fn" in self.needs and problem.logits_fn is None:
+      return False
+    if "kfac_stats" in self.needs and problem.apply is None and self.value_grad is None:
+      return False
+    return self.applies is None or bool(self.applies(problem))
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+  for need in spec.needs:
+    if need not in EXTRA_ARGS:
+      raise ValueError(f"{spec.name}: unknown extra argument {need!r}; known: {EXTRA_ARGS}")
+  OPTIMIZERS[spec.name] = spec
+  return spec
+
+
+def sweep_grid(spec: OptimizerSpec, points: int, factor: float = 10 ** 0.5) -> list[float]:
+  """`points` learning rates spaced by `factor` around `spec.lr` (same grid for every row)."""
+  half = (points - 1) / 2
+  return [float(spec.lr * factor ** (i - half)) for i in range(points)]
+
+
+def available(spec: OptimizerSpec) -> str | None:
+  """None when the row can be built here, else the reason it cannot (import error, ...)."""
+  try:
+    spec.build(1e-3, 10, None)
+  except (ImportError, AttributeError) as err:
+    return f"{type(err).__name__}: {err}"
+  return None
+
+
+# ----------------------------------------------------------------------------- optax baselines
+
+# Schedules are built with peak 1 and multiplied by the learning rate, so the learning rate
+# may be a traced value (optax's schedule constructors check their peak concretely).
+def _warmup_cosine(lr, total_steps: int):
+  warmup = max(1, total_steps // 20)
+  shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total_steps, warmup + 1),
+                                             end_value=0.0)
+  return lambda count: lr * shape(count)
+
+
+def _cosine(lr, total_steps: int):
+  shape = optax.cosine_decay_schedule(1.0, max(total_steps, 1))
+  return lambda count: lr * shape(count)
+
+
+register(OptimizerSpec("sgd", lambda lr, n, p: optax.sgd(lr), 0.3, note="plain SGD"))
+register(OptimizerSpec("momentum", lambda lr, n, p: optax.sgd(lr, momentum=0.9), 0.03,
+                       note="heavy-ball momentum 0.9"))
+register(OptimizerSpec("momentum_cosine",
+                       lambda lr, n, p: optax.sgd(_cosine(lr, n), momentum=0.9), 0.03,
+                       note="momentum 0.9, cosine decay to 0"))
+register(OptimizerSpec("nesterov", lambda lr, n, p: optax.sgd(lr, momentum=0.9, nesterov=True),
+                       0.03, note="Nesterov momentum 0.9"))
+register(OptimizerSpec("adagrad", lambda lr, n, p: optax.adagrad(lr), 0.03, note="AdaGrad"))
+register(OptimizerSpec("rmsprop", lambda lr, n, p: optax.rmsprop(lr), 1e-3, note="RMSProp"))
+register(OptimizerSpec("adam", lambda lr, n, p: optax.adam(lr), 3e-3,
+                       note="Adam (the baseline for time and memory ratios)"))
+register(OptimizerSpec("adam_cosine", lambda lr, n, p: optax.adam(_warmup_cosine(lr, n)), 3e-3,
+                       note="Adam, 5% linear warm-up then cosine decay"))
+register(OptimizerSpec("adamw", lambda lr, n, p: optax.adamw(lr, weight_decay=1e-4), 3e-3,
+                       note="AdamW, weight decay 1e-4"))
+register(OptimizerSpec("amsgrad", lambda lr, n, p: optax.amsgrad(lr), 3e-3, note="AMSGrad"))
+
+
+# ----------------------------------------------------------------------------- secondorder
+
+def _module(name: str):
+  return importlib.import_module(name)
+
+
+def _adahessian_value_grad(problem, params, batch, opt_state, key):
+  # One forward-over-reverse pass gives loss, gradient and z * Hz.
+  hutch = _module("secondorder.transforms.hutchinson")
+  value, grads, hdiag = hutch.value_grad_and_hessian_diag(
+      lambda p: problem.loss(p, batch), params, opt_state)
+  return value, grads, {"hessian_diag": hdiag}
+
+
+register(OptimizerSpec(
+    "adahessian",
+    lambda lr, n, p: _module("secondorder.transforms.hutchinson").adahessian(lr),
+    0.15, needs=("obj_fn",), family="secondorder",
+    note="AdaHessian (Hutchinson diagonal, one forward-over-reverse pass per step)",
+    value_grad=_adahessian_value_grad))
+register(OptimizerSpec(
+    "sophia_h",
+    lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(
+        lr, estimator="hutchinson"),
+    1e-3, needs=("obj_fn",), family="secondorder",
+    note="Sophia-H (Hutchinson estimate every 10 steps)"))
+register(OptimizerSpec(
+    "sophia_g",
+    lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(lr, estimator="gnb"),
+    1e-3, needs=("logits_fn",), family="secondorder",
+    note="Sophia-G (Gauss-Newton-Bartlett estimate every 10 steps)"))
+
+
+_KFAC_CAPTURES: dict = {}
+
+
+def _kfac_capture(problem):
+  """(capture, layers) of a problem's model; no layers for problems without a model."""
+  capture = _module("secondorder.capture")
+  if problem is None or problem.make_model is None or problem.likelihood is None:
+    return None, capture.no_layers()
+  if problem.name not in _KFAC_CAPTURES:
+    cap = capture.nnx_capture(problem.output_loss, likelihood=problem.likelihood)
+    params = problem.init_params(0)
+    batch = next(problem.batches(0))
+    _KFAC_CAPTURES[problem.name] = (
+        cap, cap.layers(problem.bind(params), problem.inputs(batch)))
+  return _KFAC_CAPTURES[problem.name]
+
+
+def _kfac_value_grad(problem, params, batch, opt_state, key):
+  # The capture returns loss, gradients and the per-layer Kronecker statistics (true Fisher,
+  # labels sampled from the model) from one forward pass and two backward passes.
+  cap, _ = _kfac_capture(problem)
+  if cap is None:
+    loss, grads = jax.value_and_grad(problem.loss)(params, batch)
+    return loss, grads, {"kfac_stats": _module("secondorder.capture").no_stats()}
+  from flax import nnx
+  loss, grads, stats = cap(problem.bind(params), problem.inputs(batch), problem.labels(batch),
+                           key=key)
+  return loss, nnx.to_pure_dict(grads), {"kfac_stats": stats}
+
+
+def _kfac(lr, n, problem):
+  return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1])
+
+
+register(OptimizerSpec(
+    "kfac", _kfac, 0.1, needs=("kfac_stats",), family="secondorder",
+    note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, KL clipping)",
+    value_grad=_kfac_value_grad))
+register(OptimizerSpec(
+    "shampoo",
+    lambda lr, n, p: _module("secondorder.transforms.shampoo").shampoo(lr),
+    3e-3, family="secondorder", note="Shampoo (blocked, grafted)"))
+
+
+# Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the
+# updates of the others over the same data; `multisteps_adamw_k4` is optax's buffered
+# accumulation of the same optimizer.
+ACCUMULATE_K = 4
+
+
+def _accumulate(name):
+  return getattr(_module("secondorder.transforms.accumulate"), name)
+
+
+register(OptimizerSpec(
+    "accumulated_adamw_k4",
+    lambda lr, n, p: _accumulate("accumulated_adamw")(lr, ACCUMULATE_K), 3e-3,
+    family="secondorder",
+    note="AdamW accumulating 4 gradients inside its moments (no gradient buffer)"))
+register(OptimizerSpec(
+    "adam_beta_tilde_k4",
+    lambda lr, n, p: optax.chain(
+        _accumulate("scale_by_adam_beta_tilde")(ACCUMULATE_K),
+        _accumulate("every_k_gate")(ACCUMULATE_K),
+        optax.scale_by_learning_rate(lr)), 3e-3, family="secondorder",
+    note="Adam with beta~ = 1 - (1 - beta)/4, updating every 4th step"))
+register(OptimizerSpec(
+    "multisteps_adamw_k4",
+    lambda lr, n, p: optax.MultiSteps(optax.adamw(lr, weight_decay=1e-4),
+                                      ACCUMULATE_K).gradient_transformation(), 3e-3,
+    note="optax.MultiSteps(adamw, 4): buffered accumulation"))
+
+
+# ----------------------------------------------------------------------------- peers
+
+def _optax_sophia(lr, n, p):
+  return optax.contrib.sophia(lr)
+
+
+register(OptimizerSpec(
+    "optax_sophia", _optax_sophia, 1e-3, needs=("obj_fn",), family="peer",
+    note="optax.contrib.sophia (Sophia-H, Hutchinson every 10 steps)"))
+
+
+def _psgd_kron(lr, n, p):
+  # psgd-jax 0.2.9 imports `optax._src.clipping`, which optax >= 0.2.5 moved to
+  # `optax.transforms._clipping` (psgd's kron does not use it): alias the module first.
+  if "psgd_jax.kron" not in sys.modules:
+    import optax._src
+    import optax.transforms._clipping as clipping
+    optax._src.clipping = clipping
+    sys.modules.setdefault("optax._src.clipping", clipping)
+  from psgd_jax.kron import kron
+  return kron(lr, precond_update_precision=None)
+
+
+register(OptimizerSpec(
+    "psgd_kron", _psgd_kron, 1e-3, family="peer",
+    note="PSGD Kron (pip install psgd-jax==0.2.9 --no-deps); quick: sanity rows only",
+    in_quick=lambda problem: problem.kind == "synthetic"))

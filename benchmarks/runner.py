@@ -1,0 +1,284 @@
+"""Runs (problem, optimizer, learning rate, seed) and measures what the report tabulates.
+
+Per (problem, optimizer) the training step is compiled once ahead of time (the learning rate
+is an argument of the compiled step), so the whole sweep and every seed reuse it. For each
+row: a learning-rate sweep on seed 0 (the same grid of multiples of the row's centre for
+every optimizer), the best setting by final training loss, and further seeds at that
+setting. Step times are measured separately after all rows of a problem have trained,
+interleaved across optimizers (rounds of blocks of steps, median over rounds), so the ratios
+to Adam compare like with like on a shared machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.optimizers import OptimizerSpec, sweep_grid
+from benchmarks.problems import Problem
+
+__all__ = ["Preset", "PRESETS", "RunResult", "RowResult", "lr_grid", "run_problem", "state_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  name: str
+  sweep_points: int        # learning rates tried per optimizer (seed 0)
+  seeds: int               # seeds at the best learning rate (including seed 0)
+  steps: str | None = None  # key into Problem.steps (defaults to `name`)
+  timing_rounds: int = 5
+  timing_block: int = 20   # steps per timed block (a multiple of every update interval)
+  evals: int = 10          # held-out evaluations per run (plus the initial one)
+
+
+PRESETS = {
+    "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3),
+    "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7),
+}
+
+
+@dataclasses.dataclass
+class RunResult:
+  problem: str
+  optimizer: str
+  lr: float
+  seed: int
+  loss: list[float]              # minibatch loss before each step
+  time: list[float]              # cumulative seconds of optimizer steps after each step
+  evals: list[tuple[int, float, float, float]]  # (step, seconds, train loss, held-out loss)
+  final_train: float
+  final_eval: float
+  diverged: bool
+  steps_to_target: int | None
+  time_to_target: float | None
+
+  def as_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RowResult:
+  problem: str
+  optimizer: str
+  family: str
+  best_lr: float
+  sweep: dict[float, float]      # lr -> final training loss (seed 0)
+  runs: list[RunResult]          # the best learning rate, every seed
+  compile_s: float
+  state_bytes: int
+  step_s: float | None = None    # median seconds per step (filled by the timing phase)
+
+
+def state_bytes(tree) -> int:
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    total += int(getattr(leaf, "nbytes", np.asarray(leaf).nbytes))
+  return total
+
+
+def _smoothed(losses: list[float], window: int) -> np.ndarray:
+  x = np.asarray(losses, dtype=np.float64)
+  if window <= 1 or len(x) == 0:
+    return x
+  c = np.cumsum(np.insert(x, 0, 0.0))
+  out = np.empty_like(x)
+  for i in range(len(x)):
+    lo = max(0, i + 1 - window)
+    out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+  return out
+
+
+class _Compiled:
+  """The jitted init, step and evaluation of one (problem, optimizer)."""
+
+  def __init__(self, problem: Problem, spec: OptimizerSpec, total_steps: int):
+    self.problem, self.spec, self.total_steps = problem, spec, total_steps
+    self._by_lr: dict[float, tuple[Callable, Callable]] = {}
+    self.compile_s = 0.0
+
+  def _functions(self, lr_value: float | None):
+    problem, spec, n = self.problem, self.spec, self.total_steps
+
+    def make(lr):
+      return spec.build(lr_value if spec.static_lr else lr, n, problem)
+
+    def init(params, lr):
+      return make(lr).init(params)
+
+    def step(params, opt_state, batch, lr, key):
+      tx = make(lr)
+      if spec.value_grad is not None:
+        loss, grads, extra = spec.value_grad(problem, params, batch, opt_state, key)
+      else:
+        loss, grads = jax.value_and_grad(problem.loss)(params, batch)
+        extra = {}
+        if "obj_fn" in spec.needs:
+          extra["obj_fn"] = lambda p: problem.loss(p, batch)
+        if "logits_fn" in spec.needs:
+          extra["logits_fn"] = lambda p: problem.logits_fn(p, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, **extra)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(init), jax.jit(step)
+
+  def get(self, lr: float, params, batch):
+    key = lr if self.spec.static_lr else None
+    if key not in self._by_lr:
+      init, step = self._functions(key)
+      lr_arr = jnp.asarray(lr, jnp.float32)
+      t0 = time.perf_counter()
+      init_c = init.lower(params, lr_arr).compile()
+      state = init_c(params, lr_arr)
+      step_c = step.lower(params, state, batch, lr_arr, jax.random.key(0)).compile()
+      self.compile_s += time.perf_counter() - t0
+      self._by_lr[key] = (init_c, step_c)
+    return self._by_lr[key]
+
+
+def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, seed: int,
+         steps: int, n_evals: int, on_step: Callable | None = None):
+  params = problem.init_params(seed)
+  batches = problem.batches(seed)
+  first = next(batches)
+  init_c, step_c = compiled.get(lr, params, first)
+  lr_arr = jnp.asarray(lr, jnp.float32)
+  opt_state = init_c(params, lr_arr)
+  eval_at = set(np.linspace(0, steps, n_evals + 1).round().astype(int).tolist())
+  losses, times, evals = [], [], []
+  elapsed, diverged, batch = 0.0, False, first
+  loss0 = None
+  base_key = jax.random.key(seed)
+  for t in range(steps):
+    if t in eval_at:
+      tr, ev = evaluate(params)
+      evals.append((t, elapsed, float(tr), float(ev)))
+    key = jax.random.fold_in(base_key, t)
+    t0 = time.perf_counter()
+    params, opt_state, loss = step_c(params, opt_state, batch, lr_arr, key)
+    loss = float(loss)  # waits for the step
+    elapsed += time.perf_counter() - t0
+    losses.append(loss)
+    times.append(elapsed)
+    loss0 = loss if loss0 is None else loss0
+    if not math.isfinite(loss) or loss > 1e3 * max(abs(loss0), 1e-3):
+      diverged = True
+      break
+    batch = next(batches)
+  if diverged:
+    final_train = final_eval = math.inf
+  else:
+    tr, ev = evaluate(params)
+    final_train, final_eval = float(tr), float(ev)
+    evals.append((steps, elapsed, final_train, final_eval))
+    if not (math.isfinite(final_train) and math.isfinite(final_eval)):
+      diverged, final_train, final_eval = True, math.inf, math.inf
+  window = 10 if problem.stochastic else 1
+  smooth = _smoothed(losses, window)
+  hit = np.nonzero(smooth <= problem.target_loss)[0]
+  steps_to_target = int(hit[0]) + 1 if len(hit) and not diverged else None
+  time_to_target = times[hit[0]] if steps_to_target is not None else None
+  if steps_to_target is None and not diverged and final_train <= problem.target_loss:
+    steps_to_target, time_to_target = steps, elapsed  # reached by the last update
+  result = RunResult(problem.name, compiled.spec.name, float(lr), seed, losses, times, evals,
+                     final_train, final_eval, diverged, steps_to_target, time_to_target)
+  return result, opt_state, params
+
+
+def _time_steps(problem: Problem, rows: list[tuple[RowResult, _Compiled]], preset: Preset):
+  """Interleaved step timing: rounds over optimizers, a block of steps each, median."""
+  params = problem.init_params(0)
+  batch = next(problem.batches(0))
+  prepared = []
+  for row, compiled in rows:
+    init_c, step_c = compiled.get(row.best_lr, params, batch)
+    lr_arr = jnp.asarray(row.best_lr, jnp.float32)
+    prepared.append((row, step_c, init_c(params, lr_arr), lr_arr))
+  key = jax.random.key(0)
+  samples: dict[str, list[float]] = {row.optimizer: [] for row, *_ in prepared}
+  blocks = {}
+  for row, *_ in prepared:
+    # Blocks of at least ~20 ms, in whole multiples of `timing_block` steps.
+    est = float(np.median(np.diff([0.0] + row.runs[0].time))) if row.runs[0].time else 1e-3
+    blocks[row.optimizer] = preset.timing_block * max(
+        1, int(math.ceil(0.02 / max(est * preset.timing_block, 1e-9))))
+  for _ in range(preset.timing_rounds):
+    for row, step_c, state, lr_arr in prepared:
+      p, s = params, state
+      n = blocks[row.optimizer]
+      t0 = time.perf_counter()
+      for _ in range(n):
+        p, s, loss = step_c(p, s, batch, lr_arr, key)
+      jax.block_until_ready((p, s, loss))
+      samples[row.optimizer].append((time.perf_counter() - t0) / n)
+  for row, *_ in prepared:
+    row.step_s = float(np.median(samples[row.optimizer]))
+
+
+def lr_grid(problem: Problem, spec: OptimizerSpec, preset: Preset,
+            points: int | None = None) -> list[float]:
+  """The learning rates `spec` is swept over on `problem` (same shape for every optimizer)."""
+  default_points, factor = preset.sweep_points, 10 ** 0.5
+  if problem.lr_sweep and preset.name in problem.lr_sweep:
+    default_points, factor = problem.lr_sweep[preset.name]
+  return sweep_grid(spec, points if points is not None else default_points, factor)
+
+
+def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
+                steps: int | None = None, seeds: int | None = None,
+                sweep_points: int | None = None,
+                progress: Any = None, log: Callable[[str], None] = print):
+  """Trains every optimizer on `problem`; returns (rows, all runs, notes)."""
+  n_steps = steps if steps is not None else problem.steps[preset.steps or preset.name]
+  n_seeds = seeds if seeds is not None else preset.seeds
+  evaluate = jax.jit(lambda p: (problem.train_loss(p), problem.eval_loss(p)))
+  rows: list[tuple[RowResult, _Compiled]] = []
+  all_runs: list[RunResult] = []
+  notes: list[str] = []
+  for spec in specs:
+    compiled = _Compiled(problem, spec, n_steps)
+    sweep: dict[float, float] = {}
+    best = None
+    grid = lr_grid(problem, spec, preset, sweep_points)
+    try:
+      for lr in grid:
+        if progress is not None:
+          progress.set_postfix_str(f"{problem.name}/{spec.name} lr={lr:.3g}")
+        result, opt_state, _ = _run(problem, compiled, evaluate, lr, 0, n_steps, preset.evals)
+        all_runs.append(result)
+        sweep[lr] = result.final_train
+        if best is None or result.final_train < best[0].final_train:
+          best = (result, opt_state)
+        if progress is not None:
+          progress.update(1)
+    except Exception as err:  # a row that fails to build or run is reported, not fatal
+      note = f"{problem.name}/{spec.name} failed: {type(err).__name__}: {str(err)[:300]}"
+      log("[skip] " + note)
+      notes.append(note)
+      if progress is not None:
+        progress.update(len(grid) - len(sweep) + max(n_seeds - 1, 0))
+      continue
+    best_run, best_state = best
+    runs = [best_run]
+    for seed in range(1, n_seeds):
+      if progress is not None:
+        progress.set_postfix_str(f"{problem.name}/{spec.name} seed={seed}")
+      result, _, _ = _run(problem, compiled, evaluate, best_run.lr, seed, n_steps, preset.evals)
+      all_runs.append(result)
+      runs.append(result)
+      if progress is not None:
+        progress.update(1)
+    row = RowResult(problem.name, spec.name, spec.family, best_run.lr, sweep, runs,
+                    compiled.compile_s, state_bytes(best_state))
+    rows.append((row, compiled))
+  if rows:
+    _time_steps(problem, rows, preset)
+  return [row for row, _ in rows], all_runs, notes
