@@ -9,13 +9,30 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from secondorder.curvature.estimators import empirical_fisher_diag, gnb_diag, hutchinson_diag
+from secondorder.curvature.estimators import (
+    empirical_fisher_diag, gnb_diag, hutchinson_diag, rademacher_like)
 
 BATCH, D_IN, HIDDEN, CLASSES = 8, 3, 4, 3
 
 
 def flat(tree):
   return ravel_pytree(tree)[0]
+
+
+def test_rademacher_probes_are_signs_balanced_and_uncorrelated():
+  tree = {"big": jnp.zeros((100, 41)), "odd": jnp.zeros((7,)), "empty": jnp.zeros((0, 3)),
+          "half": jnp.zeros((5,), jnp.bfloat16)}
+  z = jax.jit(rademacher_like)(jax.random.key(0), tree)
+  assert z["empty"].shape == (0, 3) and z["half"].dtype == jnp.bfloat16
+  assert set(np.unique(np.asarray(flat(z)))) == {-1.0, 1.0}
+  big = np.asarray(z["big"], np.float64).reshape(-1)
+  n = big.size
+  # Mean and lag-1 / lag-32 autocorrelations are 0 for i.i.d. signs, each with std 1/sqrt(n).
+  assert abs(big.mean()) < 4.5 / np.sqrt(n)
+  for lag in (1, 31, 32, 33):
+    assert abs(np.mean(big[:-lag] * big[lag:])) < 4.5 / np.sqrt(n - lag)
+  z2 = rademacher_like(jax.random.key(1), tree)
+  assert abs(np.mean(big * np.asarray(z2["big"]).reshape(-1))) < 4.5 / np.sqrt(n)
 
 
 def test_hutchinson_is_exact_with_one_sample_on_a_diagonal_hessian():

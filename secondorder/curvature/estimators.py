@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -20,14 +21,26 @@ from secondorder.curvature import products as _products
 PyTree = Any
 
 
+def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """Independent ±1 entries, each from one random bit (32 signs per generated word).
+
+  Same distribution as `jax.random.rademacher`, at a small fraction of the cost of drawing
+  one uniform float per entry (which otherwise dominates a Hutchinson probe on CPU).
+  """
+  size = math.prod(shape)
+  if size == 0:
+    return jnp.zeros(shape, dtype)
+  words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  bits = bits.reshape(-1)[:size].reshape(shape)
+  return (2 * bits.astype(jnp.int8) - 1).astype(dtype)
+
+
 def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
   """One independent Rademacher (±1) probe per leaf, in each leaf's dtype."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
-  probes = [
-      jax.random.rademacher(k, jnp.shape(p), dtype=jnp.float32).astype(jnp.result_type(p))
-      for k, p in zip(keys, leaves)
-  ]
+  probes = [_rademacher(k, jnp.shape(p), jnp.result_type(p)) for k, p in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, probes)
 
 
