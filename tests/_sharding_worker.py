@@ -1,0 +1,230 @@
+"""Trains every secondorder transform on a simulated 8-device CPU mesh and writes a JSON report.
+
+Run in its own process (the device count is fixed when jax starts):
+
+  python tests/_sharding_worker.py OUT.json [method ...]
+
+For each method it records, on a data-parallel mesh (8,) ("data") and on a 2x4
+("data", "model") mesh with the weights sharded along "model":
+  * the largest difference between the parameters after 20 sharded steps and after
+    20 steps on one device;
+  * the sharding of every parameter and optimizer-state leaf (initial and final), and
+    how many times the step compiled;
+  * the curvature statistics after one step on the mesh, on one device with the full
+    batch, and on one device with only the first data shard's examples.
+Nothing here is specific to a method: the mesh, the shardings and the propagation are
+plain `jax.jit` over `NamedSharding` inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _training_setups as ts  # noqa: E402
+
+STEPS = 20
+
+
+def meshes() -> dict[str, Mesh]:
+  devices = np.array(jax.devices())
+  if devices.size != 8:
+    raise RuntimeError(f"expected 8 simulated devices, got {devices.size}")
+  return {
+      "dp8": Mesh(devices.reshape(8), ("data",), axis_types=(AxisType.Auto,)),
+      "dp2_mp4": Mesh(devices.reshape(2, 4), ("data", "model"),
+                      axis_types=(AxisType.Auto, AxisType.Auto)),
+  }
+
+
+def param_specs(params, mesh: Mesh):
+  """Megatron-style: the hidden dimension of both dense layers on "model" (if present)."""
+  if "model" not in mesh.axis_names:
+    return jax.tree.map(lambda _: P(), params)
+  return {
+      "hidden": {"kernel": P(None, "model"), "bias": P("model")},
+      "out": {"kernel": P("model", None), "bias": P()},
+  }
+
+
+def batch_specs(batch):
+  return jax.tree.map(lambda x: P("data", *([None] * (x.ndim - 1))), batch)
+
+
+def _spec_list(x) -> list | None:
+  sharding = x.sharding
+  if not isinstance(sharding, NamedSharding):
+    return None
+  spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+  out = []
+  for entry in spec:
+    if entry is None:
+      out.append(None)
+    elif isinstance(entry, (tuple, list)):
+      out.append(list(entry))
+    else:
+      out.append(entry)
+  return out
+
+
+def describe(tree) -> list[dict]:
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(leaf, jax.Array):
+      continue
+    is_key = jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    rows.append({
+        "path": jax.tree_util.keystr(path),
+        "shape": list(leaf.shape),
+        "dtype": str(leaf.dtype),
+        "is_key": bool(is_key),
+        "spec": _spec_list(leaf),
+        "replicated": bool(leaf.sharding.is_fully_replicated),
+        "shard_shape": list(leaf.sharding.shard_shape(leaf.shape)),
+        "nbytes": int(leaf.nbytes) if not is_key else 0,
+        "shard_nbytes": (int(np.prod(leaf.sharding.shard_shape(leaf.shape)))
+                         * leaf.dtype.itemsize) if not is_key else 0,
+    })
+  return rows
+
+
+def max_abs_diff(a, b) -> float:
+  diffs = jax.tree.map(
+      lambda x, y: float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)
+                                         - jnp.asarray(y, jnp.float32)))) if x.size else 0.0,
+      a, b)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def max_abs(a) -> float:
+  return max((float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)))) for x in jax.tree.leaves(a)
+              if x.size), default=0.0)
+
+
+def first_shard_only(batch, data_shards: int):
+  """The batch with every data shard replaced by the first: per-shard statistics.
+
+  A mean over this batch equals the mean over the first shard's examples alone, which
+  is what a per-device estimate (no cross-device average) would see on device 0.
+  """
+  return jax.tree.map(
+      lambda x: jnp.concatenate([x[: x.shape[0] // data_shards]] * data_shards), batch)
+
+
+def eigh_shapes(hlo_text: str) -> list[list[int]]:
+  """Per-device operand shapes of the symmetric eigendecompositions in compiled HLO."""
+  shapes = []
+  for line in hlo_text.splitlines():
+    if "custom-call" in line and "syevd" in line:
+      # The first tuple element is the eigenvector array, e.g. (f32[3,8,8]{...}, ...).
+      m = re.search(r"=\s*\(?\w+\[([\d,]*)\]", line)
+      if m:
+        shapes.append([int(d) for d in m.group(1).split(",") if d])
+  return shapes
+
+
+def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
+  tx = setup.make()
+  stats_of = setup.statistics or (lambda state: ())
+
+  def train(params, batches, keys):
+    """`init` and STEPS steps; also returns the curvature statistics after step 1."""
+
+    def body(carry, inputs):
+      params, state = carry
+      batch, key = inputs
+      grads, extra_args = setup.grads_and_args(params, batch, key)
+      updates, state = tx.update(grads, state, params, **extra_args)
+      return (optax.apply_updates(params, updates), state), stats_of(state)
+
+    (params, state), stats = jax.lax.scan(body, (params, tx.init(params)), (batches, keys))
+    return params, state, jax.tree.map(lambda x: x[0], stats)
+
+  train = jax.jit(train)
+  params0 = ts.init_params()
+  batches = ts.make_batches(STEPS)
+  keys = jax.random.split(jax.random.key(2), STEPS)
+
+  def compile_and_run(params, batches):
+    compiled = train.lower(params, batches, keys).compile()
+    return compiled(params, batches, keys), compiled
+
+  t0 = time.perf_counter()
+  (single_params, single_state, single_stats), compiled = compile_and_run(params0, batches)
+  result = {"single_seconds": time.perf_counter() - t0, "meshes": {},
+            "single_eigh_shapes": eigh_shapes(compiled.as_text())}
+
+  for mesh_name, mesh in meshes_.items():
+    t0 = time.perf_counter()
+    p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params0, mesh))
+    b_shard = jax.tree.map(
+        lambda x: NamedSharding(mesh, P(None, "data", *([None] * (x.ndim - 2)))), batches)
+    params = jax.device_put(params0, p_shard)
+    (mesh_params, mesh_state, mesh_stats), compiled = compile_and_run(
+        params, jax.device_put(batches, b_shard))
+    no_keys = lambda tree: [x for x in jax.tree.leaves(tree)
+                            if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    entry = {
+        "params_max_abs_diff": max_abs_diff(mesh_params, single_params),
+        "params_max_abs": max_abs(single_params),
+        "state_max_abs_diff": max_abs_diff(no_keys(mesh_state), no_keys(single_state)),
+        "params": describe(mesh_params),
+        "params_in": describe(params),
+        "state": describe(mesh_state),
+        "eigh_shapes": eigh_shapes(compiled.as_text()),
+    }
+    if setup.statistics is not None:
+      # After one step from the same start: on the mesh, on one device with the whole
+      # batch, on one device with the first data shard only (same shapes: no recompile).
+      data_shards = mesh.shape["data"]
+      first_only = jax.tree.map(lambda x: x, batches)
+      first_only = {k: v.at[0].set(first_shard_only({k: v[0]}, data_shards)[k])
+                    for k, v in batches.items()}
+      shard_stats = train(params0, first_only, keys)[2]
+      entry["statistics"] = {
+          "mesh_vs_full": max_abs_diff(mesh_stats, single_stats),
+          "mesh_vs_first_shard": max_abs_diff(mesh_stats, shard_stats),
+          "full_vs_first_shard": max_abs_diff(single_stats, shard_stats),
+          "full_max_abs": max_abs(single_stats),
+      }
+    entry["seconds"] = time.perf_counter() - t0
+    result["meshes"][mesh_name] = entry
+  return result
+
+
+def main(argv: list[str]) -> None:
+  out_path = argv[1]
+  setups = ts.available_setups()
+  names = argv[2:] or list(setups)
+  meshes_ = meshes()
+  report = {"devices": jax.device_count(), "steps": STEPS, "methods": {}}
+  for name in names:
+    t0 = time.perf_counter()
+    try:
+      report["methods"][name] = run_method(setups[name], meshes_)
+    except Exception as e:  # reported per method, asserted on by the tests
+      report["methods"][name] = {"error": f"{type(e).__name__}: {e}"}
+    report["methods"][name]["seconds"] = time.perf_counter() - t0
+  with open(out_path, "w") as f:
+    json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

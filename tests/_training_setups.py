@@ -1,0 +1,179 @@
+"""One tiny classifier and every secondorder transform set up to train it.
+
+Shared by the sharding worker (run on a simulated 8-device mesh) and the checkpoint
+tests, so both exercise each method exactly the way a training loop calls it: the
+gradient plus the curvature extra argument the method reads (`obj_fn`, `logits_fn`,
+`kfac_stats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+IN_FEATURES = 8
+HIDDEN = 32
+CLASSES = 4
+BATCH = 16
+
+
+class MLP(nn.Module):
+  """Two dense layers; the hidden width is the dimension sharded over `model`."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(HIDDEN, name="hidden")(x)
+    x = jnp.tanh(x)
+    return nn.Dense(CLASSES, name="out")(x)
+
+
+MODEL = MLP()
+
+
+@jax.jit
+def _init_params(key):
+  return MODEL.init(key, jnp.zeros((1, IN_FEATURES), jnp.float32))["params"]
+
+
+def init_params(seed: int = 0):
+  return _init_params(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def make_batches(num_steps: int, seed: int = 1):
+  """`num_steps` batches; the two halves of every batch come from different inputs.
+
+  The first half has inputs of scale 1 and the second of scale 3, so curvature
+  statistics of one half differ clearly from those of the whole batch.
+  """
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (num_steps, BATCH, IN_FEATURES), jnp.float32)
+  x = x * jnp.where(jnp.arange(BATCH) < BATCH // 2, 1.0, 3.0)[None, :, None]
+  y = jax.random.randint(ky, (num_steps, BATCH), 0, CLASSES)
+  return {"x": x, "y": y}
+
+
+def logits_fn(params, batch):
+  return MODEL.apply({"params": params}, batch["x"])
+
+
+def loss_fn(params, batch):
+  logits = logits_fn(params, batch)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def _grads(params, batch, key):
+  del key
+  return jax.grad(loss_fn)(params, batch), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A transform, how a training step feeds it, and where its curvature statistics live.
+
+  `grads_and_args(params, batch, key)` runs inside the jitted step and returns the
+  gradients and the extra keyword arguments of `update`. `statistics(state)` returns the
+  part of the state estimated from the batch (Hessian-diagonal EMA, Kronecker factors,
+  Shampoo statistics), or None for methods without one.
+  """
+  name: str
+  make: Callable[[], Any]
+  grads_and_args: Callable[[Any, Any, Any], tuple[Any, dict]] = _grads
+  statistics: Callable[[Any], Any] | None = None
+
+
+def find_state(state, cls_name: str):
+  """The first sub-state (NamedTuple) of class `cls_name` inside a chained state."""
+  found = []
+
+  def visit(node):
+    if type(node).__name__ == cls_name:
+      found.append(node)
+      return
+    if isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+
+  visit(state)
+  if not found:
+    raise LookupError(f"no {cls_name} inside the optimizer state")
+  return found[0]
+
+
+def _with_obj_fn(params, batch, key):
+  grads, _ = _grads(params, batch, key)
+  return grads, {"obj_fn": lambda p: loss_fn(p, batch)}
+
+
+def _with_logits_fn(params, batch, key):
+  grads, _ = _grads(params, batch, key)
+  return grads, {"logits_fn": lambda p: logits_fn(p, batch)}
+
+
+def _ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _module(name: str):
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+
+
+def available_setups() -> dict[str, Setup]:
+  """Every method whose module is present, keyed by name."""
+  setups = {"adam": Setup("adam", lambda: optax.adam(1e-2))}
+
+  hutch = _module("secondorder.transforms.hutchinson")
+  if hutch is not None:
+    setups["adahessian"] = Setup(
+        "adahessian", lambda: hutch.adahessian(1e-2), _with_obj_fn,
+        lambda s: find_state(s, "ScaleByHutchinsonState").nu)
+
+  sophia = _module("secondorder.transforms.sophia")
+  if sophia is not None:
+    setups["sophia_h"] = Setup(
+        "sophia_h", lambda: sophia.sophia(1e-2, update_interval=5, estimator="hutchinson"),
+        _with_obj_fn, lambda s: find_state(s, "SophiaClipState").hessian)
+    setups["sophia_g"] = Setup(
+        "sophia_g", lambda: sophia.sophia(1e-2, update_interval=5, estimator="gnb"),
+        _with_logits_fn, lambda s: find_state(s, "SophiaClipState").hessian)
+
+  shampoo = _module("secondorder.transforms.shampoo")
+  if shampoo is not None:
+    # Blocks of 8: the hidden kernel [8, 32] becomes four 8x8 blocks, the output kernel
+    # [32, 4] four 8x4 blocks, so each group of factors is a stack to spread over devices.
+    setups["shampoo"] = Setup(
+        "shampoo", lambda: shampoo.shampoo(1e-2, block_size=8, update_interval=5),
+        statistics=lambda s: find_state(s, "ShampooState").stats)
+
+  kfac = _module("secondorder.transforms.kfac")
+  capture = _module("secondorder.capture")
+  if kfac is not None and capture is not None:
+    cap = capture.linen_capture(MODEL, _ce, likelihood="softmax")
+
+    def kfac_grads(params, batch, key):
+      _, grads, stats = cap(params, batch["x"], batch["y"], key=key)
+      return grads, {"kfac_stats": stats}
+
+    def make_kfac():
+      layers = cap.layers(init_params(), jnp.zeros((BATCH, IN_FEATURES), jnp.float32))
+      return kfac.kfac(1e-2, layers=layers, update_interval=5)
+
+    setups["kfac"] = Setup(
+        "kfac", make_kfac, kfac_grads,
+        lambda s: (find_state(s, "ScaleByKfacState").a, find_state(s, "ScaleByKfacState").s))
+
+  accumulate = _module("secondorder.transforms.accumulate")
+  if accumulate is not None:
+    setups["every_k_adamw"] = Setup(
+        "every_k_adamw", lambda: accumulate.accumulated_adamw(1e-2, k=4))
+  return setups
