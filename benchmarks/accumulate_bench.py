@@ -175,7 +175,7 @@ def _digits_data():
 
 
 def run_experiment(*, k: int = 8, mini_batch: int = 8, updates: int = 300,
-                   lrs=(1e-3, 3e-3, 1e-2), seeds: int = 2, eval_every: int | None = None,
+                   lrs=(1e-3, 3e-3, 1e-2, 3e-2), seeds: int = 2, eval_every: int | None = None,
                    methods: dict | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains every method on the same mini-batches; returns curves and the best lr of each.
 
@@ -304,7 +304,7 @@ def main(argv=None):
   parser.add_argument("--mini-batch", type=int, default=8)
   parser.add_argument("--updates", type=int, default=300, help="real updates in (c)")
   parser.add_argument("--seeds", type=int, default=2)
-  parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+  parser.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
   parser.add_argument("--out", default="bench_out")
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
