@@ -405,6 +405,14 @@ def shampoo_preconditioner(
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
+    if not leaves:
+      # No parameters, or optax.tree.map_params' placeholder: the fields whose layout
+      # depends on the shapes become one empty array, a prefix of any real layout.
+      none = jnp.zeros((0,), stat_dtype)
+      zero = jnp.zeros([], jnp.int32)
+      graft_state = optax.EmptyState() if graft_tx is None else graft_tx.init(params)
+      return ShampooState(count=zero, stats=none, preconds=none, diag_stats=none,
+                          graft_state=graft_state, root_failures=zero, stat_skips=zero)
     plan = plan_for(leaves)
     eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
     stats = tuple(jnp.zeros((n, s, s), stat_dtype)
@@ -518,9 +526,13 @@ def shampoo_preconditioner(
       out_leaves.append(jnp.where(active, out, gu))
 
     out_leaves = [o.astype(x.dtype) for o, x in zip(out_leaves, leaves)]
+    if leaves:
+      new_stats, preconds, diag_stats = tuple(new_stats), tuple(preconds), tuple(diag_stats)
+    else:  # keep the placeholder layout of an empty tree
+      new_stats, preconds, diag_stats = state.stats, state.preconds, state.diag_stats
     new_state = ShampooState(
-        count=count, stats=tuple(new_stats), preconds=tuple(preconds),
-        diag_stats=tuple(diag_stats), graft_state=graft_state,
+        count=count, stats=new_stats, preconds=preconds,
+        diag_stats=diag_stats, graft_state=graft_state,
         root_failures=state.root_failures + failures,
         stat_skips=state.stat_skips + any_skip.astype(jnp.int32))
     return jax.tree.unflatten(treedef, out_leaves), new_state
