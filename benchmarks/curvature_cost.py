@@ -71,6 +71,17 @@ def candidates(logits_fn, loss_fn):
 TARGETS = {"hvp": 2.3, "gnvp (softmax CE)": 1.6, "gnb_diag": 1.1}
 
 
+def _flops(fn, *args) -> float | None:
+  """XLA's flop count of the compiled function (a deterministic cross-check of the timings)."""
+  try:
+    cost = fn.lower(*args).compile().cost_analysis()
+  except Exception:  # cost analysis is optional for a backend
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", 0.0)) or None
+
+
 def measure(repeats: int, warmup: int = 3, seed: int = 0):
   params, logits_fn, loss_fn = make_problem(seed)
   v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
@@ -89,6 +100,7 @@ def measure(repeats: int, warmup: int = 3, seed: int = 0):
       t0 = time.perf_counter()
       jax.block_until_ready(fns[name](params, v, k))
       times[name].append(time.perf_counter() - t0)
+  flops = {name: _flops(fn, params, v, key) for name, fn in fns.items()}
   base = np.asarray(times["grad (baseline)"])
   rows = []
   for name, ts in times.items():
@@ -98,6 +110,8 @@ def measure(repeats: int, warmup: int = 3, seed: int = 0):
                      ratio=float(np.median(ratios)),
                      ratio_q25=float(np.quantile(ratios, 0.25)),
                      ratio_q75=float(np.quantile(ratios, 0.75)),
+                     flops_ratio=(flops[name] / flops["grad (baseline)"]
+                                  if flops[name] and flops["grad (baseline)"] else None),
                      target=TARGETS.get(name)))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return rows, n_params
@@ -108,13 +122,14 @@ def markdown(rows, n_params, repeats):
       f"Curvature cost on a tanh MLP {LAYERS} ({n_params:,} parameters), batch {BATCH}, "
       f"{repeats} interleaved rounds, backend {jax.default_backend()}.",
       "",
-      "| function | median time (ms) | × grad (median) | IQR of ratio | target |",
-      "|---|---:|---:|---:|---:|",
+      "| function | median time (ms) | × grad (median) | IQR of ratio | XLA flops × grad | target |",
+      "|---|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
     target = f"≤ {r['target']}×" if r["target"] else ""
+    flops = f"{r['flops_ratio']:.2f}" if r["flops_ratio"] else "n/a"
     lines.append(f"| {r['name']} | {r['median_ms']:.2f} | {r['ratio']:.2f} | "
-                 f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f} | {target} |")
+                 f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f} | {flops} | {target} |")
   return "\n".join(lines)
 
 
