@@ -1,0 +1,156 @@
+"""Smoke run of `python -m benchmarks` on the cheapest problem, and checks of the problems."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import __main__ as bench_main
+from benchmarks.optimizers import OPTIMIZERS, OptimizerSpec, available, sweep_grid
+from benchmarks.problems import get_problem, problem_names
+from benchmarks.runner import PRESETS, run_problem, state_bytes
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  code = bench_main.main(["quick", "--only", "quadratic,adam,momentum", "--steps", str(STEPS),
+                          "--sweep", "2", "--out", str(out)])
+  assert code == 0
+  lines = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+  return out, [r for r in lines if r["kind"] == "run"], [r for r in lines if r["kind"] == "row"]
+
+
+def test_table_written(smoke):
+  out, _, _ = smoke
+  text = (out / "results.md").read_text()
+  assert "| optimizer | best lr |" in text
+  table_rows = [line for line in text.splitlines() if line.startswith("| adam |")
+                or line.startswith("| momentum |")]
+  assert len(table_rows) == 2
+
+
+def test_every_sweep_run_recorded(smoke):
+  _, runs, rows = smoke
+  problem = get_problem("quadratic")
+  assert {r["optimizer"] for r in rows} == {"adam", "momentum"}
+  for name in ("adam", "momentum"):
+    grid = sweep_grid(OPTIMIZERS[name], 2, problem.lr_sweep["quick"][1])
+    mine = [r for r in runs if r["optimizer"] == name]
+    assert sorted(r["lr"] for r in mine) == pytest.approx(sorted(grid))
+    for r in mine:
+      assert len(r["loss"]) == STEPS or r["diverged"]
+      assert len(r["time"]) == len(r["loss"])
+      assert all(b >= a for a, b in zip(r["time"], r["time"][1:]))
+    # The reported setting is the best final training loss of the sweep.
+    row = next(r for r in rows if r["optimizer"] == name)
+    finals = {r["lr"]: (r["final_train"] if isinstance(r["final_train"], float) else math.inf)
+              for r in mine}
+    assert row["best_lr"] == pytest.approx(min(finals, key=finals.get))
+
+
+def test_losses_sane(smoke):
+  _, runs, rows = smoke
+  problem = get_problem("quadratic")
+  initial = float(problem.train_loss(problem.init_params(0)))
+  for row in rows:
+    (final,) = row["final_train"]
+    assert isinstance(final, float) and 0.0 <= final < initial
+    (held_out,) = row["final_eval"]
+    assert held_out == pytest.approx(final)  # the quadratic's held-out loss is the objective
+  for r in runs:
+    if not r["diverged"]:
+      assert r["loss"][0] == pytest.approx(initial, rel=1e-5)  # loss before the first step
+
+
+def test_ratios_against_adam(smoke):
+  _, _, rows = smoke
+  adam = next(r for r in rows if r["optimizer"] == "adam")
+  momentum = next(r for r in rows if r["optimizer"] == "momentum")
+  assert adam["step_ratio_adam"] == pytest.approx(1.0)
+  assert adam["state_ratio_adam"] == pytest.approx(1.0)
+  assert momentum["step_s"] > 0 and momentum["step_ratio_adam"] > 0
+  params = get_problem("quadratic").init_params(0)
+  expected = (state_bytes(optax.sgd(0.1, momentum=0.9).init(params))
+              / state_bytes(optax.adam(0.1).init(params)))
+  assert momentum["state_ratio_adam"] == pytest.approx(expected)
+
+
+def test_png_written(smoke):
+  import matplotlib.image
+
+  out, _, _ = smoke
+  png = out / "quadratic.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  image = matplotlib.image.imread(png)
+  assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+  assert image[..., :3].std() > 0.01  # not blank
+
+
+def test_state_bytes_counts_keys():
+  tree = {"w": jnp.zeros((3, 4), jnp.float32), "key": jax.random.key(0),
+          "n": jnp.zeros((), jnp.int32)}
+  assert state_bytes(tree) == 48 + jax.random.key_data(tree["key"]).nbytes + 4
+
+
+def test_missing_module_is_skipped_not_fatal():
+  spec = OptimizerSpec("missing", lambda lr, n, p: importlib.import_module(
+      "secondorder.transforms.not_a_module").make(lr), 1e-3)
+  assert "not_a_module" in available(spec)
+
+  def broken(lr, n, p):
+    raise RuntimeError("boom")
+
+  rows, runs, notes = run_problem(
+      get_problem("quadratic"), [OPTIMIZERS["adam"], OptimizerSpec("broken", broken, 1e-3)],
+      PRESETS["quick"], steps=3, sweep_points=1, log=lambda s: None)
+  assert [r.optimizer for r in rows] == ["adam"]
+  assert len(notes) == 1 and "broken" in notes[0] and "boom" in notes[0]
+
+
+def test_every_registered_optimizer_builds():
+  # By the end every method is present: a missing module would silently drop a row.
+  missing = {name: available(spec) for name, spec in OPTIMIZERS.items()}
+  assert {k: v for k, v in missing.items() if v is not None} == {}
+
+
+def test_autoencoder_logits_match_loss():
+  # Sophia-G reads the Bernoulli loss as a 2-class softmax over (0, z): the same loss.
+  prob = get_problem("autoencoder")
+  params, batch = prob.init_params(0), next(prob.batches(0))
+  logits = prob.logits_fn(params, batch)
+  assert logits.shape == batch[0].shape + (2,)
+  t = prob.labels(batch)  # pixel intensities in [0, 1]: soft labels (1 - t, t)
+  ce = optax.softmax_cross_entropy(logits, jnp.stack([1 - t, t], axis=-1)).mean()
+  assert float(ce) == pytest.approx(float(prob.loss(params, batch)), rel=1e-5)
+
+
+def test_classifier_problem_contract():
+  prob = get_problem("digits_mlp")
+  params = prob.init_params(0)
+  a, b = prob.batches(3), prob.batches(3)
+  for _ in range(3):
+    x1, y1 = next(a)
+    x2, y2 = next(b)
+    np.testing.assert_array_equal(x1, x2)  # deterministic given the seed
+    assert x1.shape == (64, 64) and y1.shape == (64,)
+  logits = prob.logits_fn(params, (x1, y1))
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y1).mean()
+  assert float(ce) == pytest.approx(float(prob.loss(params, (x1, y1))), rel=1e-6)
+  model_out = prob.bind(params)(x1)
+  np.testing.assert_allclose(model_out, logits, rtol=1e-6)
+  assert 1.5 < float(prob.eval_loss(params)) < 3.5  # about log(10) at initialisation
+
+
+def test_problem_names():
+  assert set(problem_names()) == {"autoencoder", "digits_mlp", "digits_cnn", "char_transformer",
+                                  "quadratic", "rosenbrock"}
