@@ -84,12 +84,16 @@ def test_hutchinson_mean_of_4000_samples_is_within_5_percent_of_dense_diagonal()
   np.testing.assert_array_less(np.abs(np.asarray(d) - np.diag(H)), 0.05 * np.diag(H))
 
 
-def test_hutchinson_batch_size_does_not_change_the_estimate_and_keeps_dtype():
+def test_hutchinson_batch_size_and_vmap_do_not_change_the_estimate_and_dtype_is_kept():
   f, params, _ = dense_problem()
   key = jax.random.key(3)
   seq, vec = jax.jit(lambda k: (hutchinson_diag(f, params, k, 6),
                                 hutchinson_diag(f, params, k, 6, batch_size=3)))(key)
   np.testing.assert_allclose(flat(seq), flat(vec), rtol=1e-5)
+  keys = jax.random.split(key, 2)
+  batched = jax.jit(jax.vmap(lambda k: hutchinson_diag(f, params, k)))(keys)
+  single = hutchinson_diag(f, params, keys[1])
+  np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[1], batched)), flat(single), rtol=1e-5)
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   d16 = hutchinson_diag(lambda p: f(jax.tree.map(lambda x: x.astype(jnp.float32), p)), p16, key)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d16))

@@ -57,11 +57,14 @@ def test_lanczos_top3_of_random_spd_match_eigvalsh(num_iterations):
 def test_lanczos_restarts_on_invariant_subspace_and_finds_multiplicities():
   # Four distinct eigenvalues: the Krylov space is invariant after 4 steps.
   d = np.repeat([5.0, 3.0, 1.0, -2.0], [3, 10, 17, 20])
-  vals, vecs = jax.jit(lambda k: top_eigenvalues(matrix_operator(np.diag(d)), template(), k, k=5,
-                                                 num_iterations=24))(jax.random.key(1))
-  np.testing.assert_allclose(vals, [5.0, 5.0, 5.0, 3.0, 3.0], rtol=1e-5)
-  V = np.asarray(jax.vmap(flat)(vecs))
-  np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-4)  # distinct vectors for a repeat
+  # vmapped over two starting keys: the restart branch also runs batched.
+  vals, vecs = jax.jit(jax.vmap(lambda k: top_eigenvalues(
+      matrix_operator(np.diag(d)), template(), k, k=5, num_iterations=24)))(
+          jax.random.split(jax.random.key(1), 2))
+  for i in range(2):
+    np.testing.assert_allclose(vals[i], [5.0, 5.0, 5.0, 3.0, 3.0], rtol=1e-5)
+    V = np.asarray(jax.vmap(flat)(jax.tree.map(lambda x: x[i], vecs)))
+    np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-4)  # distinct vectors for a repeat
 
 
 def test_lanczos_on_indefinite_mlp_hessian_float64():
