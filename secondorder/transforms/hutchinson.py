@@ -86,6 +86,12 @@ def _check_int_if_concrete(name: str, value: Any, minimum: int) -> None:
     check_int(name, value, minimum=minimum)
 
 
+def _every_step(update_interval) -> bool:
+  """True for a concrete interval of 1: then no `lax.cond` is needed. (XLA:CPU also runs
+  convolution gradients inside a conditional far slower than outside, jax-ml/jax#12868.)"""
+  return isinstance(update_interval, numbers.Number) and update_interval == 1
+
+
 def _tree_all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -115,7 +121,7 @@ def scale_by_hutchinson(
 
   with :math:`t` the step and :math:`n` the number of refreshes so far. Refreshes happen on
   steps 0, `update_interval`, 2 `update_interval`, ...; between them the HVP is not computed
-  (`jax.lax.cond`). With `update_interval > 1` the EMA of :math:`D^2` advances once per
+  (`jax.lax.cond`; with `update_interval=1` no conditional is built). With `update_interval > 1` the EMA of :math:`D^2` advances once per
   refresh, so its memory spans `update_interval / (1 - b2)` steps. A refresh whose estimate
   holds a NaN or an Inf is skipped (`nu` kept, `nonfinite_count` incremented); until a first
   finite estimate arrives the update is zero.
@@ -206,9 +212,12 @@ def scale_by_hutchinson(
       return (nu, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32))
 
-    nu, hessian_count, nonfinite_count = jax.lax.cond(
-        state.count % update_interval == 0, refresh, lambda *a: a,
-        state.nu, state.hessian_count, state.nonfinite_count)
+    carry = (state.nu, state.hessian_count, state.nonfinite_count)
+    if _every_step(update_interval):
+      nu, hessian_count, nonfinite_count = refresh(*carry)
+    else:
+      nu, hessian_count, nonfinite_count = jax.lax.cond(
+          state.count % update_interval == 0, refresh, lambda *a: a, *carry)
 
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)

@@ -16,7 +16,7 @@ import optax
 
 from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
-from secondorder.transforms.hutchinson import _stats_dtype, _tree_all_finite
+from secondorder.transforms.hutchinson import _every_step, _stats_dtype, _tree_all_finite
 
 _ESTIMATORS = ("hutchinson", "gnb")
 
@@ -113,7 +113,8 @@ def sophia_clip(
   element-wise, with :math:`t` the step and :math:`n` the number of refreshes so far.
   Refreshes happen on steps 0, k, 2k, ... (k = `update_interval`), inside `jax.lax.cond`,
   so steps in between do not pay for the estimate; a refresh happens before the update of
-  its step.
+  its step. (On CPU, XLA runs convolution gradients inside a conditional much slower than
+  outside, jax-ml/jax#12868, so a convnet's refresh step costs more there than on GPU.)
 
   Two departures from `optax.contrib.sophia` (and the paper's pseudo-code), both fixes:
 
@@ -218,9 +219,12 @@ def sophia_clip(
       return (hessian, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32), estimator_state)
 
-    hessian, hessian_count, nonfinite_count, estimator_state = jax.lax.cond(
-        state.count % update_interval == 0, refresh, lambda *a: a,
-        state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state)
+    carry = (state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state)
+    if _every_step(update_interval):
+      hessian, hessian_count, nonfinite_count, estimator_state = refresh(*carry)
+    else:
+      hessian, hessian_count, nonfinite_count, estimator_state = jax.lax.cond(
+          state.count % update_interval == 0, refresh, lambda *a: a, *carry)
 
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)
