@@ -1,0 +1,16 @@
+"""Shared test setup.
+
+The repository root goes on sys.path so that test modules can import the shared contract
+(`from tests import contract`) however pytest is started (`pytest` from the root, as in CI,
+or `python -m pytest tests/...`). Simulated multi-device meshes are set up in subprocesses
+by the tests that need them, never here: XLA_FLAGS must not change for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
