@@ -32,6 +32,16 @@ def _no_kfac_stats(problem, params):
 
 
 _REG = C.REGRESSION_PROBLEMS
+_SOPHIA_STEPS = {**C.DEFAULT_STEPS, "quadratic": 400, "matrix_quadratic": 400,
+                 "mixed_pytree": 400, "rosenbrock": 2000}
+
+
+def _cosine(peak, steps, rosenbrock):
+  """Cosine decays from `peak` over `steps` on the three quadratics; `rosenbrock` as given."""
+  sched = optax.cosine_decay_schedule(peak, steps)
+  return {"quadratic": sched, "matrix_quadratic": sched, "mixed_pytree": sched,
+          "rosenbrock": rosenbrock}
+
 _ADAHESSIAN_LR = {"quadratic": 0.3, "matrix_quadratic": 0.3, "mixed_pytree": 0.3, "rosenbrock": 1.0}
 _ADAHESSIAN_STEPS = {**C.DEFAULT_STEPS, "rosenbrock": 2000}
 
@@ -50,35 +60,50 @@ CASES: list[Case] = [
          lr=_ADAHESSIAN_LR, steps=_ADAHESSIAN_STEPS, primitive=(scale_by_hutchinson, dict(b1=0.9, b2=0.999, eps=1e-4, hessian_power=1.0))),
     Case("adahessian", lambda learning_rate: adahessian(learning_rate), extra_args=C.obj_fn_args,
          lr=_ADAHESSIAN_LR, steps=_ADAHESSIAN_STEPS),
-    # Sophia.
+    # Sophia. Its clipped steps oscillate at a constant rate near a minimum: a cosine decay
+    # (as in the paper) shows convergence on the quadratics.
     Case("sophia_clip_hutchinson", _with_lr(sophia_clip), extra_args=C.obj_fn_args, lr=0.05,
+         steps=_SOPHIA_STEPS, converge_lr=_cosine(0.2, 400, rosenbrock=0.05),
          primitive=(sophia_clip, dict(b1=0.965, b2=0.99, gamma=0.01, eps=1e-12))),
     Case("sophia_clip_gnb", _with_lr(lambda: sophia_clip(estimator="gnb")),
          extra_args=C.logits_fn_args, lr=0.05, problems=C.CLASSIFICATION_PROBLEMS,
          check_problem="mixed_classifier"),
     Case("sophia", lambda learning_rate: sophia(learning_rate, weight_decay=0.0),
-         extra_args=C.obj_fn_args, lr=0.05),
+         extra_args=C.obj_fn_args, lr=0.05, steps=_SOPHIA_STEPS,
+         converge_lr=_cosine(0.2, 400, rosenbrock=0.05)),
     Case("sophia_gnb", lambda learning_rate: sophia(learning_rate, estimator="gnb", weight_decay=0.0),
          extra_args=C.logits_fn_args, lr=0.05, problems=C.CLASSIFICATION_PROBLEMS,
          check_problem="mixed_classifier"),
-    # Shampoo.
+    # Shampoo. The primitive alone has no momentum and an RMSProp graft on vectors.
     Case("shampoo_preconditioner", _with_lr(lambda: shampoo_preconditioner(update_interval=2)),
-         lr=0.05, primitive=(shampoo_preconditioner, dict(beta2=0.999, eps=1e-6))),
-    Case("shampoo", lambda learning_rate: shampoo(learning_rate, update_interval=2), lr=0.05),
-    # K-FAC on plain pytrees: every parameter on the diagonal fallback.
+         lr={"quadratic": 0.05, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.03},
+         steps={**C.DEFAULT_STEPS, "mixed_pytree": 400, "rosenbrock": 3000},
+         converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400),
+                      "rosenbrock": optax.cosine_decay_schedule(0.03, 3000)},
+         primitive=(shampoo_preconditioner, dict(beta2=0.999, eps=1e-6))),
+    Case("shampoo", lambda learning_rate: shampoo(learning_rate, update_interval=2),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
+         steps={**C.DEFAULT_STEPS, "rosenbrock": 2000}),
+    # K-FAC on plain pytrees: every parameter on the diagonal fallback (RMS scaling, no
+    # momentum in the primitive).
     Case("scale_by_kfac_factors",
          _with_lr(lambda: scale_by_kfac_factors(layers=capture.no_layers())),
-         extra_args=_no_kfac_stats, lr=0.05),
+         extra_args=_no_kfac_stats, lr=0.05,
+         steps={**C.DEFAULT_STEPS, "quadratic": 600, "matrix_quadratic": 600,
+                "mixed_pytree": 600, "rosenbrock": 3000},
+         converge_lr=_cosine(0.05, 600, rosenbrock=optax.cosine_decay_schedule(0.03, 3000))),
     Case("kfac", lambda learning_rate: kfac(learning_rate, layers=capture.no_layers()),
-         extra_args=_no_kfac_stats, lr=0.05, lr_is_last=False),
+         extra_args=_no_kfac_stats, lr=0.02, lr_is_last=False),
     # Gradient accumulation inside the moments (an update every k = 2 calls). Their
     # schedules count real updates, not calls.
     Case("every_k_accumulate",
          lambda learning_rate: optax.chain(every_k_accumulate(2),
                                            every_k_gate(2, optax.scale_by_learning_rate(learning_rate))),
-         lr=0.05, lr_is_last=False, steps={k: 2 * v for k, v in C.DEFAULT_STEPS.items()}),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
+         lr_is_last=False, steps={**{k: 2 * v for k, v in C.DEFAULT_STEPS.items()}, "rosenbrock": 2000}),
     Case("accumulated_adamw", lambda learning_rate: accumulated_adamw(learning_rate, 2, weight_decay=0.0),
-         lr=0.05, lr_is_last=False, steps={k: 2 * v for k, v in C.DEFAULT_STEPS.items()}),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
+         lr_is_last=False, steps={**{k: 2 * v for k, v in C.DEFAULT_STEPS.items()}, "rosenbrock": 2000}),
     Case("accumulated_sgd", lambda learning_rate: accumulated_sgd(learning_rate, 2, momentum=0.9),
          lr={"quadratic": 0.02, "matrix_quadratic": 0.02, "mixed_pytree": 0.02, "rosenbrock": 1e-3},
          lr_is_last=False,
