@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from secondorder import linalg
@@ -134,7 +135,7 @@ def scale_by_kfac_factors(
     kl_clip: float | None = None,
     learning_rate: ScalarOrSchedule | None = None,
     fallback: optax.GradientTransformation | None = None,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each covered layer's gradient by its damped Kronecker-factored Fisher.
 
@@ -165,7 +166,7 @@ def scale_by_kfac_factors(
     learning_rate: η (float or schedule), the rate the step is later scaled by; used only
       by KL clipping.
     fallback: diagonal method for the uncovered parameters.
-    stats_dtype: dtype of the factors.
+    stats_dtype: dtype of the factors (a name such as "float32", or a dtype).
 
   Extra args of `update`: `kfac_stats`, the dict of `LayerStats` from a capture call (or
   `capture.no_stats()`).
@@ -185,10 +186,13 @@ def scale_by_kfac_factors(
     Optimization using Kronecker-Factored Approximations", ICLR 2017.
   """
   layer_list = _layers_tuple(layers)
+  # A dtype name, not jnp.float32: inject_hyperparams would take a callable for a schedule.
+  stats_dtype = jnp.dtype(stats_dtype)
   check_range("damping", damping, 0.0, None, low_inclusive=False)
   check_choice("damping_mode", damping_mode, ("factored", "exact"))
   check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
-  check_int("update_interval", update_interval, minimum=1)
+  if not isinstance(update_interval, (jax.Array, np.ndarray)):  # inject_hyperparams: arrays
+    check_int("update_interval", update_interval, minimum=1)
   if kl_clip is not None:
     check_range("kl_clip", kl_clip, 0.0, None, low_inclusive=False)
     if learning_rate is None:
@@ -338,7 +342,7 @@ def kfac(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     fallback: optax.GradientTransformation | None = None,
-    stats_dtype: Any = jnp.float32,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC: the natural gradient with Kronecker-factored curvature, momentum and KL clipping.
 
