@@ -85,6 +85,8 @@ def _list() -> None:
     reason = available(spec)
     needs = ",".join(spec.needs) or "-"
     state = "ok" if reason is None else f"SKIPPED ({reason})"
+    if spec.in_quick is not None:
+      state += " (quick: restricted)"
     grid = ", ".join(f"{lr:.2g}" for lr in sweep_grid(spec, 3))  # the quick grid
     print(f"  {name:20s} [{spec.family:11s}] needs {needs:10s} lr {grid:22s} {state}"
           f"  {spec.note}")
@@ -113,9 +115,12 @@ def main(argv=None) -> int:
     else:
       notes.append(f"{name} skipped: not available here ({reason})")
       print("[skip] " + notes[-1])
-  problems = {name: get_problem(name) for name in problem_names}
+  problems = {name: get_problem(name, args.command) for name in problem_names}
   seeds = args.seeds if args.seeds is not None else preset.seeds
-  plan = [(p, [s for s in specs if s.applies_to(problems[p], args.command)]) for p in problem_names]
+  named = {n.strip() for n in args.only.split(",")}
+  plan = [(p, [s for s in specs
+               if s.applies_to(problems[p], "full" if s.name in named else args.command)])
+          for p in problem_names]
   total = sum(len(lr_grid(problems[p], s, preset, args.sweep)) + max(seeds - 1, 0)
               for p, p_specs in plan for s in p_specs)
   os.makedirs(args.out, exist_ok=True)

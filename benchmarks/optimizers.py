@@ -117,23 +117,33 @@ def _cosine(lr, total_steps: int):
   return lambda count: lr * shape(count)
 
 
+# The `quick` preset runs the core baselines (sgd, momentum, adam, adamw); the other optax
+# rows run in `full` (and in `quick` when named with --only).
+_FULL_ONLY = lambda problem: False
+
 register(OptimizerSpec("sgd", lambda lr, n, p: optax.sgd(lr), 0.3, note="plain SGD"))
 register(OptimizerSpec("momentum", lambda lr, n, p: optax.sgd(lr, momentum=0.9), 0.03,
                        note="heavy-ball momentum 0.9"))
 register(OptimizerSpec("momentum_cosine",
                        lambda lr, n, p: optax.sgd(_cosine(lr, n), momentum=0.9), 0.03,
-                       note="momentum 0.9, cosine decay to 0"))
+                       note="momentum 0.9, cosine decay to 0",
+                       in_quick=_FULL_ONLY))
 register(OptimizerSpec("nesterov", lambda lr, n, p: optax.sgd(lr, momentum=0.9, nesterov=True),
-                       0.03, note="Nesterov momentum 0.9"))
-register(OptimizerSpec("adagrad", lambda lr, n, p: optax.adagrad(lr), 0.03, note="AdaGrad"))
-register(OptimizerSpec("rmsprop", lambda lr, n, p: optax.rmsprop(lr), 1e-3, note="RMSProp"))
+                       0.03, note="Nesterov momentum 0.9",
+                       in_quick=_FULL_ONLY))
+register(OptimizerSpec("adagrad", lambda lr, n, p: optax.adagrad(lr), 0.03, note="AdaGrad",
+                       in_quick=_FULL_ONLY))
+register(OptimizerSpec("rmsprop", lambda lr, n, p: optax.rmsprop(lr), 1e-3, note="RMSProp",
+                       in_quick=_FULL_ONLY))
 register(OptimizerSpec("adam", lambda lr, n, p: optax.adam(lr), 3e-3,
                        note="Adam (the baseline for time and memory ratios)"))
 register(OptimizerSpec("adam_cosine", lambda lr, n, p: optax.adam(_warmup_cosine(lr, n)), 3e-3,
-                       note="Adam, 5% linear warm-up then cosine decay"))
+                       note="Adam, 5% linear warm-up then cosine decay",
+                       in_quick=_FULL_ONLY))
 register(OptimizerSpec("adamw", lambda lr, n, p: optax.adamw(lr, weight_decay=1e-4), 3e-3,
                        note="AdamW, weight decay 1e-4"))
-register(OptimizerSpec("amsgrad", lambda lr, n, p: optax.amsgrad(lr), 3e-3, note="AMSGrad"))
+register(OptimizerSpec("amsgrad", lambda lr, n, p: optax.amsgrad(lr), 3e-3, note="AMSGrad",
+                       in_quick=_FULL_ONLY))
 
 
 # ----------------------------------------------------------------------------- secondorder

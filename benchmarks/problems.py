@@ -310,7 +310,7 @@ def _autoencoder() -> Problem:
       init_params=init_params,
       batches=lambda seed: _infinite_minibatches((x_train,), 100, seed),
       loss=loss, eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
-      target_loss=0.30, steps={"quick": 300, "full": 2000},
+      target_loss=0.30, steps={"quick": 150, "full": 2000},
       logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
       inputs=inputs, labels=labels, output_loss=_bernoulli_logit, kind="autoencoder",
       likelihood="bernoulli")
@@ -336,21 +336,23 @@ def _digits_mlp() -> Problem:
   return _classifier(
       "digits_mlp", lambda seed: MLP((64, 128, 64, 10), jnp.tanh, rngs=nnx.Rngs(seed)),
       "digits classifier, MLP 64-128-64-10 tanh, softmax cross-entropy",
-      target=0.10, steps={"quick": 200, "full": 1500})
+      target=0.10, steps={"quick": 150, "full": 1500})
 
 
 def _digits_cnn() -> Problem:
   return _classifier(
       "digits_cnn", lambda seed: CNN(rngs=nnx.Rngs(seed)),
       "digits classifier, CNN conv3x3(16)-conv3x3/2(32)-dense(10), softmax cross-entropy",
-      target=0.10, steps={"quick": 150, "full": 1500})
+      target=0.10, steps={"quick": 100, "full": 1500})
 
 
-def _char_transformer() -> Problem:
+def _char_transformer(size: str = "full") -> Problem:
   train_ids, test_ids = _corpus()
   context, batch_size = 32, 32
   vocab = len(_VOCAB)
-  make = lambda seed: CharTransformer(vocab, context, dim=64, heads=4, layers=2,
+  # quick: 1 layer of width 32 (compiles in a fraction of the time); full: 2 layers, width 64.
+  dim, layers = (32, 1) if size == "quick" else (64, 2)
+  make = lambda seed: CharTransformer(vocab, context, dim=dim, heads=4, layers=layers,
                                       rngs=nnx.Rngs(seed))
   init_params, apply, bind = _pure_model(make)
 
@@ -372,11 +374,11 @@ def _char_transformer() -> Problem:
   loss = lambda p, b: _softmax_ce(apply(p, b[0]), b[1])
   return Problem(
       name="char_transformer",
-      description=(f"char-level decoder-only transformer (2 layers, d=64, 4 heads, context "
-                   f"{context}) on Python stdlib source"),
+      description=(f"char-level decoder-only transformer ({layers} layer(s), d={dim}, 4 heads, "
+                   f"context {context}) on Python stdlib source"),
       init_params=init_params, batches=batches, loss=loss,
       eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
-      target_loss=2.5, steps={"quick": 150, "full": 2000},
+      target_loss=2.8, steps={"quick": 100, "full": 2000},
       logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
       inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
       kind="language_model", likelihood="softmax")
@@ -461,8 +463,15 @@ def problem_names() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def get_problem(name: str) -> Problem:
-  """The problem called `name` (one of `problem_names()`)."""
+def get_problem(name: str, size: str = "full") -> Problem:
+  """The problem called `name` (one of `problem_names()`).
+
+  `size="quick"` gives the small variant used by `python -m benchmarks quick` (only the
+  transformer differs: 1 layer of width 32 instead of 2 of width 64).
+  """
   if name not in PROBLEMS:
     raise ValueError(f"unknown problem {name!r}; choose from {problem_names()}")
-  return PROBLEMS[name]()
+  if size not in ("quick", "full"):
+    raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
+  factory = PROBLEMS[name]
+  return factory(size) if "size" in inspect.signature(factory).parameters else factory()

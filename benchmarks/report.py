@@ -154,8 +154,10 @@ def plot_problem(path, problem, rows: list) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+  fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
   cmap = plt.get_cmap("tab20")
+  # tab20 comes in light/dark pairs: use the dark ones first so neighbours differ.
+  color = lambda i: cmap((2 * i) % 20 + (2 * i // 20) % 2)
   window = 10 if problem.stochastic else 1
   all_y = []
   for i, row in enumerate(rows):
@@ -164,12 +166,13 @@ def plot_problem(path, problem, rows: list) -> None:
     if not len(y):
       continue
     steps = np.arange(1, len(y) + 1)
-    style = dict(color=cmap(i % 20), linestyle=_STYLE.get(row.family, "-"), linewidth=1.6)
+    style = dict(color=color(i), linestyle=_STYLE.get(row.family, "-"), linewidth=1.6)
     label = f"{row.optimizer} (lr {row.best_lr:.2g})" + (" diverged" if run.diverged else "")
     axes[0].plot(steps, y, label=label, **style)
-    axes[1].plot(np.asarray(run.time), y, **style)
+    axes[1].plot(np.maximum(np.asarray(run.time), 1e-5), y, **style)
     all_y.append(y[np.isfinite(y)])
-  for ax, xlabel in zip(axes, ("step", "wall time of optimizer steps (s)")):
+  axes[1].set_xscale("log")
+  for ax, xlabel in zip(axes, ("step", "wall time of optimizer steps (s, log scale)")):
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss" + (" (minibatch, 10-step mean)" if window > 1 else ""))
@@ -183,7 +186,7 @@ def plot_problem(path, problem, rows: list) -> None:
       hi = np.percentile(ys, 99.5) * 1.2
       for ax in axes:
         ax.set_ylim(lo, hi)
-  axes[0].legend(fontsize=8, ncol=2, loc="upper right")
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
   fig.suptitle(f"{problem.name}: {problem.description}\n"
                "dashed: optax baselines, solid: secondorder, dotted: other libraries; "
                "black line: target loss", fontsize=10)

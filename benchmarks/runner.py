@@ -11,6 +11,7 @@ to Adam compare like with like on a shared machine.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import time
@@ -36,10 +37,12 @@ class Preset:
   timing_rounds: int = 5
   timing_block: int = 20   # steps per timed block (a multiple of every update interval)
   evals: int = 10          # held-out evaluations per run (plus the initial one)
+  overlap_compile: bool = False  # compile the next row in a thread while this one trains
 
 
 PRESETS = {
-    "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3),
+    "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3, timing_block=10,
+                    evals=5),
     "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7),
 }
 
@@ -243,12 +246,30 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
   rows: list[tuple[RowResult, _Compiled]] = []
   all_runs: list[RunResult] = []
   notes: list[str] = []
-  for spec in specs:
+  params0, batch0 = problem.init_params(0), next(problem.batches(0))
+
+  def prepare(spec):
     compiled = _Compiled(problem, spec, n_steps)
+    if not spec.static_lr:
+      compiled.get(spec.lr, params0, batch0)
+    return compiled
+
+  # With overlap, row i + 1 is traced and compiled in a thread while row i trains (XLA
+  # compiles outside the GIL, so a second core hides most of it). Off by default: the
+  # compiling thread perturbs the timings of the row that trains beside it.
+  pool = concurrent.futures.ThreadPoolExecutor(1) if preset.overlap_compile else None
+  pending = pool.submit(prepare, specs[0]) if pool is not None and specs else None
+  for i, spec in enumerate(specs):
     sweep: dict[float, float] = {}
     best = None
     grid = lr_grid(problem, spec, preset, sweep_points)
     try:
+      if pool is not None:
+        current = pending
+        pending = pool.submit(prepare, specs[i + 1]) if i + 1 < len(specs) else None
+        compiled = current.result()
+      else:
+        compiled = prepare(spec)
       for lr in grid:
         if progress is not None:
           progress.set_postfix_str(f"{problem.name}/{spec.name} lr={lr:.3g}")
@@ -279,6 +300,8 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
     row = RowResult(problem.name, spec.name, spec.family, best_run.lr, sweep, runs,
                     compiled.compile_s, state_bytes(best_state))
     rows.append((row, compiled))
+  if pool is not None:
+    pool.shutdown()
   if rows:
     _time_steps(problem, rows, preset)
   return [row for row, _ in rows], all_runs, notes
