@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,20 @@ def flat(tree):
   return ravel_pytree(tree)[0]
 
 
+def normal(seed, shape, dtype=None, scale=1.0):
+  """Test data from numpy (no per-op XLA compiles at setup); float64 under x64 unless dtype."""
+  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def randint(seed, shape, high):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, high, size=shape), jnp.int32)
+
+
 def test_rademacher_probes_are_signs_balanced_and_uncorrelated():
   tree = {"big": jnp.zeros((100, 41)), "odd": jnp.zeros((7,)), "empty": jnp.zeros((0, 3)),
           "half": jnp.zeros((5,), jnp.bfloat16)}
-  z = jax.jit(rademacher_like)(jax.random.key(0), tree)
+  draw = jax.jit(rademacher_like)
+  z = draw(jax.random.key(0), tree)
   assert z["empty"].shape == (0, 3) and z["half"].dtype == jnp.bfloat16
   assert set(np.unique(np.asarray(flat(z)))) == {-1.0, 1.0}
   big = np.asarray(z["big"], np.float64).reshape(-1)
@@ -31,7 +43,7 @@ def test_rademacher_probes_are_signs_balanced_and_uncorrelated():
   assert abs(big.mean()) < 4.5 / np.sqrt(n)
   for lag in (1, 31, 32, 33):
     assert abs(np.mean(big[:-lag] * big[lag:])) < 4.5 / np.sqrt(n - lag)
-  z2 = rademacher_like(jax.random.key(1), tree)
+  z2 = draw(jax.random.key(1), tree)
   assert abs(np.mean(big * np.asarray(z2["big"]).reshape(-1))) < 4.5 / np.sqrt(n)
 
 
@@ -54,15 +66,15 @@ def test_hutchinson_is_exact_with_one_sample_on_a_diagonal_hessian():
     np.testing.assert_allclose(sep["b"]["w"], jnp.exp(params["b"]["w"]), rtol=1e-6)
 
 
+@functools.cache
 def dense_problem():
   """A non-quadratic loss with a dense Hessian on a two-leaf pytree.
 
   f(θ) = Σ log cosh(M θ) + ½ c ‖θ‖², H = Mᵀ diag(sech²(M θ)) M + c I.
   """
   n = 12
-  m = jax.random.normal(jax.random.key(0), (20, n)) / np.sqrt(n)
-  params = {"u": 0.3 * jax.random.normal(jax.random.key(1), (4,)),
-            "v": 0.3 * jax.random.normal(jax.random.key(2), (2, 4))}
+  m = normal(0, (20, n), scale=1 / np.sqrt(n))
+  params = {"u": normal(1, (4,), scale=0.3), "v": normal(2, (2, 4), scale=0.3)}
   _, unravel = ravel_pytree(params)
 
   def f(p):
@@ -87,15 +99,17 @@ def test_hutchinson_mean_of_4000_samples_is_within_5_percent_of_dense_diagonal()
 def test_hutchinson_batch_size_and_vmap_do_not_change_the_estimate_and_dtype_is_kept():
   f, params, _ = dense_problem()
   key = jax.random.key(3)
-  seq, vec = jax.jit(lambda k: (hutchinson_diag(f, params, k, 6),
-                                hutchinson_diag(f, params, k, 6, batch_size=3)))(key)
-  np.testing.assert_allclose(flat(seq), flat(vec), rtol=1e-5)
   keys = jax.random.split(key, 2)
-  batched = jax.jit(jax.vmap(lambda k: hutchinson_diag(f, params, k)))(keys)
-  single = hutchinson_diag(f, params, keys[1])
-  np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[1], batched)), flat(single), rtol=1e-5)
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  d16 = hutchinson_diag(lambda p: f(jax.tree.map(lambda x: x.astype(jnp.float32), p)), p16, key)
+  f16 = lambda p: f(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+  seq, vec, batched, single, d16 = jax.jit(lambda k, ks: (
+      hutchinson_diag(f, params, k, 6),
+      hutchinson_diag(f, params, k, 6, batch_size=3),
+      jax.vmap(lambda kk: hutchinson_diag(f, params, kk))(ks),
+      hutchinson_diag(f, params, ks[1]),
+      hutchinson_diag(f16, p16, k)))(key, keys)
+  np.testing.assert_allclose(flat(seq), flat(vec), rtol=1e-5)
+  np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[1], batched)), flat(single), rtol=1e-5)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d16))
 
 
@@ -114,13 +128,12 @@ def test_hutchinson_rejects_non_scalar_loss():
     hutchinson_diag(lambda p: jnp.stack([f(p), f(p)]), params, jax.random.key(0))
 
 
+@functools.cache
 def classifier():
-  ks = jax.random.split(jax.random.key(5), 5)
-  params = {"hidden": {"w": jax.random.normal(ks[0], (D_IN, HIDDEN)), "b": jnp.zeros(HIDDEN)},
-            "out": {"w": jax.random.normal(ks[1], (HIDDEN, CLASSES)),
-                    "b": 0.1 * jax.random.normal(ks[2], (CLASSES,))}}
-  x = jax.random.normal(ks[3], (BATCH, D_IN))
-  y = jax.random.randint(ks[4], (BATCH,), 0, CLASSES)
+  params = {"hidden": {"w": normal(50, (D_IN, HIDDEN)), "b": jnp.zeros(HIDDEN)},
+            "out": {"w": normal(51, (HIDDEN, CLASSES)), "b": normal(52, (CLASSES,), scale=0.1)}}
+  x = normal(53, (BATCH, D_IN))
+  y = randint(54, (BATCH,), CLASSES)
 
   def logits_fn(p, x=x):
     return jnp.tanh(x @ p["hidden"]["w"] + p["hidden"]["b"]) @ p["out"]["w"] + p["out"]["b"]
@@ -160,9 +173,14 @@ def test_gnb_flattens_batch_axes_and_matches_one_manual_draw():
   a, b = jax.jit(lambda p: (gnb_diag(logits_fn, p, key), gnb_diag(seq_fn, p, key)))(params)
   np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6)
   # The same labels drawn by hand: B * (grad of the mean CE at those labels)².
-  y_hat = jax.random.categorical(key, logits_fn(params), axis=-1)
-  g = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits_fn(p), y_hat)))(params)
+
+  @jax.jit
+  def manual(p):
+    y_hat = jax.random.categorical(key, logits_fn(p), axis=-1)
+    return jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits_fn(q), y_hat)))(p)
+
+  g = manual(params)
   np.testing.assert_allclose(flat(a), BATCH * flat(g) ** 2, rtol=1e-4, atol=1e-9)
 
 

@@ -24,6 +24,15 @@ def precision(dtype: str):
   return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
+def normal(seed, shape, dtype=None, scale=1.0):
+  """Test data from numpy (no per-op XLA compiles at setup); float64 under x64 unless dtype."""
+  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def randint(seed, shape, high):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, high, size=shape), jnp.int32)
+
+
 _PROBLEMS: dict = {}
 
 
@@ -34,17 +43,14 @@ def make_problem(dtype: str):
   """
   if dtype in _PROBLEMS:
     return _PROBLEMS[dtype]
-  ks = jax.random.split(jax.random.key(0), 6)
   dt = jnp.dtype(dtype)
   params = {
-      "dense1": {"w": jax.random.normal(ks[0], (D_IN, HIDDEN), dt) / 2,
-                 "b": 0.1 * jax.random.normal(ks[1], (HIDDEN,), dt)},
-      "dense2": {"w": jax.random.normal(ks[2], (HIDDEN, CLASSES), dt),
-                 "b": jnp.zeros((CLASSES,), dt)},
+      "dense1": {"w": normal(0, (D_IN, HIDDEN), dt, 0.5), "b": normal(1, (HIDDEN,), dt, 0.1)},
+      "dense2": {"w": normal(2, (HIDDEN, CLASSES), dt), "b": jnp.zeros((CLASSES,), dt)},
   }
-  x = jax.random.normal(ks[3], (BATCH, D_IN), dt)
-  labels = jax.random.randint(ks[4], (BATCH,), 0, CLASSES)
-  targets = jax.random.normal(ks[5], (BATCH, CLASSES), dt)
+  x = normal(3, (BATCH, D_IN), dt)
+  labels = randint(4, (BATCH,), CLASSES)
+  targets = normal(5, (BATCH, CLASSES), dt)
 
   def logits_fn(p):
     h = jnp.tanh(x @ p["dense1"]["w"] + p["dense1"]["b"])
@@ -100,8 +106,8 @@ def flat(tree):
 
 def random_like(tree, seed):
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+  return jax.tree.unflatten(
+      treedef, [normal(100 * seed + i, l.shape, l.dtype) for i, l in enumerate(leaves)])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -109,7 +115,7 @@ def test_jvp_and_vjp_match_dense_jacobian(dtype):
   with precision(dtype):
     pb = make_problem(dtype)
     v = random_like(pb["params"], 1)
-    u = jax.random.normal(jax.random.key(2), (BATCH, CLASSES), jnp.dtype(dtype))
+    u = normal(2, (BATCH, CLASSES), jnp.dtype(dtype))
     (out, jv), (out2, jtu) = jax.jit(
         lambda p, v, u: (jvp(pb["logits_fn"], p, v), vjp(pb["logits_fn"], p, u)))(pb["params"], v, u)
     z = pb["logits_fn"](pb["params"])
@@ -207,7 +213,7 @@ def test_batch_axes_are_flattened_for_softmax_cross_entropy():
 def test_products_vmap_over_directions_under_jit():
   pb = make_problem("float32")
   f = pb["loss_fn"]
-  V = jax.random.normal(jax.random.key(9), (4, pb["flat"].size))
+  V = normal(9, (4, pb["flat"].size), jnp.float32)
   vs = jax.vmap(pb["unravel"])(V)
   hvs, fvs = jax.jit(jax.vmap(lambda v: (hvp(f, pb["params"], v),
                                          fisher_vp(pb["logits_fn"], pb["params"], v))))(vs)

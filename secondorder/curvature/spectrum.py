@@ -140,15 +140,17 @@ def top_eigenvalues(
       w = w - basis.T @ (basis @ w)
     return w
 
-  key, start_key = jax.random.split(key)
-  v0 = jax.random.normal(start_key, (n,), dtype)
+  # Start vector and a spare for restarts. The n cyclic shifts of a Gaussian vector span
+  # R^n almost surely (its circulant matrix has the DFT of the vector as eigenvalues), so
+  # shift j of the spare serves as the fresh direction at step j without drawing again.
+  v0, spare = jax.random.normal(key, (2, n), dtype)
   basis = jnp.zeros((m + 1, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
   alphas = jnp.zeros((m,), dtype)
   betas = jnp.zeros((m + 1,), dtype)  # betas[j] couples basis[j - 1] and basis[j]
   tiny = jnp.finfo(dtype).eps ** 0.75
 
   def step(j, carry):
-    basis, alphas, betas, key = carry
+    basis, alphas, betas = carry
     v = basis[j]
     w = flat_matvec(v)
     alpha = jnp.vdot(v, w)
@@ -159,14 +161,12 @@ def top_eigenvalues(
     # orthogonal to it, and decouple the tridiagonal matrix there (beta = 0).
     scale = jnp.maximum(jnp.abs(alpha), jnp.max(jnp.abs(alphas)))
     broke = beta <= tiny * scale
-    key, sub = jax.random.split(key)
-    w = jax.lax.cond(
-        broke, lambda: orthogonalize(jax.random.normal(sub, (n,), dtype), basis), lambda: w)
+    w = jax.lax.cond(broke, lambda: orthogonalize(jnp.roll(spare, j), basis), lambda: w)
     basis = basis.at[j + 1].set(w / jnp.linalg.norm(w))
     betas = betas.at[j + 1].set(jnp.where(broke, 0.0, beta))
-    return basis, alphas.at[j].set(alpha), betas, key
+    return basis, alphas.at[j].set(alpha), betas
 
-  basis, alphas, betas, _ = jax.lax.fori_loop(0, m, step, (basis, alphas, betas, key))
+  basis, alphas, betas = jax.lax.fori_loop(0, m, step, (basis, alphas, betas))
   basis = basis[:m]
   tridiagonal = jnp.diag(alphas) + jnp.diag(betas[1:m], 1) + jnp.diag(betas[1:m], -1)
   theta, s = jnp.linalg.eigh(tridiagonal)
