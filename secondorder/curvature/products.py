@@ -6,7 +6,9 @@ costs a small constant times one gradient.
 
 Notation: θ the parameters, f a function of θ, J = ∂f/∂θ its Jacobian, H = ∂²f/∂θ² the
 Hessian of a scalar f, and for `gnvp` the Gauss-Newton matrix G = Jᵀ H_ℓ J of a loss ℓ
-applied to the outputs of f.
+applied to the outputs of f. A direction `v` must have the tree structure and leaf shapes
+of the parameters (a mismatch raises a ValueError naming the first differing leaf); each
+leaf is cast to its parameter's dtype.
 """
 
 from __future__ import annotations

@@ -93,8 +93,10 @@ def top_eigenvalues(
   Runs m Lanczos steps from a random start, with full reorthogonalisation of every new
   Krylov vector against all previous ones (twice, for stability), then takes the Ritz pairs
   of the m×m tridiagonal matrix T: A V = V T + r eₘᵀ, eigenvalues of T approximate the
-  extreme eigenvalues of A. If the Krylov space becomes invariant, it restarts from a fresh
-  random vector orthogonal to it. Memory is m vectors the size of `params` (never n×n).
+  extreme eigenvalues of A. If the Krylov space becomes invariant (an exact eigenspace was
+  found), it continues from a new random direction orthogonal to it, so repeated eigenvalues
+  are found with their multiplicity. Memory is m + 1 vectors the size of `params` (never n×n).
+  Computations run in float32 or wider, whatever the dtype of `params`.
 
   Args:
     matvec: the operator `v -> A v` (symmetric).
