@@ -107,7 +107,8 @@ def value_grad_hvp(
   """Returns `(f(θ), ∇f(θ), H v)` from one forward-over-reverse pass.
 
   The value and the gradient are the primal outputs of the same pass that computes H v, so
-  an optimizer that needs both pays for the HVP only.
+  the forward and backward passes are shared: on an MLP this costs about 2.6 gradients
+  against 3.2 for a separate `jax.grad` and `hvp` (`python -m benchmarks.curvature_cost`).
 
   Args:
     f: `params -> scalar`.
