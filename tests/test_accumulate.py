@@ -414,7 +414,8 @@ def test_inject_hyperparams():
   injected = optax.inject_hyperparams(accumulated_adamw)(learning_rate=0.05, k=K,
                                                          weight_decay=0.1)
   ps, _, state = _trajectory(injected, params, batches)
-  _assert_trees_close(ps, ref, rtol=1e-6, atol=1e-7)
+  # injected betas are float32 arrays, so 1 - b rounds in float32 rather than in Python
+  _assert_trees_close(ps, ref, rtol=1e-4, atol=1e-6)
   assert state.hyperparams["k"].dtype == jnp.int32
   # a schedule k stays a schedule of real updates when marked static
   injected_k = optax.inject_hyperparams(every_k_accumulate, static_args="k")(

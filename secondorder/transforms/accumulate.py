@@ -77,9 +77,10 @@ def _fold(moments: Any, grads: Any, start: jax.Array, beta: Any, k: jax.Array, o
 
   def one(g, m):
     g = g.astype(m.dtype)
-    decay = jnp.where(start, jnp.asarray(beta, m.dtype), jnp.ones([], m.dtype))
-    weight = (1 - jnp.asarray(beta, m.dtype)) if ema else jnp.ones([], m.dtype)
-    weight = weight / k.astype(m.dtype)
+    # A Python beta keeps 1 - beta in double precision, as optax's own moments do.
+    b = beta if isinstance(beta, numbers.Number) else jnp.asarray(beta, m.dtype)
+    decay = jnp.where(start, b, 1).astype(m.dtype)
+    weight = ((1 - b) if ema else 1) / k.astype(m.dtype)
     gp = g if order == 1 else g * g
     return (decay * m + weight * gp).astype(m.dtype)
 
