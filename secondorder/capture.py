@@ -218,7 +218,7 @@ def _sqrt_hessian_cotangents(likelihood: str, z: jax.Array) -> jax.Array:
     sp = jnp.sqrt(p)
     # H = diag(p) - p pᵀ = L Lᵀ with column k of L: sqrt(p_k) (e_k - p).
     eye = jnp.eye(c, dtype=z.dtype)
-    cols = sp[..., None, :] * (eye - p[..., None, :])   # [..., k, j]: sqrt(p_k)(δ_kj - p_j)
+    cols = sp[..., :, None] * (eye - p[..., None, :])   # [..., k, j]: sqrt(p_k)(δ_kj - p_j)
     out = jnp.moveaxis(cols, -2, 0)                      # [C, ..., C]
     return out / b
   flat = z.reshape(b, -1)

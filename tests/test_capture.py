@@ -1,0 +1,236 @@
+"""secondorder.capture against a hand-written model of the same math (linen and NNX)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from secondorder import capture
+
+B, H, W, C_IN, CLASSES = 3, 5, 5, 2, 5
+
+
+class LinenNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(3, (2, 2), padding="SAME")(x))
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=(2, 2), padding="VALID")(x))
+    return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+
+
+class NnxNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.c1 = nnx.Conv(C_IN, 3, (2, 2), padding="SAME", rngs=rngs)
+    self.c2 = nnx.Conv(3, 4, (3, 3), strides=(2, 2), padding="VALID", rngs=rngs)
+    self.head = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    x = jnp.tanh(self.c1(x))
+    x = jnp.tanh(self.c2(x))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+def ce(z, y):
+  return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+
+def _rows(x, k, stride, pad):
+  """im2col by explicit slicing: [B, Ho, Wo, kh*kw*C] ordered (di, dj, c)."""
+  xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+  ho = (xp.shape[1] - k[0]) // stride + 1
+  wo = (xp.shape[2] - k[1]) // stride + 1
+  cols = [xp[:, di:di + stride * (ho - 1) + 1:stride, dj:dj + stride * (wo - 1) + 1:stride, :]
+          for di in range(k[0]) for dj in range(k[1])]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def _aug(rows):
+  rows = rows.reshape(-1, rows.shape[-1])
+  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+
+
+def hand_forward(p, x, eps):
+  """The same network written out; eps perturbs each layer's output; returns (z, inputs)."""
+  r1 = _rows(x, (2, 2), 1, ((0, 1), (0, 1)))      # SAME for an even kernel pads (0, 1)
+  s1 = r1 @ p["Conv_0"]["kernel"].reshape(-1, 3) + p["Conv_0"]["bias"] + eps["Conv_0"]
+  h1 = jnp.tanh(s1)
+  r2 = _rows(h1, (3, 3), 2, ((0, 0), (0, 0)))
+  s2 = r2 @ p["Conv_1"]["kernel"].reshape(-1, 4) + p["Conv_1"]["bias"] + eps["Conv_1"]
+  h2 = jnp.tanh(s2).reshape(x.shape[0], -1)
+  z = h2 @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] + eps["Dense_0"]
+  return z, {"Conv_0": r1, "Conv_1": r2, "Dense_0": h2}
+
+
+def hand_stats(p, x, y, fisher, key):
+  """Â = mean of [a, 1][a, 1]ᵀ over rows; Ŝ = (1/B) Σ_b Σ_t E[g gᵀ], g = ∂ℓ_b/∂s_{b,t}."""
+  shapes = {"Conv_0": (B, 5, 5, 3), "Conv_1": (B, 2, 2, 4), "Dense_0": (B, CLASSES)}
+  eps0 = {k: jnp.zeros(s) for k, s in shapes.items()}
+  z, rows = hand_forward(p, x, eps0)
+  a = {k: _aug(r).T @ _aug(r) / _aug(r).shape[0] for k, r in rows.items()}
+  per_example = lambda zz, yy: optax.softmax_cross_entropy_with_integer_labels(zz, yy)
+  if fisher in ("empirical", "sampled"):
+    labels = y if fisher == "empirical" else jax.random.categorical(key, z, axis=-1)
+    # Σ_b ℓ_b: the gradient w.r.t. eps_b is example b's own output gradient.
+    g = jax.grad(lambda e: per_example(hand_forward(p, x, e)[0], labels).sum())(eps0)
+    s = {k: v.reshape(-1, v.shape[-1]).T @ v.reshape(-1, v.shape[-1]) / B for k, v in g.items()}
+  else:
+    jac = jax.jacrev(lambda e: hand_forward(p, x, e)[0])(eps0)   # [B, C, B, ..., out]
+    prob = jax.nn.softmax(z)
+    s = {}
+    for k, j in jac.items():
+      tot = 0.0
+      for b in range(B):
+        jb = j[b, :, b].reshape(CLASSES, -1, j.shape[-1])           # [C, T, out]
+        hb = jnp.diag(prob[b]) - jnp.outer(prob[b], prob[b])
+        tot = tot + jnp.einsum("cto,cd,dtp->op", jb, hb, jb)
+      s[k] = tot / B
+  return a, s
+
+
+@pytest.fixture(scope="module")
+def setup():
+  x = jax.random.normal(jax.random.key(0), (B, H, W, C_IN))
+  y = jnp.array([0, 3, 1])
+  lin = LinenNet()
+  params = lin.init(jax.random.key(1), x)["params"]
+  net = NnxNet(nnx.Rngs(2))
+  net.c1.kernel.value = params["Conv_0"]["kernel"]
+  net.c1.bias.value = params["Conv_0"]["bias"]
+  net.c2.kernel.value = params["Conv_1"]["kernel"]
+  net.c2.bias.value = params["Conv_1"]["bias"]
+  net.head.kernel.value = params["Dense_0"]["kernel"]
+  net.head.bias.value = params["Dense_0"]["bias"]
+  return x, y, lin, params, net
+
+
+NNX_NAMES = {"Conv_0": "c1", "Conv_1": "c2", "Dense_0": "head"}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "exact"])
+def test_linen_and_nnx_match_hand_written(setup, fisher):
+  x, y, lin, params, net = setup
+  key = jax.random.key(7)
+  a_ref, s_ref = hand_stats(params, x, y, fisher, key)
+  loss_ref, g_ref = jax.value_and_grad(lambda p: ce(lin.apply({"params": p}, x), y))(params)
+
+  cap_l = capture.linen_capture(lin, ce, likelihood="softmax", fisher=fisher)
+  loss_l, g_l, st_l = jax.jit(functools.partial(cap_l, key=key))(params, x, y)
+  cap_n = capture.nnx_capture(ce, likelihood="softmax", fisher=fisher)
+  loss_n, g_n, st_n = nnx.jit(lambda m, xx, yy: cap_n(m, xx, yy, key=key))(net, x, y)
+
+  np.testing.assert_allclose(loss_l, loss_ref, rtol=1e-6)
+  np.testing.assert_allclose(loss_n, loss_ref, rtol=1e-6)
+  for k in a_ref:
+    for st in (st_l[k], st_n[NNX_NAMES[k]]):
+      np.testing.assert_allclose(st.a, a_ref[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(st.s, s_ref[k], rtol=1e-4, atol=1e-8)
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_allclose(g_l[k][leaf], g_ref[k][leaf], rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(g_n[NNX_NAMES[k]][leaf].value, g_ref[k][leaf], rtol=1e-5,
+                                 atol=1e-7)
+
+
+def test_layers_description(setup):
+  x, y, lin, params, net = setup
+  lay = capture.linen_capture(lin, ce, likelihood="softmax").layers(params, x)
+  assert [l.name for l in lay] == ["Conv_0", "Conv_1", "Dense_0"]
+  assert [l.kind for l in lay] == ["conv", "conv", "dense"]
+  assert lay.layers[1].kernel_shape == (3, 3, 3, 4) and lay.layers[1].a_dim == 28
+  assert lay.uncovered == ()
+  lay_n = capture.nnx_capture(ce, likelihood="softmax").layers(net, x)
+  assert [l.kernel for l in lay_n] == [("c1", "kernel"), ("c2", "kernel"), ("head", "kernel")]
+
+
+class Partly(nn.Module):
+  """A layer norm (not covered), a dense layer applied twice (shared, not covered), one covered."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm()(x)
+    shared = nn.Dense(4)
+    x = jnp.tanh(shared(jnp.tanh(shared(x))))
+    return nn.Dense(3, use_bias=False)(x)
+
+
+def test_uncovered_layers_are_listed():
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  m = Partly()
+  params = m.init(jax.random.key(1), x)["params"]
+  cap = capture.linen_capture(m, ce, likelihood="softmax")
+  lay = cap.layers(params, x)
+  assert [l.name for l in lay] == ["Dense_1"] and lay.layers[0].bias is None
+  assert set(lay.uncovered) == {"LayerNorm_0/scale", "LayerNorm_0/bias", "Dense_0/kernel",
+                                "Dense_0/bias"}
+  loss, grads, stats = jax.jit(functools.partial(cap, key=jax.random.key(0)))(
+      params, x, jnp.arange(6) % 3)
+  assert set(stats) == {"Dense_1"} and stats["Dense_1"].a.shape == (4, 4)
+  ref = jax.grad(lambda p: ce(m.apply({"params": p}, x), jnp.arange(6) % 3))(params)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), grads, ref)
+
+
+class Small(nn.Module):
+  out: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.out)(jnp.tanh(nn.Dense(3)(x)))
+
+
+@pytest.mark.parametrize("likelihood", ["softmax", "bernoulli", "gaussian"])
+def test_sampled_fisher_is_unbiased_for_exact(likelihood):
+  """The mean of sampled-label Ŝ over many keys approaches the closed-form expectation."""
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  m = Small(4)
+  params = m.init(jax.random.key(1), x)["params"]
+  loss = lambda z, y: jnp.mean(z)  # the data loss does not enter the Fisher
+  exact = capture.linen_capture(m, loss, likelihood=likelihood, fisher="exact")
+  _, _, st_exact = jax.jit(exact)(params, x, None)
+  sampled = capture.linen_capture(m, loss, likelihood=likelihood, fisher="sampled")
+  keys = jax.random.split(jax.random.key(3), 4000)
+  st = jax.jit(jax.vmap(lambda k: sampled(params, x, None, key=k)[2]))(keys)
+  for name in st_exact:
+    mc = st[name].s.mean(0)
+    err = np.linalg.norm(mc - st_exact[name].s) / np.linalg.norm(st_exact[name].s)
+    assert err < 0.06, (name, err)
+    np.testing.assert_allclose(st[name].a[0], st_exact[name].a, rtol=1e-6)
+
+
+def test_exact_bernoulli_and_gaussian_match_ggn_by_jacobian():
+  """Ŝ of the last layer equals (1/B) Σ_b H_b (Jacobian = I there) for each likelihood."""
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  m = Small(4)
+  params = m.init(jax.random.key(1), x)["params"]
+  z = m.apply({"params": params}, x)
+  for likelihood, hess in (("bernoulli", jax.vmap(lambda v: jnp.diag(jax.nn.sigmoid(v) * (
+      1 - jax.nn.sigmoid(v))))(z)), ("gaussian", jnp.broadcast_to(jnp.eye(4), (4, 4, 4)))):
+    cap = capture.linen_capture(m, lambda zz, yy: jnp.mean(zz), likelihood=likelihood,
+                                fisher="exact")
+    _, _, st = cap(params, x, None)
+    np.testing.assert_allclose(st["Dense_0"].s, hess.mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_capture_argument_errors():
+  with pytest.raises(ValueError, match="likelihood"):
+    capture.nnx_capture(ce, fisher="sampled")
+  with pytest.raises(ValueError, match="fisher"):
+    capture.nnx_capture(ce, likelihood="softmax", fisher="true")
+  with pytest.raises(ValueError, match="likelihood"):
+    capture.nnx_capture(ce, likelihood="poisson")
+  m = Small(2)
+  x = jnp.ones((2, 3))
+  params = m.init(jax.random.key(0), x)["params"]
+  with pytest.raises(ValueError, match="key"):
+    capture.linen_capture(m, ce, likelihood="softmax")(params, x, jnp.zeros(2, jnp.int32))
+
+
+def test_no_layers_helpers():
+  assert capture.no_layers().layers == () and capture.no_stats() == {}
