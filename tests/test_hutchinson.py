@@ -285,3 +285,17 @@ def test_missing_obj_fn_shows_the_call():
 def test_bad_hyperparameters_raise(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     adahessian(**kwargs)
+
+
+def test_refresh_must_be_a_python_bool():
+  tx = adahessian(update_interval=2)
+  params = jnp.ones(3)
+  loss = lambda p: jnp.sum(p ** 2)
+  with pytest.raises(ValueError, match="refresh"):
+    tx.update(params, tx.init(params), params, obj_fn=loss, refresh=jnp.array(True))
+  # A plain host-scheduled step needs no obj_fn and leaves the curvature untouched.
+  state = tx.init(params)
+  _, state = tx.update(params, state, params, obj_fn=loss, refresh=True)
+  _, after = tx.update(params, state, params, refresh=False)
+  np.testing.assert_array_equal(after[0].nu, state[0].nu)
+  assert int(after[0].hessian_count) == 1 and int(after[0].count) == 2

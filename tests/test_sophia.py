@@ -294,3 +294,37 @@ def test_bad_hyperparameters_raise(kwargs, needle):
   kwargs = {"learning_rate": 0.01, **kwargs}
   with pytest.raises(ValueError, match=needle):
     sophia(**kwargs)
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "gnb"])
+def test_host_scheduled_refresh_equals_lax_cond_schedule(estimator):
+  """refresh=(t % k == 0) chosen on the host gives the lax.cond trajectory; plain steps need
+  no obj_fn / logits_fn."""
+  _, params, logits_fn, loss = _softmax_model()
+  k = 3
+  tx = sophia(0.05, gamma=0.05, update_interval=k, estimator=estimator)
+  kw = {"obj_fn": loss} if estimator == "hutchinson" else {"logits_fn": logits_fn}
+
+  @jax.jit
+  def scheduled(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, **kw)
+    return optax.apply_updates(p, u), s
+
+  @jax.jit
+  def refresh_step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, refresh=True, **kw)
+    return optax.apply_updates(p, u), s
+
+  @jax.jit
+  def plain_step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, refresh=False)
+    return optax.apply_updates(p, u), s
+
+  pa, sa = params, tx.init(params)
+  pb, sb = params, tx.init(params)
+  for t in range(7):
+    pa, sa = scheduled(pa, sa)
+    pb, sb = (refresh_step if t % k == 0 else plain_step)(pb, sb)
+    for name in params:
+      np.testing.assert_allclose(pa[name], pb[name], rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
+  assert int(optax.tree.get(sb, "hessian_count")) == 3

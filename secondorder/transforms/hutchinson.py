@@ -92,6 +92,26 @@ def _every_step(update_interval) -> bool:
   return isinstance(update_interval, numbers.Number) and update_interval == 1
 
 
+def maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_interval,
+                  refresh: bool | None) -> tuple:
+  """`refresh_fn(*carry)` on refresh steps, else `carry`.
+
+  `refresh=None` follows the schedule (steps where `count % update_interval == 0`, under
+  `jax.lax.cond`; no conditional at all for an interval of 1). A Python bool decides on the
+  host instead: the step is traced without a conditional, and the caller compiles one step
+  for refresh steps and one for the others.
+  """
+  if refresh is not None:
+    if not isinstance(refresh, (bool, np.bool_)):
+      raise ValueError(
+          "refresh must be None (follow update_interval) or a Python bool decided on the host "
+          f"(a static argument of the jitted step), got {refresh!r}.")
+    return refresh_fn(*carry) if refresh else carry
+  if _every_step(update_interval):
+    return refresh_fn(*carry)
+  return jax.lax.cond(count % update_interval == 0, refresh_fn, lambda *a: a, *carry)
+
+
 def _tree_all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -127,7 +147,10 @@ def scale_by_hutchinson(
   finite estimate arrives the update is zero.
 
   The Hessian enters through `update(..., obj_fn=lambda p: loss(p, batch))`, the loss on the
-  current batch. Alternatively pass `hessian_diag=`, the raw estimate `z * Hz` computed by
+  current batch. `update(..., refresh=True/False)` (a Python bool, static under `jit`)
+  overrides the schedule for that call, so a training loop can compile a refresh step and a
+  plain step and choose on the host; the plain step then needs no `obj_fn` and carries no
+  conditional. Alternatively pass `hessian_diag=`, the raw estimate `z * Hz` computed by
   `value_grad_and_hessian_diag` (which also gives the loss and the gradient from the same
   pass); then `obj_fn` is not needed.
 
@@ -189,20 +212,21 @@ def scale_by_hutchinson(
     )
 
   def update_fn(updates, state, params=None, *, obj_fn=None, hessian_diag=None,
-                **extra_args):
+                refresh=None, **extra_args):
     del extra_args
-    if hessian_diag is None:
-      require_extra_arg("scale_by_hutchinson", "obj_fn", obj_fn, _OBJ_FN_EXAMPLE)
-      if params is None:
-        raise ValueError(
-            "scale_by_hutchinson needs params in update(); call it as "
-            f"`tx.update(grads, state, params, {_OBJ_FN_EXAMPLE})`.")
     mask = _spatial_mask(spatial_averaging, updates)
     key, probe_key = jax.random.split(state.key)
 
-    def refresh(nu, hessian_count, nonfinite_count):
-      raw = hessian_diag if hessian_diag is not None else hutchinson_diag(
-          obj_fn, params, probe_key)
+    def refresh_fn(nu, hessian_count, nonfinite_count):
+      if hessian_diag is not None:
+        raw = hessian_diag
+      else:
+        require_extra_arg("scale_by_hutchinson", "obj_fn", obj_fn, _OBJ_FN_EXAMPLE)
+        if params is None:
+          raise ValueError(
+              "scale_by_hutchinson needs params in update(); call it as "
+              f"`tx.update(grads, state, params, {_OBJ_FN_EXAMPLE})`.")
+        raw = hutchinson_diag(obj_fn, params, probe_key)
       d = jax.tree.map(
           lambda r, s, v: _average(jnp.abs(r.astype(v.dtype)), s, block_size),
           raw, mask, nu)
@@ -212,12 +236,9 @@ def scale_by_hutchinson(
       return (nu, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32))
 
-    carry = (state.nu, state.hessian_count, state.nonfinite_count)
-    if _every_step(update_interval):
-      nu, hessian_count, nonfinite_count = refresh(*carry)
-    else:
-      nu, hessian_count, nonfinite_count = jax.lax.cond(
-          state.count % update_interval == 0, refresh, lambda *a: a, *carry)
+    nu, hessian_count, nonfinite_count = maybe_refresh(
+        refresh_fn, (state.nu, state.hessian_count, state.nonfinite_count), state.count,
+        update_interval, refresh)
 
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)

@@ -16,7 +16,7 @@ import optax
 
 from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
-from secondorder.transforms.hutchinson import _every_step, _stats_dtype, _tree_all_finite
+from secondorder.transforms.hutchinson import _stats_dtype, _tree_all_finite, maybe_refresh
 
 _ESTIMATORS = ("hutchinson", "gnb")
 
@@ -113,8 +113,12 @@ def sophia_clip(
   element-wise, with :math:`t` the step and :math:`n` the number of refreshes so far.
   Refreshes happen on steps 0, k, 2k, ... (k = `update_interval`), inside `jax.lax.cond`,
   so steps in between do not pay for the estimate; a refresh happens before the update of
-  its step. (On CPU, XLA runs convolution gradients inside a conditional much slower than
-  outside, jax-ml/jax#12868, so a convnet's refresh step costs more there than on GPU.)
+  its step. `update(..., refresh=True/False)` (a Python bool, static under `jit`) overrides
+  the schedule for that call: compile a refresh step and a plain step and choose on the host
+  (`refresh=(t % k == 0)` gives the same trajectory); the plain step then carries no
+  conditional and needs no `obj_fn` / `logits_fn`. On CPU this host-side choice is the
+  faster one: XLA:CPU runs convolution gradients inside a conditional about 10x slower than
+  outside (jax-ml/jax#12868), and a conditional holding an HVP slows the steps that skip it.
 
   Two departures from `optax.contrib.sophia` (and the paper's pseudo-code), both fixes:
 
@@ -204,12 +208,12 @@ def sophia_clip(
         estimator_state=estimator_tx.init(params),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
     if params is None:
       raise ValueError("sophia_clip needs params in update(): "
                        "`tx.update(grads, state, params, ...)`.")
 
-    def refresh(hessian, hessian_count, nonfinite_count, estimator_state):
+    def refresh_fn(hessian, hessian_count, nonfinite_count, estimator_state):
       estimate, estimator_state = estimator_tx.update(
           updates, estimator_state, params, **extra_args)
       estimate = jax.tree.map(lambda e, h: e.astype(h.dtype), estimate, hessian)
@@ -219,12 +223,10 @@ def sophia_clip(
       return (hessian, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32), estimator_state)
 
-    carry = (state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state)
-    if _every_step(update_interval):
-      hessian, hessian_count, nonfinite_count, estimator_state = refresh(*carry)
-    else:
-      hessian, hessian_count, nonfinite_count, estimator_state = jax.lax.cond(
-          state.count % update_interval == 0, refresh, lambda *a: a, *carry)
+    hessian, hessian_count, nonfinite_count, estimator_state = maybe_refresh(
+        refresh_fn,
+        (state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state),
+        state.count, update_interval, refresh)
 
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)
