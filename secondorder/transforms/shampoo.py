@@ -472,7 +472,7 @@ def shampoo_preconditioner(
       for (_, p), s, old in zip(plan.groups, stats, preconds):
         res = linalg.inverse_pth_root(s * debias, p, eps=eps, method=method,
                                       max_iters=newton_max_iters)
-        ok = (res.error <= root_tolerance) & jnp.all(jnp.isfinite(res.root), axis=(1, 2))
+        ok = res.error <= root_tolerance  # the error is infinite for a non-finite root
         out.append(jnp.where(ok[:, None, None], res.root.astype(old.dtype), old))
         failures = failures + jnp.sum(~ok).astype(jnp.int32)
       return tuple(out), failures
