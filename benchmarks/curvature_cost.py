@@ -1,10 +1,12 @@
 """Cost of the curvature products relative to one gradient.
 
 A tanh MLP of about one million parameters (512 -> 1024 -> 512 -> 10) on a batch of 256,
-mean softmax cross-entropy. Every function is jitted; each round times one call of each,
+mean softmax cross-entropy. Every function is jitted; each round times each function (the
+fastest of `--inner` consecutive calls, which filters out preemption by other processes),
 in a shuffled order, so that load on the machine hits all of them alike. The table reports
 the median over rounds of (time of the product / time of the gradient in the same round),
-and the median wall time.
+the median time, and XLA's flop count of each compiled function relative to the gradient's
+(independent of load).
 
     python3 -m benchmarks.curvature_cost --repeats 30 --out bench_out
 """
@@ -61,6 +63,8 @@ def candidates(logits_fn, loss_fn):
   return {
       "grad (baseline)": jax.jit(lambda p, v, k: jax.grad(loss_fn)(p)),
       "hvp": jax.jit(lambda p, v, k: hvp(loss_fn, p, v)),
+      "hvp (reverse-over-forward)": jax.jit(
+          lambda p, v, k: hvp(loss_fn, p, v, mode="reverse_over_forward")),
       "value_grad_hvp": jax.jit(lambda p, v, k: value_grad_hvp(loss_fn, p, v)),
       "gnvp (softmax CE)": jax.jit(lambda p, v, k: gnvp(logits_fn, ce, p, v)),
       "hutchinson_diag": jax.jit(lambda p, v, k: hutchinson_diag(loss_fn, p, k)),
@@ -82,7 +86,7 @@ def _flops(fn, *args) -> float | None:
   return float(cost.get("flops", 0.0)) or None
 
 
-def measure(repeats: int, warmup: int = 3, seed: int = 0):
+def measure(repeats: int, inner: int = 3, warmup: int = 3, seed: int = 0):
   params, logits_fn, loss_fn = make_problem(seed)
   v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
   fns = candidates(logits_fn, loss_fn)
@@ -97,9 +101,12 @@ def measure(repeats: int, warmup: int = 3, seed: int = 0):
     rng.shuffle(order)
     k = jax.random.fold_in(key, r)
     for name in order:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[name](params, v, k))
-      times[name].append(time.perf_counter() - t0)
+      best = float("inf")
+      for _ in range(inner):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[name](params, v, k))
+        best = min(best, time.perf_counter() - t0)
+      times[name].append(best)
   flops = {name: _flops(fn, params, v, key) for name, fn in fns.items()}
   base = np.asarray(times["grad (baseline)"])
   rows = []
@@ -117,10 +124,12 @@ def measure(repeats: int, warmup: int = 3, seed: int = 0):
   return rows, n_params
 
 
-def markdown(rows, n_params, repeats):
+def markdown(rows, n_params, repeats, inner):
   lines = [
       f"Curvature cost on a tanh MLP {LAYERS} ({n_params:,} parameters), batch {BATCH}, "
-      f"{repeats} interleaved rounds, backend {jax.default_backend()}.",
+      f"{repeats} interleaved rounds (each the fastest of {inner} calls), "
+      f"backend {jax.default_backend()}"
+      f"{' (single-threaded XLA)' if 'intra_op_parallelism_threads=1' in os.environ.get('XLA_FLAGS', '') else ''}.",
       "",
       "| function | median time (ms) | × grad (median) | IQR of ratio | XLA flops × grad | target |",
       "|---|---:|---:|---:|---:|---:|",
@@ -155,16 +164,25 @@ def plot(rows, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds (>= 20 advised)")
+  parser.add_argument("--inner", type=int, default=3,
+                      help="calls per function and round; the round keeps the fastest")
   parser.add_argument("--out", default="bench_out", help="directory for the JSON and PNG")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument("--single-thread", action="store_true",
+                      help="run XLA's CPU kernels on one thread (less sensitive to other load)")
   args = parser.parse_args(argv)
-  rows, n_params = measure(args.repeats, seed=args.seed)
-  table = markdown(rows, n_params, args.repeats)
+  if args.single_thread:
+    # Read when the backend starts, i.e. at the first computation below.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  rows, n_params = measure(args.repeats, inner=args.inner, seed=args.seed)
+  table = markdown(rows, n_params, args.repeats, args.inner)
   print(table)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "curvature_cost.json"), "w") as fh:
-    json.dump(dict(rows=rows, n_params=n_params, repeats=args.repeats, layers=LAYERS,
+    json.dump(dict(rows=rows, n_params=n_params, repeats=args.repeats, inner=args.inner,
+                   layers=LAYERS,
                    batch=BATCH, backend=jax.default_backend()), fh, indent=2)
   with open(os.path.join(args.out, "curvature_cost.md"), "w") as fh:
     fh.write(table + "\n")

@@ -131,8 +131,9 @@ def test_hvp_and_value_grad_hvp_match_dense_hessian(dtype):
     pb = make_problem(dtype)
     f, H = pb["loss_fn"], pb["H"]
     v = random_like(pb["params"], 3)
-    hv, (value, grad, hv2), hv3 = jax.jit(lambda p, v: (
-        hvp(f, p, v), value_grad_hvp(f, p, v), hessian_operator(f, p)(v)))(pb["params"], v)
+    hv, (value, grad, hv2), hv3, hv4 = jax.jit(lambda p, v: (
+        hvp(f, p, v), value_grad_hvp(f, p, v), hessian_operator(f, p)(v),
+        hvp(f, p, v, mode="reverse_over_forward")))(pb["params"], v)
     assert jax.tree.structure(hv) == jax.tree.structure(pb["params"])
     assert all(a.dtype == jnp.dtype(dtype) for a in jax.tree.leaves(hv))
     assert rel_err(flat(hv), H @ flat(v)) < TOL[dtype]
@@ -140,6 +141,7 @@ def test_hvp_and_value_grad_hvp_match_dense_hessian(dtype):
     assert rel_err(flat(grad), pb["grad"]) < TOL[dtype]
     assert rel_err(flat(hv2), H @ flat(v)) < TOL[dtype]
     assert rel_err(flat(hv3), H @ flat(v)) < TOL[dtype]
+    assert rel_err(flat(hv4), H @ flat(v)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -227,6 +229,12 @@ def test_hvp_rejects_non_scalar_function():
     hvp(lambda p: jnp.ones(3) * pb["loss_fn"](p), pb["params"], pb["params"])
   with pytest.raises(ValueError, match=r"value_grad_hvp needs f to return a scalar; it returned shape \(6, 3\)"):
     value_grad_hvp(pb["logits_fn"], pb["params"], pb["params"])
+
+
+def test_hvp_rejects_unknown_mode():
+  pb = make_problem("float32")
+  with pytest.raises(ValueError, match=r"mode must be one of .*got 'reverse'"):
+    hvp(pb["loss_fn"], pb["params"], pb["params"], mode="reverse")
 
 
 def test_direction_must_match_params():

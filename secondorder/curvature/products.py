@@ -18,10 +18,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from secondorder._validation import check_same_structure
+from secondorder._validation import check_choice, check_same_structure
 from secondorder.curvature import losses as _losses
 
 PyTree = Any
+_HVP_MODES = ("forward_over_reverse", "reverse_over_forward")
 
 
 def _as_tangent(params: PyTree, v: PyTree, name: str) -> PyTree:
@@ -78,16 +79,21 @@ def vjp(f: Callable[[PyTree], PyTree], params: PyTree, u: PyTree) -> tuple[PyTre
   return out, jtu
 
 
-def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
-  """Hessian-vector product `H v` of a scalar function, forward-over-reverse.
+def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, *,
+        mode: str = "forward_over_reverse") -> PyTree:
+  """Hessian-vector product `H v` of a scalar function.
 
-  H v = d/dε ∇f(θ + ε v) at ε = 0, computed as `jvp(grad(f), (θ,), (v,))`. Costs about two
-  to three gradients and never forms H.
+  Forward-over-reverse (default): H v = d/dε ∇f(θ + ε v) at ε = 0, computed as
+  `jvp(grad(f), (θ,), (v,))`. Reverse-over-forward: H v = ∇_θ ⟨∇f(θ), v⟩, computed as
+  `grad(lambda θ: jvp(f, (θ,), (v,))[1])`. Both are exact, cost about 2.2 gradients in
+  flops and never form H; which one XLA compiles faster depends on the model and backend
+  (`python -m benchmarks.curvature_cost` times both).
 
   Args:
     f: `params -> scalar`, e.g. the loss on the current batch.
     params: the point θ.
     v: a direction with the tree structure and leaf shapes of `params`.
+    mode: "forward_over_reverse" or "reverse_over_forward".
 
   Returns:
     H v, a pytree like `params`.
@@ -97,8 +103,12 @@ def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
 
   Reference: Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
   """
+  check_choice("mode", mode, _HVP_MODES)
   v = _as_tangent(params, v, "v")
-  return jax.jvp(jax.grad(_scalar_fn(f, "hvp")), (params,), (v,))[1]
+  f = _scalar_fn(f, "hvp")
+  if mode == "reverse_over_forward":
+    return jax.grad(lambda p: jax.jvp(f, (p,), (v,))[1])(params)
+  return jax.jvp(jax.grad(f), (params,), (v,))[1]
 
 
 def value_grad_hvp(
