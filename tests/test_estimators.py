@@ -103,8 +103,8 @@ def test_hutchinson_batch_size_and_vmap_do_not_change_the_estimate_and_dtype_is_
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   f16 = lambda p: f(jax.tree.map(lambda x: x.astype(jnp.float32), p))
   seq, vec, batched, single, d16 = jax.jit(lambda k, ks: (
-      hutchinson_diag(f, params, k, 6),
-      hutchinson_diag(f, params, k, 6, batch_size=3),
+      hutchinson_diag(f, params, k, 7),
+      hutchinson_diag(f, params, k, 7, batch_size=3),  # two chunks of 3 and a rest of 1
       jax.vmap(lambda kk: hutchinson_diag(f, params, kk))(ks),
       hutchinson_diag(f, params, ks[1]),
       hutchinson_diag(f16, p16, k)))(key, keys)
@@ -120,6 +120,8 @@ def test_hutchinson_rejects_bad_num_samples():
       hutchinson_diag(f, params, jax.random.key(0), num_samples=bad)
   with pytest.raises(ValueError, match="num_samples must be an integer"):
     hutchinson_diag(f, params, jax.random.key(0), num_samples=2.5)
+  with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+    hutchinson_diag(f, params, jax.random.key(0), num_samples=4, batch_size=0)
 
 
 def test_hutchinson_rejects_non_scalar_loss():

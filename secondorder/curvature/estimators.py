@@ -46,21 +46,33 @@ def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
 
 def sample_mean(fn: Callable[[jax.Array], PyTree], key: jax.Array, num_samples: int,
                 batch_size: int | None) -> PyTree:
-  """Mean of `fn(k)` over `num_samples` keys split from `key` (accumulated in float32+).
+  """Mean of `fn(k)` over `num_samples` keys split from `key`, accumulated in float32+.
 
-  `batch_size=None` evaluates the samples one after the other (`lax.map`), keeping memory
-  at one sample; an integer vectorises that many at a time.
+  A `lax.scan` keeps a running sum, so memory stays at `batch_size` samples (one when
+  None) however many samples are drawn; `batch_size` samples are vectorised per step.
   """
+  if batch_size is not None:
+    check_int("batch_size", batch_size, minimum=1)
   if num_samples == 1:
     return fn(jax.random.split(key, 1)[0])
+  chunk = min(batch_size or 1, num_samples)
   keys = jax.random.split(key, num_samples)
-  samples = jax.lax.map(fn, keys, batch_size=batch_size)
+  shapes = jax.eval_shape(fn, keys[0])
+  acc_dtype = lambda s: jnp.promote_types(s.dtype, jnp.float32)
 
-  def mean(x):
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    return jnp.mean(x.astype(acc), axis=0).astype(x.dtype)
+  def chunk_sum(ks):
+    out = jax.vmap(fn)(ks)
+    return jax.tree.map(lambda x: jnp.sum(x.astype(acc_dtype(x)), axis=0), out)
 
-  return jax.tree.map(mean, samples)
+  def body(total, ks):
+    return jax.tree.map(jnp.add, total, chunk_sum(ks)), None
+
+  steps, rest = divmod(num_samples, chunk)
+  total = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s)), shapes)
+  total, _ = jax.lax.scan(body, total, keys[:steps * chunk].reshape(steps, chunk))
+  if rest:
+    total = jax.tree.map(jnp.add, total, chunk_sum(keys[steps * chunk:]))
+  return jax.tree.map(lambda t, s: (t / num_samples).astype(s.dtype), total, shapes)
 
 
 def hutchinson_diag(
@@ -95,6 +107,8 @@ def hutchinson_diag(
   Yao et al., "ADAHESSIAN", AAAI 2021.
   """
   check_int("num_samples", num_samples, minimum=1)
+  if batch_size is not None:
+    check_int("batch_size", batch_size, minimum=1)
   if num_samples == 1:
     z = rademacher_like(jax.random.split(key, 1)[0], params)
     hz = _products.hvp(f, params, z)
