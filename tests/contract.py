@@ -262,8 +262,9 @@ class Case:
     steps: number of steps for convergence, an int or a dict problem name -> int.
     problems: the convergence problems that apply to this case.
     check_problem: the problem the non-convergence checks run on.
-    primitive: optional (factory, kwargs): checks that `optax.inject_hyperparams(factory)`
-      with those kwargs (numbers become injected arrays) gives the same updates.
+    primitive: optional (factory, kwargs) or (factory, kwargs, static_args): checks that
+      `optax.inject_hyperparams(factory, static_args)(**kwargs)` (numbers, defaults
+      included, become injected arrays) gives the same updates as `factory(**kwargs)`.
     lr_is_last: the learning rate only scales the final update (state evolution does not
       depend on it) and a schedule is evaluated at the call count, so a schedule's updates
       are the constant-lr ones times schedule/lr.
@@ -279,7 +280,7 @@ class Case:
   steps: int | Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_STEPS))
   problems: tuple[str, ...] = REGRESSION_PROBLEMS
   check_problem: str = "mixed_pytree"
-  primitive: tuple[Callable[..., optax.GradientTransformation], Mapping[str, Any]] | None = None
+  primitive: tuple | None = None
   lr_is_last: bool = True
   converge_lr: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -539,9 +540,9 @@ def check_inject_hyperparams(case: Case) -> None:
   assert not _nonzero(u_zero), "learning_rate injected as 0 still moves the params"
 
   if case.primitive is not None:
-    factory, kwargs = case.primitive
+    factory, kwargs, *static = case.primitive
     plain = factory(**kwargs)
-    inj = optax.inject_hyperparams(factory)(**kwargs)
+    inj = optax.inject_hyperparams(factory, static_args=static[0] if static else ())(**kwargs)
     f_plain = make_update_fn(case, plain, problem)
     f_inj = make_update_fn(case, inj, problem)
     sp, si = plain.init(params), inj.init(params)
@@ -685,7 +686,7 @@ def check_schedule(case: Case) -> None:
   fn_s = make_update_fn(case, tx, problem)
   fn, tx_c, _ = plain_update_fn(case)
   params = problem.params
-  gs = _grads_sequence(problem, 3)
+  gs = _grads_sequence(problem, 4)
   ss, sc = tx.init(params), tx_c.init(params)
   moved = False
   for t, g in enumerate(gs):

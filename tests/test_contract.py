@@ -15,6 +15,7 @@ from secondorder.transforms.accumulate import (accumulated_adamw, accumulated_sg
                                                every_k_accumulate, every_k_gate)
 from secondorder.transforms.hutchinson import adahessian, scale_by_hutchinson
 from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
+from secondorder.transforms.shampoo import STATIC_ARGS as SHAMPOO_STATIC_ARGS
 from secondorder.transforms.shampoo import shampoo, shampoo_preconditioner
 from secondorder.transforms.sophia import sophia, sophia_clip
 from tests import contract as C
@@ -80,7 +81,7 @@ CASES: list[Case] = [
          steps={**C.DEFAULT_STEPS, "mixed_pytree": 400, "rosenbrock": 3000},
          converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400),
                       "rosenbrock": optax.cosine_decay_schedule(0.03, 3000)},
-         primitive=(shampoo_preconditioner, dict(beta2=0.999, eps=1e-6))),
+         primitive=(shampoo_preconditioner, dict(beta2=0.999, eps=1e-6), SHAMPOO_STATIC_ARGS)),
     Case("shampoo", lambda learning_rate: shampoo(learning_rate, update_interval=2),
          lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
          steps={**C.DEFAULT_STEPS, "rosenbrock": 2000}),
