@@ -104,9 +104,24 @@ def _count_fields(state):
 _PER_REAL_UPDATE = {"EveryKAccumulateState", "EveryKGateState"}
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64],
-                         ids=["bf16", "f16", "f32", "f64"])
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in METHOD_CASES])
+_F16_OVERFLOW = (
+    "the K-FAC diagonal fallback (optax.scale_by_rms) keeps its second moment in the params' "
+    "dtype, not float32: with float16 params g**2 overflows (gradients ~300 here) and nu "
+    "becomes inf, after which that entry's update is 0 forever")
+
+
+def _long_params():
+  out = []
+  for c in METHOD_CASES:
+    for dtype, did in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.float32, "f32"),
+                       (jnp.float64, "f64")):
+      marks = ([pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW)]
+               if did == "f16" and c.name in ("scale_by_kfac_factors", "kfac") else [])
+      out.append(pytest.param(c, dtype, id=f"{c.name}-{did}", marks=marks))
+  return out
+
+
+@pytest.mark.parametrize("case,dtype", _long_params())
 def test_ten_thousand_steps(case, dtype):
   def check():
     state0, p, s, finite, loss0, loss1 = _run(case, dtype)
