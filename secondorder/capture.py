@@ -316,11 +316,9 @@ def _a_stat(x: jax.Array, layer: _Seen, dtype) -> jax.Array:
   return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST) / rows.shape[0]
 
 
-def _s_stat(g: jax.Array, batch: int, dtype, sum_leading: bool) -> jax.Array:
-  """B · Σ ĝ ĝᵀ over all rows (and over the leading cotangent axis when `sum_leading`)."""
-  g = g.astype(dtype)
-  g = g.reshape(-1, g.shape[-1])
-  del sum_leading  # the leading cotangent axis is folded into the rows above
+def _s_stat(g: jax.Array, batch: int, dtype) -> jax.Array:
+  """B · Σ ĝ ĝᵀ over all rows (and over the leading cotangent axis of fisher="exact")."""
+  g = g.astype(dtype).reshape(-1, g.shape[-1])
   return batch * jnp.matmul(g.T, g, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -498,7 +496,7 @@ class Capture:
       x = layer_inputs[s.name]
       stats[s.name] = LayerStats(
           a=_a_stat(jax.lax.stop_gradient(x), s, dtype),
-          s=_s_stat(out_grads[s.name], x.shape[0], dtype, self.fisher == "exact"))
+          s=_s_stat(out_grads[s.name], x.shape[0], dtype))
     return loss, self._grads_of(model_or_params, grads), stats
 
 

@@ -152,7 +152,8 @@ def _grads(seed, dtype=jnp.float32):
 
 def test_ema_bias_correction_and_nonfinite_skip():
   beta = 0.8
-  tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, decay=beta, update_interval=1)
+  tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, decay=beta, update_interval=1,
+                             damping_mode="exact")
   update = jax.jit(tx.update)
   params = _params()
   state = tx.init(params)
@@ -170,7 +171,8 @@ def test_ema_bias_correction_and_nonfinite_skip():
   bad = {"w": LayerStats(s1["w"].a.at[0, 0].set(jnp.nan), s1["w"].s), "k": s1["k"]}
   upd, state = update(_grads(20), state, params, kfac_stats=bad)
   assert int(state.num_skipped) == 1 and int(before.num_skipped) == 0
-  for f in ("a", "s", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs"):
+  for f in ("a", "s", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "a_inverse",
+            "s_inverse"):
     jax.tree.map(np.testing.assert_array_equal, getattr(state, f), getattr(before, f))
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(upd))
   # The skipped step still preconditions, with the factors it kept: the same as a step fed
@@ -181,18 +183,19 @@ def test_ema_bias_correction_and_nonfinite_skip():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), upd, ref)
 
 
-def test_eigendecomposition_refreshes_every_t_steps():
-  tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, update_interval=3)
-  update = jax.jit(tx.update)
-  params = _params()
-  state = tx.init(params)
-  seen = []
-  for t in range(7):
-    prev = state.a_eigvecs["w"]
-    _, state = update(_grads(t), state, params, kfac_stats=_stats(t))
-    seen.append(not np.array_equal(prev, state.a_eigvecs["w"]))
-  assert seen == [True, False, False, True, False, False, True]
-  assert int(state.num_refreshes) == 3
+def test_preconditioner_refreshes_every_t_steps():
+  for mode, field in (("exact", "a_eigvecs"), ("factored", "a_inverse")):
+    tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, update_interval=3, damping_mode=mode)
+    update = jax.jit(tx.update)
+    params = _params()
+    state = tx.init(params)
+    seen = []
+    for t in range(7):
+      prev = getattr(state, field)["w"]
+      _, state = update(_grads(t), state, params, kfac_stats=_stats(t))
+      seen.append(not np.array_equal(prev, getattr(state, field)["w"]))
+    assert seen == [True, False, False, True, False, False, True]
+    assert int(state.num_refreshes) == 3
 
 
 @pytest.mark.parametrize("lr,kappa", [(1.0, 1e-3), (0.1, 1e-3), (0.01, 10.0), (0.3, 0.05)])
