@@ -60,7 +60,7 @@ from benchmarks.runner import state_bytes
 
 DEFAULT_PROBLEMS = ("digits_mlp", "digits_cnn", "char_transformer")
 DS_PYTHON = "/work/envs/dshampoo/bin/python"
-LR_GRID = {"adam": (1e-3, 3e-3, 1e-2), "shampoo": (1e-3, 3e-3, 1e-2),
+LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "shampoo": (1e-3, 3e-3, 1e-2, 3e-2),
            "dist_shampoo": (1e-4, 3e-4, 1e-3)}  # its normalized-RMSProp graft runs hot
 
 
