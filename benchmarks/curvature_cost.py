@@ -9,6 +9,8 @@ the median time, and XLA's flop count of each compiled function relative to the 
 (independent of load).
 
     python3 -m benchmarks.curvature_cost --repeats 30 --out bench_out
+    # on a machine busy with other work: one XLA thread, CPU time of this process
+    python3 -m benchmarks.curvature_cost --repeats 30 --single-thread --clock cpu
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _flops(fn, *args) -> float | None:
   return float(cost.get("flops", 0.0)) or None
 
 
-def measure(repeats: int, inner: int = 3, warmup: int = 3, seed: int = 0):
+def measure(repeats: int, inner: int = 3, warmup: int = 3, seed: int = 0, clock=time.perf_counter):
   params, logits_fn, loss_fn = make_problem(seed)
   v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
   fns = candidates(logits_fn, loss_fn)
@@ -103,9 +105,9 @@ def measure(repeats: int, inner: int = 3, warmup: int = 3, seed: int = 0):
     for name in order:
       best = float("inf")
       for _ in range(inner):
-        t0 = time.perf_counter()
+        t0 = clock()
         jax.block_until_ready(fns[name](params, v, k))
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
       times[name].append(best)
   flops = {name: _flops(fn, params, v, key) for name, fn in fns.items()}
   base = np.asarray(times["grad (baseline)"])
@@ -124,14 +126,14 @@ def measure(repeats: int, inner: int = 3, warmup: int = 3, seed: int = 0):
   return rows, n_params
 
 
-def markdown(rows, n_params, repeats, inner):
+def markdown(rows, n_params, repeats, inner, clock_name="wall"):
   lines = [
       f"Curvature cost on a tanh MLP {LAYERS} ({n_params:,} parameters), batch {BATCH}, "
-      f"{repeats} interleaved rounds (each the fastest of {inner} calls), "
+      f"{repeats} interleaved rounds (each the fastest of {inner} calls), {clock_name} clock, "
       f"backend {jax.default_backend()}"
       f"{' (single-threaded XLA)' if 'intra_op_parallelism_threads=1' in os.environ.get('XLA_FLAGS', '') else ''}.",
       "",
-      "| function | median time (ms) | × grad (median) | IQR of ratio | XLA flops × grad | target |",
+      f"| function | median {clock_name} time (ms) | × grad (median) | IQR of ratio | XLA flops × grad | target |",
       "|---|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
@@ -169,6 +171,9 @@ def main(argv=None):
   parser.add_argument("--out", default="bench_out", help="directory for the JSON and PNG")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                      help="wall: elapsed time; cpu: CPU time of this process (with "
+                           "--single-thread, the compute itself, unaffected by preemption)")
   parser.add_argument("--single-thread", action="store_true",
                       help="run XLA's CPU kernels on one thread (less sensitive to other load)")
   args = parser.parse_args(argv)
@@ -176,12 +181,14 @@ def main(argv=None):
     # Read when the backend starts, i.e. at the first computation below.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-  rows, n_params = measure(args.repeats, inner=args.inner, seed=args.seed)
-  table = markdown(rows, n_params, args.repeats, args.inner)
+  clock = time.perf_counter if args.clock == "wall" else time.process_time
+  rows, n_params = measure(args.repeats, inner=args.inner, seed=args.seed, clock=clock)
+  table = markdown(rows, n_params, args.repeats, args.inner, args.clock)
   print(table)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "curvature_cost.json"), "w") as fh:
     json.dump(dict(rows=rows, n_params=n_params, repeats=args.repeats, inner=args.inner,
+                   clock=args.clock, single_thread=args.single_thread,
                    layers=LAYERS,
                    batch=BATCH, backend=jax.default_backend()), fh, indent=2)
   with open(os.path.join(args.out, "curvature_cost.md"), "w") as fh:
