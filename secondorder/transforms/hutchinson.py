@@ -92,7 +92,7 @@ def _every_step(update_interval) -> bool:
   return isinstance(update_interval, numbers.Number) and update_interval == 1
 
 
-def maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_interval,
+def _maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_interval,
                   refresh: bool | None) -> tuple:
   """`refresh_fn(*carry)` on refresh steps, else `carry`.
 
@@ -236,7 +236,7 @@ def scale_by_hutchinson(
       return (nu, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32))
 
-    nu, hessian_count, nonfinite_count = maybe_refresh(
+    nu, hessian_count, nonfinite_count = _maybe_refresh(
         refresh_fn, (state.nu, state.hessian_count, state.nonfinite_count), state.count,
         update_interval, refresh)
 

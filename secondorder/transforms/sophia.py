@@ -16,7 +16,7 @@ import optax
 
 from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
-from secondorder.transforms.hutchinson import _stats_dtype, _tree_all_finite, maybe_refresh
+from secondorder.transforms.hutchinson import _maybe_refresh, _stats_dtype, _tree_all_finite
 
 _ESTIMATORS = ("hutchinson", "gnb")
 
@@ -140,8 +140,8 @@ def sophia_clip(
   EMA of :math:`\hat g \odot \hat g` and :math:`B` the number of tokens per step. Here the
   estimate already carries the factor :math:`B` (:math:`\hat h = B \hat g \odot \hat g`), so
   `gamma` equals the official `rho` (0.03 to 0.05 in its GPT-2 runs), provided `logits_fn`
-  returns the logits of every token of the batch. The paper uses :math:`\gamma` = 0.01 for
-  Sophia-H and 0.05 for Sophia-G; tune `gamma` so that the win rate stays in [0.1, 0.5].
+  returns the logits of every token of the batch. Typical values are 0.01 to 0.05; tune
+  `gamma` so that the win rate stays in [0.1, 0.5].
 
   Args:
     b1: decay of the gradient EMA, in [0, 1).
@@ -223,7 +223,7 @@ def sophia_clip(
       return (hessian, hessian_count + finite.astype(jnp.int32),
               nonfinite_count + (~finite).astype(jnp.int32), estimator_state)
 
-    hessian, hessian_count, nonfinite_count, estimator_state = maybe_refresh(
+    hessian, hessian_count, nonfinite_count, estimator_state = _maybe_refresh(
         refresh_fn,
         (state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state),
         state.count, update_interval, refresh)
