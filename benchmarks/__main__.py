@@ -92,8 +92,19 @@ def _list() -> None:
           f"  {spec.note}")
 
 
+def _synchronous_cpu_dispatch() -> None:
+  # jaxlib 0.10.2 on CPU can deadlock when a batched LAPACK call (the eigendecompositions of
+  # K-FAC and Shampoo) runs inside an asynchronously dispatched executable: the executable
+  # occupies an intra-op pool thread and the LAPACK batch waits for tasks queued on the
+  # same, exhausted pool (2 threads on a 2-core machine). Synchronous dispatch runs the
+  # executable on the calling thread instead. Step times are taken synchronously anyway.
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
+  _synchronous_cpu_dispatch()
   if args.command == "list":
     _list()
     return 0
