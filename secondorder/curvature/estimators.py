@@ -88,7 +88,9 @@ def hutchinson_diag(
     diag(H) ≈ (1/S) Σ_s z_s ⊙ (H z_s),   z_s Rademacher (independent ±1 entries),
 
   unbiased since E[z zᵀ] = I; exact with one probe when H is diagonal. Each leaf gets its
-  own probe. With several samples ∇f is linearised once and H is applied S times.
+  own probe. One probe is one reverse-over-forward HVP (on CPU XLA compiles it a little
+  faster than forward-over-reverse); with several, ∇f is linearised once and H is applied
+  S times.
 
   Args:
     f: `params -> scalar` (the loss on the current batch).
@@ -111,7 +113,7 @@ def hutchinson_diag(
     check_int("batch_size", batch_size, minimum=1)
   if num_samples == 1:
     z = rademacher_like(jax.random.split(key, 1)[0], params)
-    hz = _products.hvp(f, params, z)
+    hz = _products.hvp(f, params, z, mode="reverse_over_forward")
     return jax.tree.map(jnp.multiply, z, hz)
   matvec = _products.hessian_operator(f, params)
 
