@@ -26,6 +26,8 @@ Targets (issue 5): Sophia (k = 10) <= 1.10x AdamW, AdaHessian (HVP every step) <
 
   python -m benchmarks.diag_methods                        # both problems, PNG in bench_out/
   python -m benchmarks.diag_methods --problems digits_cnn --repeats 5 --out /tmp/b
+  # on a machine busy with other work: one XLA thread, CPU time of this process
+  python -m benchmarks.diag_methods --single-thread --clock cpu
 """
 
 from __future__ import annotations
@@ -112,17 +114,18 @@ def _rows(problem) -> dict[str, Callable[[], Callable]]:
   return rows
 
 
-def _time_block(step, carry, batch, block: int):
+def _time_block(step, carry, batch, block: int, clock=time.perf_counter):
   params, state = carry
   jax.block_until_ready(params)
-  start = time.perf_counter()
+  start = clock()
   for _ in range(block):
     params, state, loss = step(params, state, batch)
   jax.block_until_ready((params, state, loss))
-  return (time.perf_counter() - start) / block, (params, state)
+  return (clock() - start) / block, (params, state)
 
 
-def bench_problem(name: str, repeats: int, block: int, only: list[str] | None):
+def bench_problem(name: str, repeats: int, block: int, only: list[str] | None,
+                  clock=time.perf_counter):
   problem = get_problem(name)
   params = problem.init_params(0)
   batch = next(problem.batches(0))
@@ -139,7 +142,7 @@ def bench_problem(name: str, repeats: int, block: int, only: list[str] | None):
   times: dict[str, list[float]] = {row: [] for row in rows}
   for _ in range(repeats):
     for row in rows:                       # interleaved: load drifts hit every row alike
-      t, carries[row] = _time_block(compiled[row], carries[row], batch, block)
+      t, carries[row] = _time_block(compiled[row], carries[row], batch, block, clock)
       times[row].append(t)
   medians = {row: statistics.median(ts) for row, ts in times.items()}
   return {row: (medians[row], medians[row] / medians["adamw"],
@@ -185,14 +188,24 @@ def main(argv=None) -> None:
   parser.add_argument("--only", default="", help="comma-separated rows (adamw always runs)")
   parser.add_argument("--out", default="bench_out")
   parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                      help="wall time, or CPU time of this process (with --single-thread: the "
+                           "compute itself, unaffected by other processes on the machine)")
+  parser.add_argument("--single-thread", action="store_true",
+                      help="run XLA's CPU kernels on one thread (less sensitive to other load)")
   args = parser.parse_args(argv)
+  if args.single_thread:   # before the first computation initialises the backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  clock = time.perf_counter if args.clock == "wall" else time.process_time
   if args.block % 10:
     parser.error("--block must be a multiple of 10 (Sophia's refresh interval)")
   only = [s for s in args.only.split(",") if s] or None
   results = {}
   for name in args.problems.split(","):
-    results[name] = bench_problem(name, args.repeats, args.block, only)
-  print(f"device: {jax.devices()[0].device_kind}, {args.repeats} rounds of {args.block} steps\n")
+    results[name] = bench_problem(name, args.repeats, args.block, only, clock)
+  print(f"device: {jax.devices()[0].device_kind}, {args.repeats} rounds of {args.block} steps, "
+        f"{args.clock} clock{', single-threaded XLA' if args.single_thread else ''}\n")
   print(_table(results))
   if not args.no_plot:
     os.makedirs(args.out, exist_ok=True)

@@ -203,8 +203,10 @@ def test_step0_not_all_clipped_unlike_optax_contrib():
   ours = sophia(1.0, gamma=gamma, weight_decay=0.0)
   theirs = optax.contrib.sophia(1.0, gamma=gamma, weight_decay=0.0)
   grads = jax.grad(loss)(params)
-  u_ours, s_ours = ours.update(grads, ours.init(params), params, obj_fn=loss)
-  u_theirs, _ = theirs.update(grads, theirs.init(params), params, obj_fn=loss)
+  u_ours, s_ours = jax.jit(lambda g, s, p: ours.update(g, s, p, obj_fn=loss))(
+      grads, ours.init(params), params)
+  u_theirs, _ = jax.jit(lambda g, s, p: theirs.update(g, s, p, obj_fn=loss))(
+      grads, theirs.init(params), params)
   g, h = np_gd({k: v.astype(np.float64) for k, v in x0.items()})
   for k in SHAPES:
     np.testing.assert_allclose(np.abs(u_theirs[k]), 1.0)          # all clipped
@@ -222,11 +224,16 @@ def test_h_bias_corrected_unlike_optax_contrib():
   ours = sophia(1.0, b1=b1, b2=b2, gamma=gamma, weight_decay=0.0)
   theirs = optax.contrib.sophia(1.0, b1=b1, b2=b2, gamma=gamma, weight_decay=0.0)
   s_ours, s_theirs = ours.init(params), theirs.init(params)
+
+  @jax.jit
+  def both(g, s_ours, s_theirs):
+    u_ours, s_ours = ours.update(g, s_ours, params, obj_fn=loss)
+    u_theirs, s_theirs = theirs.update(g, s_theirs, params, obj_fn=loss)
+    return u_ours, s_ours, u_theirs, s_theirs
+
   p1 = params
   for _ in range(2):
-    grads = jax.grad(loss)(p1)
-    u_ours, s_ours = ours.update(grads, s_ours, params, obj_fn=loss)
-    u_theirs, s_theirs = theirs.update(grads, s_theirs, params, obj_fn=loss)
+    u_ours, s_ours, u_theirs, s_theirs = both(jax.grad(loss)(p1), s_ours, s_theirs)
     p1 = optax.apply_updates(p1, u_ours)
   _, h = np_gd({k: v.astype(np.float64) for k, v in x0.items()})
   h_ours = optax.tree.get(s_ours, "SophiaClipState").hessian
