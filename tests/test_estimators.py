@@ -127,7 +127,8 @@ def test_hutchinson_rejects_bad_num_samples():
 def test_hutchinson_rejects_non_scalar_loss():
   f, params, _ = dense_problem()
   with pytest.raises(ValueError, match=r"hvp needs f to return a scalar; it returned shape \(2,\)"):
-    hutchinson_diag(lambda p: jnp.stack([f(p), f(p)]), params, jax.random.key(0))
+    jax.jit(lambda p, k: hutchinson_diag(lambda q: jnp.stack([f(q), f(q)]), p, k))(
+        params, jax.random.key(0))
 
 
 @functools.cache

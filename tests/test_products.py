@@ -226,9 +226,9 @@ def test_products_vmap_over_directions_under_jit():
 def test_hvp_rejects_non_scalar_function():
   pb = make_problem("float32")
   with pytest.raises(ValueError, match=r"hvp needs f to return a scalar; it returned shape \(3,\)"):
-    hvp(lambda p: jnp.ones(3) * pb["loss_fn"](p), pb["params"], pb["params"])
+    jax.jit(lambda p: hvp(lambda q: jnp.ones(3) * pb["loss_fn"](q), p, p))(pb["params"])
   with pytest.raises(ValueError, match=r"value_grad_hvp needs f to return a scalar; it returned shape \(6, 3\)"):
-    value_grad_hvp(pb["logits_fn"], pb["params"], pb["params"])
+    jax.jit(lambda p: value_grad_hvp(pb["logits_fn"], p, p))(pb["params"])
 
 
 def test_hvp_rejects_unknown_mode():
