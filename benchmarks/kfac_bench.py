@@ -9,7 +9,9 @@ best final loss is kept. kfac-jax's adaptive `Optimizer` runs in its own virtual
 (see benchmarks/kfac_jax_digits.py for the exact versions) as a subprocess.
 
 Step times: every step is timed to `block_until_ready`; the first (compiling) step is left
-out of the medians and, in "wall to ≤ 17", counted at the median step time. Adam's and
+out of the medians and, in "wall to ≤ 17", counted at the median step time. kfac-jax
+compiles further functions in later steps (its first inverse and damping updates), which
+"wall to ≤ 17" includes; "steps × median" leaves every compile out. Adam's and
 K-FAC's median step times are also measured interleaved (alternating blocks of steps, median
 of the block medians), and the ratio K-FAC / Adam is taken from that phase.
 
@@ -24,9 +26,15 @@ Usage::
 
 from __future__ import annotations
 
+import os
+
+# jaxlib's CPU Cholesky/eigh call OpenBLAS, whose thread pool thrashes when the cores are
+# shared (12 small Cholesky inverses: ~400 ms instead of ~1.3 ms on a loaded 2-core machine).
+# One thread, for every optimizer here and for the kfac-jax subprocess, unless set already.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -141,7 +149,9 @@ def summarize(losses, times, target):
   med = statistics.median(times[1:])
   hit = next((i + 1 for i, l in enumerate(losses) if l <= target), None)
   wall = None if hit is None else med + sum(times[1:hit])
-  return dict(final=losses[-1], steps_to_target=hit, wall_to_target=wall, median_step=med)
+  typical = None if hit is None else hit * med
+  return dict(final=losses[-1], steps_to_target=hit, wall_to_target=wall,
+              steps_x_median=typical, median_step=med)
 
 
 def interleaved_step_times(runs, x, y, idx, rounds=5, block=40):
@@ -222,12 +232,15 @@ def autoencoder(args):
 
   print(f"\n## Digits autoencoder, batch {BATCH}, {STEPS} steps (full-data loss; target ≤ {TARGET})\n")
   print(f"secondorder.kfac config: {KFAC_CONFIG}; best Adam: lr={best_lr:g}\n")
-  print("| optimizer | final loss | steps to ≤17 | wall to ≤17 (s) | median step (ms) |")
-  print("|---|---|---|---|---|")
+  print("| optimizer | final loss | steps to ≤17 | wall to ≤17 (s) | steps × median (s) | "
+        "median step (ms) |")
+  print("|---|---|---|---|---|---|")
   for name, r in results.items():
     wall = "—" if r["wall_to_target"] is None else f"{r['wall_to_target']:.2f}"
+    typ = "—" if r["steps_x_median"] is None else f"{r['steps_x_median']:.2f}"
     steps = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
-    print(f"| {name} | {r['final']:.3f} | {steps} | {wall} | {1e3 * r['median_step']:.2f} |")
+    print(f"| {name} | {r['final']:.3f} | {steps} | {wall} | {typ} | "
+          f"{1e3 * r['median_step']:.2f} |")
   print(f"\nInterleaved median step time: Adam {1e3 * inter['adam']:.2f} ms, K-FAC "
         f"{1e3 * inter['kfac']:.2f} ms, ratio K-FAC/Adam {inter['kfac'] / inter['adam']:.2f}")
   return results, curves, inter
