@@ -40,7 +40,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 import optax.contrib
 
