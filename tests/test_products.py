@@ -231,6 +231,29 @@ def test_hvp_rejects_non_scalar_function():
     jax.jit(lambda p: value_grad_hvp(pb["logits_fn"], p, p))(pb["params"])
 
 
+def test_hvp_differentiates_through_custom_vjp_functions():
+  @jax.custom_vjp
+  def softsign(x):
+    return x / (1 + jnp.abs(x))
+
+  def fwd(x):
+    return x / (1 + jnp.abs(x)), x
+
+  def bwd(x, ct):
+    return (ct / (1 + jnp.abs(x)) ** 2,)
+
+  softsign.defvjp(fwd, bwd)
+  params = {"a": jnp.array([0.3, -1.2, 2.0]), "b": jnp.array([[0.5, 0.1]])}
+  f = lambda p: jnp.sum(softsign(p["a"]) ** 2) + jnp.sum(softsign(p["b"]) * p["a"][:2])
+  ref_f = lambda p: jnp.sum((p["a"] / (1 + jnp.abs(p["a"]))) ** 2) + jnp.sum(
+      p["b"] / (1 + jnp.abs(p["b"])) * p["a"][:2])
+  t0, unravel = ravel_pytree(params)
+  v = random_like(params, 11)
+  H = jax.jit(jax.hessian(lambda t: ref_f(unravel(t))))(t0)
+  hv = jax.jit(lambda p, v: hvp(f, p, v))(params, v)
+  assert rel_err(flat(hv), H @ flat(v)) < 1e-5
+
+
 def test_hvp_rejects_unknown_mode():
   pb = make_problem("float32")
   with pytest.raises(ValueError, match=r"mode must be one of .*got 'reverse'"):

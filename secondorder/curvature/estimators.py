@@ -82,15 +82,15 @@ def hutchinson_diag(
     num_samples: int = 1,
     *,
     batch_size: int | None = None,
+    mode: str = "forward_over_reverse",
 ) -> PyTree:
   """Hutchinson estimate of the Hessian diagonal of a scalar function.
 
     diag(H) ≈ (1/S) Σ_s z_s ⊙ (H z_s),   z_s Rademacher (independent ±1 entries),
 
   unbiased since E[z zᵀ] = I; exact with one probe when H is diagonal. Each leaf gets its
-  own probe. One probe is one reverse-over-forward HVP (on CPU XLA compiles it a little
-  faster than forward-over-reverse); with several, ∇f is linearised once and H is applied
-  S times.
+  own probe. One probe is one `hvp` (in the given `mode`); with several, ∇f is
+  linearised once (forward-over-reverse) and H is applied S times.
 
   Args:
     f: `params -> scalar` (the loss on the current batch).
@@ -98,6 +98,8 @@ def hutchinson_diag(
     key: a PRNG key.
     num_samples: the number of probes S (>= 1).
     batch_size: how many probes to evaluate at once (None: one at a time).
+    mode: the `hvp` mode of a single probe; "reverse_over_forward" is about 5% faster on
+      CPU but cannot differentiate through `jax.custom_vjp` functions.
 
   Returns:
     A pytree like `params` holding the estimate of diag(H).
@@ -113,7 +115,7 @@ def hutchinson_diag(
     check_int("batch_size", batch_size, minimum=1)
   if num_samples == 1:
     z = rademacher_like(jax.random.split(key, 1)[0], params)
-    hz = _products.hvp(f, params, z, mode="reverse_over_forward")
+    hz = _products.hvp(f, params, z, mode=mode)
     return jax.tree.map(jnp.multiply, z, hz)
   matvec = _products.hessian_operator(f, params)
 
