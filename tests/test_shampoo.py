@@ -307,24 +307,27 @@ def test_inject_hyperparams_with_static_args():
 
 
 CASES = [
+    # graft_eps 1e-4: at a fixed learning rate the Adam-grafted step stays O(lr) near the
+    # minimum unless the graft's epsilon lets it shrink with the gradient.
     Case("shampoo", lambda learning_rate: shampoo(learning_rate, start_preconditioning_step=1,
-                                                  update_interval=2),
+                                                  update_interval=2, graft_eps=1e-4),
          lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1,
              "rosenbrock": 0.05},
-         steps={"quadratic": 300, "matrix_quadratic": 300, "mixed_pytree": 300,
-                "rosenbrock": 3000}),
-    Case("shampoo_preconditioner_newton",
-         lambda learning_rate: optax.chain(
-             shampoo_preconditioner(update_interval=1, method="newton", graft="sgd",
-                                    precondition_1d=True),
-             optax.scale_by_learning_rate(learning_rate)),
-         lr={"quadratic": 0.03, "matrix_quadratic": 0.03, "mixed_pytree": 0.03,
-             "rosenbrock": 3e-3},
          steps={"quadratic": 300, "matrix_quadratic": 300, "mixed_pytree": 300,
                 "rosenbrock": 3000},
          primitive=(_numeric_shampoo, {"beta2": 0.99, "eps": 1e-5, "update_interval": 2,
                                        "start_preconditioning_step": 1, "graft_b2": 0.9})),
 ]
+
+# The coupled-Newton roots, SGD grafting and full factors for vectors, on the problems where
+# they matter (the rest of the contract does not depend on the root method).
+NEWTON = Case(
+    "shampoo_preconditioner_newton",
+    lambda learning_rate: optax.chain(
+        shampoo_preconditioner(update_interval=1, method="newton", graft="sgd",
+                               precondition_1d=True),
+        optax.scale_by_learning_rate(learning_rate)),
+    lr=0.03, steps=300, problems=("matrix_quadratic", "mixed_pytree"))
 
 
 @pytest.mark.parametrize("check", list(C.CHECKS))
@@ -334,6 +337,7 @@ def test_contract(case, check):
 
 
 @pytest.mark.parametrize("case,problem",
-                         [pytest.param(c, p, id=f"{c.name}-{p}") for c in CASES for p in c.problems])
+                         [pytest.param(c, p, id=f"{c.name}-{p}") for c in CASES + [NEWTON]
+                          for p in c.problems])
 def test_converges(case, problem):
   C.check_converges(case, problem)
