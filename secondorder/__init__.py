@@ -8,6 +8,7 @@ The public API is flat::
 """
 
 from secondorder import capture
+from secondorder import curvature
 from secondorder import linalg
 from secondorder.capture import linen_capture
 from secondorder.capture import nnx_capture
@@ -16,21 +17,30 @@ from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
 from secondorder.curvature.losses import softmax_cross_entropy
 from secondorder.curvature.losses import squared_error
+from secondorder.curvature.products import fisher_operator
 from secondorder.curvature.products import fisher_vp
+from secondorder.curvature.products import gauss_newton_operator
 from secondorder.curvature.products import gnvp
+from secondorder.curvature.products import hessian_operator
 from secondorder.curvature.products import hvp
 from secondorder.curvature.products import jvp
 from secondorder.curvature.products import value_grad_hvp
 from secondorder.curvature.products import vjp
+from secondorder.curvature.spectrum import Eigenpairs
+from secondorder.curvature.spectrum import NewtonDecrement
 from secondorder.curvature.spectrum import directional_sharpness
 from secondorder.curvature.spectrum import hutchinson_trace
 from secondorder.curvature.spectrum import newton_decrement
 from secondorder.curvature.spectrum import top_eigenvalues
+from secondorder.transforms.accumulate import EveryKAccumulateState
+from secondorder.transforms.accumulate import EveryKGateState
 from secondorder.transforms.accumulate import accumulated_adamw
 from secondorder.transforms.accumulate import accumulated_sgd
+from secondorder.transforms.accumulate import beta_tilde
 from secondorder.transforms.accumulate import every_k_accumulate
 from secondorder.transforms.accumulate import every_k_gate
 from secondorder.transforms.accumulate import scale_by_adam_beta_tilde
+from secondorder.transforms.hutchinson import ScaleByHutchinsonState
 from secondorder.transforms.hutchinson import adahessian
 from secondorder.transforms.hutchinson import scale_by_hutchinson
 from secondorder.transforms.hutchinson import value_grad_and_hessian_diag
@@ -38,6 +48,9 @@ from secondorder.transforms.kfac import kfac
 from secondorder.transforms.kfac import scale_by_kfac_factors
 from secondorder.transforms.shampoo import shampoo
 from secondorder.transforms.shampoo import shampoo_preconditioner
+from secondorder.transforms.sophia import SophiaClipState
+from secondorder.transforms.sophia import gnb_estimator
+from secondorder.transforms.sophia import hutchinson_estimator
 from secondorder.transforms.sophia import sophia
 from secondorder.transforms.sophia import sophia_clip
 
