@@ -92,6 +92,29 @@ def _list() -> None:
           f"  {spec.note}")
 
 
+class _NoProgress:
+  """Stands in for tqdm when it is not installed."""
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def update(self, n=1):
+    pass
+
+  def set_postfix_str(self, text):
+    pass
+
+  @staticmethod
+  def write(text):
+    print(text, file=sys.stderr)
+
+
 def _synchronous_cpu_dispatch() -> None:
   # jaxlib 0.10.2 on CPU can deadlock when a batched LAPACK call (the eigendecompositions of
   # K-FAC and Shampoo) runs inside an asynchronously dispatched executable: the executable
@@ -109,7 +132,10 @@ def main(argv=None) -> int:
     _list()
     return 0
 
-  from tqdm.auto import tqdm
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # tqdm is in the bench extra; without it, no progress bar
+    tqdm = _NoProgress
 
   from benchmarks import report
   from benchmarks.optimizers import OPTIMIZERS, available

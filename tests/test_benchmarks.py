@@ -118,8 +118,10 @@ def test_missing_module_is_skipped_not_fatal():
 
 
 def test_every_registered_optimizer_builds():
-  # By the end every method is present: a missing module would silently drop a row.
-  missing = {name: available(spec) for name, spec in OPTIMIZERS.items()}
+  # Every optax baseline and secondorder method is present: a missing module would silently
+  # drop a row. Peers (other libraries) are optional installs.
+  missing = {name: available(spec) for name, spec in OPTIMIZERS.items()
+             if spec.family != "peer"}
   assert {k: v for k, v in missing.items() if v is not None} == {}
 
 
