@@ -10,6 +10,7 @@ For each method it records, on a data-parallel mesh (8,) ("data") and on a 2x4
     20 steps on one device;
   * the sharding of every parameter and optimizer-state leaf (initial and final), and
     how many times the step compiled;
+  * the per-device shapes of the LAPACK decompositions in the compiled program;
   * the curvature statistics after one step on the mesh, on one device with the full
     batch, and on one device with only the first data shard's examples.
 Nothing here is specific to a method: the mesh, the shardings and the propagation are
@@ -128,11 +129,12 @@ def first_shard_only(batch, data_shards: int):
       lambda x: jnp.concatenate([x[: x.shape[0] // data_shards]] * data_shards), batch)
 
 
-def eigh_shapes(hlo_text: str) -> list[list[int]]:
-  """Per-device operand shapes of the symmetric eigendecompositions in compiled HLO."""
+def decomposition_shapes(hlo_text: str) -> list[list[int]]:
+  """Per-device shapes of the LAPACK eigendecompositions (syevd) and Cholesky
+  factorizations (potrf) in compiled HLO."""
   shapes = []
   for line in hlo_text.splitlines():
-    if "custom-call" in line and "syevd" in line:
+    if "custom-call" in line and ("syevd" in line or "potrf" in line):
       # The first tuple element is the eigenvector array, e.g. (f32[3,8,8]{...}, ...).
       m = re.search(r"=\s*\(?\w+\[([\d,]*)\]", line)
       if m:
@@ -169,7 +171,7 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
   t0 = time.perf_counter()
   (single_params, single_state, single_stats), compiled = compile_and_run(params0, batches)
   result = {"single_seconds": time.perf_counter() - t0, "meshes": {},
-            "single_eigh_shapes": eigh_shapes(compiled.as_text())}
+            "single_decomposition_shapes": decomposition_shapes(compiled.as_text())}
 
   for mesh_name, mesh in meshes_.items():
     t0 = time.perf_counter()
@@ -188,7 +190,7 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
         "params": describe(mesh_params),
         "params_in": describe(params),
         "state": describe(mesh_state),
-        "eigh_shapes": eigh_shapes(compiled.as_text()),
+        "decomposition_shapes": decomposition_shapes(compiled.as_text()),
     }
     if setup.statistics is not None:
       # After one step from the same start: on the mesh, on one device with the whole
