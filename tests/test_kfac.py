@@ -284,8 +284,9 @@ def test_errors_name_layer_and_shapes():
     tx.update(g, state, params, kfac_stats=dict(st, z=st["w"]))
   with pytest.raises(ValueError, match=r"layer 'w'.*kernel w has shape \(2, 3\).*\(3, 2\)"):
     tx.init(dict(params, w=jnp.zeros((2, 3))))
-  with pytest.raises(ValueError, match=r"layer 'k'.*kernel k is not in"):
-    tx.init({"w": params["w"], "b": params["b"], "v": params["v"]})
+  partial = {"w": params["w"], "b": params["b"], "v": params["v"]}
+  with pytest.raises(ValueError, match=r"layer 'k'.*kernel k is not in the updates"):
+    tx.update(partial, tx.init(partial), partial, kfac_stats=st)
   with pytest.raises(ValueError, match="not built with"):
     t0 = scale_by_kfac_factors(layers=capture.no_layers())
     t0.update(g, t0.init(params), params, kfac_stats=st)

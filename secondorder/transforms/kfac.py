@@ -78,8 +78,13 @@ def _leaf_index(tree) -> dict[tuple[str, ...], int]:
   return {param_path(p): i for i, (p, _) in enumerate(leaves)}
 
 
-def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str) -> dict:
-  """Leaf indices of each layer's kernel and bias, raising when one is absent or misshapen."""
+def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str,
+                     require: bool = True) -> dict:
+  """Leaf indices of each layer's kernel and bias, raising when one is absent or misshapen.
+
+  With `require=False` (init) an absent leaf is let through: `optax.tree.map_params` calls
+  init with a placeholder in place of the params; `update` then checks every layer.
+  """
   index = _leaf_index(tree)
   leaves = jax.tree_util.tree_leaves(tree)
   known = ", ".join("/".join(p) for p in list(index)[:8]) + (", ..." if len(index) > 8 else "")
@@ -90,6 +95,8 @@ def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str) -> dict:
       if path is None:
         continue
       if path not in index:
+        if not require:
+          continue
         raise ValueError(
             f"K-FAC layer {layer.name!r}: its {role} {'/'.join(path)} is not in the {what} "
             f"(which has {known}). Build the transform from the same params tree that the "
@@ -99,7 +106,8 @@ def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str) -> dict:
         raise ValueError(
             f"K-FAC layer {layer.name!r}: {role} {'/'.join(path)} has shape {got} in the {what}, "
             f"expected {tuple(shape)}.")
-    out[layer.name] = (index[layer.kernel], None if layer.bias is None else index[layer.bias])
+    if require:
+      out[layer.name] = (index[layer.kernel], None if layer.bias is None else index[layer.bias])
   return out
 
 
@@ -215,13 +223,16 @@ def scale_by_kfac_factors(
     if layer.bias is not None:
       owned.add(layer.bias)
 
-  def uncovered_mask(tree):
-    return jax.tree_util.tree_map_with_path(lambda p, _: param_path(p) not in owned, tree)
-
-  fallback_tx = optax.masked(fallback, uncovered_mask)
+  def without_covered(tree):
+    # The fallback sees the whole tree with each covered leaf shrunk to an empty array: its
+    # state keeps the params' structure (optax.tree.map_params, orbax) at no memory cost.
+    if tree is None:
+      return None
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros((0,), x.dtype) if param_path(p) in owned else x, tree)
 
   def init_fn(params):
-    _check_layers_in(params, layer_list, "params")
+    _check_layers_in(params, layer_list, "params", require=False)
     zeros = lambda n: jnp.zeros((n, n), stats_dtype)
     exact_layers = layer_list if damping_mode == "exact" else ()
     factored_layers = layer_list if damping_mode == "factored" else ()
@@ -241,7 +252,7 @@ def scale_by_kfac_factors(
         num_refreshes=jnp.zeros([], jnp.int32),
         num_skipped=jnp.zeros([], jnp.int32),
         kl_scale=jnp.ones([], stats_dtype),
-        fallback=fallback_tx.init(params))
+        fallback=fallback.init(without_covered(params)))
 
   def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
     del extra_args
@@ -320,8 +331,8 @@ def scale_by_kfac_factors(
         v = v[:-1]
       new_leaves[ki] = v.reshape(gk.shape).astype(gk.dtype)
 
-    # optax.masked passes the covered leaves through and returns the full tree.
-    fb_updates, fb_state = fallback_tx.update(updates, state.fallback, params)
+    fb_updates, fb_state = fallback.update(without_covered(updates), state.fallback,
+                                           without_covered(params))
     covered_idx = {i for pair in where.values() for i in pair if i is not None}
     for i, x in enumerate(jax.tree_util.tree_leaves(fb_updates)):
       if i not in covered_idx:
