@@ -350,6 +350,13 @@ class Case:
     return f"Case({self.name})"
 
 
+def generic_method_cases(cases):
+  """The library's cases (optax baselines dropped) that run on any params pytree: the
+  K-FAC cases with a covered layer need the `dense_softmax` model and are left out."""
+  return [c for c in cases
+          if not c.name.startswith("optax_") and c.extra_args is not kfac_capture_args]
+
+
 # ----------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from secondorder.transforms.sophia import sophia
 from tests import contract as C
 from tests.test_contract import CASES
 
-METHOD_CASES = [c for c in CASES if not c.name.startswith("optax_")]
+METHOD_CASES = C.generic_method_cases(CASES)
 
 
 def _ids(cases):

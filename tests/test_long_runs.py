@@ -18,6 +18,7 @@ import pytest
 from tests import contract as C
 from tests.test_contract import CASES
 
+# Every library case; the K-FAC cases with a covered layer run on their Dense model.
 METHOD_CASES = [c for c in CASES if not c.name.startswith("optax_")]
 STEPS = 10_000
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
@@ -46,13 +47,16 @@ def _ce(p):
 
 
 def _problem(case):
+  if case.extra_args is C.kfac_capture_args:
+    return C.get_problem("dense_softmax")
   if case.extra_args is C.logits_fn_args:
     return C.Problem("long_logits", {"w": jnp.zeros((2, 2))}, _ce, 0.0, 1.0, _logits)
   return C.Problem("long_quadratic", {"w": jnp.zeros((2, 2))}, _loss, 0.0, 1.0)
 
 
 def _lr(case):
-  name = "softmax_regression" if case.extra_args is C.logits_fn_args else "matrix_quadratic"
+  name = ("softmax_regression" if case.extra_args is C.logits_fn_args else
+          "dense_softmax" if case.extra_args is C.kfac_capture_args else "matrix_quadratic")
   return 0.5 * case.lr_for(name)
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests import contract as C
 from tests.test_contract import CASES
 
-METHOD_CASES = [c for c in CASES if not c.name.startswith("optax_")]
+METHOD_CASES = C.generic_method_cases(CASES)
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
