@@ -224,12 +224,13 @@ def scale_by_kfac_factors(
       owned.add(layer.bias)
 
   def without_covered(tree):
-    # The fallback sees the whole tree with each covered leaf shrunk to an empty array: its
-    # state keeps the params' structure (optax.tree.map_params, orbax) at no memory cost.
+    # The fallback sees the whole tree with each covered leaf shrunk to a one-entry
+    # placeholder: its state keeps the params' structure (optax.tree.map_params) at no
+    # memory cost. Not zero entries: orbax refuses to save zero-size arrays.
     if tree is None:
       return None
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros((0,), x.dtype) if param_path(p) in owned else x, tree)
+        lambda p, x: jnp.zeros((1,), x.dtype) if param_path(p) in owned else x, tree)
 
   def init_fn(params):
     _check_layers_in(params, layer_list, "params", require=False)
