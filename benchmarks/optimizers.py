@@ -217,10 +217,17 @@ register(OptimizerSpec(
     "kfac", _kfac, 0.1, needs=("kfac_stats",), family="secondorder",
     note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, KL clipping)",
     value_grad=_kfac_value_grad))
+def _shampoo(lr, n, problem):
+  # On CPU the roots use the coupled Newton iteration: with jaxlib 0.10.2 the default
+  # eigendecompositions (several batched LAPACK calls in one step) deadlock the 2-thread
+  # intra-op pool of a 2-core machine (gdb: jax::ParallelBatchMap waiting in both threads).
+  method = "newton" if jax.default_backend() == "cpu" else "eigh"
+  return _module("secondorder.transforms.shampoo").shampoo(lr, method=method)
+
+
 register(OptimizerSpec(
-    "shampoo",
-    lambda lr, n, p: _module("secondorder.transforms.shampoo").shampoo(lr),
-    3e-3, family="secondorder", note="Shampoo (blocked, grafted)"))
+    "shampoo", _shampoo, 3e-3, family="secondorder",
+    note="Shampoo (blocked, Adam-grafted; coupled-Newton roots on CPU)"))
 
 
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the
