@@ -120,7 +120,9 @@ def _synchronous_cpu_dispatch() -> None:
   # K-FAC and Shampoo) runs inside an asynchronously dispatched executable: the executable
   # occupies an intra-op pool thread and the LAPACK batch waits for tasks queued on the
   # same, exhausted pool (2 threads on a 2-core machine). Synchronous dispatch runs the
-  # executable on the calling thread instead. Step times are taken synchronously anyway.
+  # executable on the calling thread, which removes that case (two such calls running
+  # concurrently inside one step can still block both threads: see the Shampoo row).
+  # Step times are taken synchronously anyway.
   import jax
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
