@@ -273,7 +273,8 @@ def test_kfac_nonfinite_factors_are_skipped_and_counted(bad):
   before = _find(state, "ScaleByKfacState")
   u, state = update(True, state)
   after = _find(state, "ScaleByKfacState")
-  for field in ("a", "s", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "factor_weight"):
+  for field in ("a", "s", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "a_inverse",
+                "s_inverse", "factor_weight"):
     C.assert_trees_equal(getattr(before, field), getattr(after, field), field)
   assert int(after.num_skipped) == int(before.num_skipped) + 1
   assert _all_finite((u, state))

@@ -74,7 +74,7 @@ _PROBLEM = C.Problem("random", None, _loss, 0.0, 1.0, logits_fn=_logits)
 def test_random_pytrees(case):
   tx = case.make(0.05)
 
-  @settings(max_examples=8, deadline=None, derandomize=True,
+  @settings(max_examples=6, deadline=None, derandomize=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
   @given(_trees)
   def run(spec):
