@@ -54,8 +54,8 @@ SIZES = (64, 128, 32, 8, 32, 128, 64)
 CODE_LAYER = 2
 BATCH, STEPS, TARGET = 256, 500, 17.0
 ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-KFAC_CONFIG = dict(learning_rate=0.3, damping=3e-2, kl_clip=1e-2, update_interval=5,
-                   momentum=0.9)
+KFAC_CONFIG = dict(learning_rate=0.3, damping=3e-3, kl_clip=2e-2, update_interval=5,
+                   momentum=0.7)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
