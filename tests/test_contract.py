@@ -12,7 +12,8 @@ import pytest
 
 from secondorder import capture
 from secondorder.transforms.accumulate import (accumulated_adamw, accumulated_sgd,
-                                               every_k_accumulate, every_k_gate)
+                                               every_k_accumulate, every_k_gate,
+                                               scale_by_adam_beta_tilde)
 from secondorder.transforms.hutchinson import adahessian, scale_by_hutchinson
 from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
 from secondorder.transforms.shampoo import STATIC_ARGS as SHAMPOO_STATIC_ARGS
@@ -109,6 +110,13 @@ CASES: list[Case] = [
     Case("every_k_accumulate",
          lambda learning_rate: optax.chain(every_k_accumulate(2),
                                            every_k_gate(2, optax.scale_by_learning_rate(learning_rate))),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
+         lr_is_last=False, steps={**{k: 2 * v for k, v in C.DEFAULT_STEPS.items()}, "rosenbrock": 2000}),
+    # The beta-tilde variant: Adam with β̃ = 1 − (1 − β)/k, gated to every k-th call.
+    Case("scale_by_adam_beta_tilde",
+         lambda learning_rate: optax.chain(
+             scale_by_adam_beta_tilde(2),
+             every_k_gate(2, optax.scale_by_learning_rate(learning_rate))),
          lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
          lr_is_last=False, steps={**{k: 2 * v for k, v in C.DEFAULT_STEPS.items()}, "rosenbrock": 2000}),
     Case("accumulated_adamw", lambda learning_rate: accumulated_adamw(learning_rate, 2, weight_decay=0.0),

@@ -328,6 +328,7 @@ INT_LEAF_XFAIL = {
     "every_k_accumulate": "returns float32 updates for an int32 leaf (dtype not preserved)",
     "accumulated_adamw": "returns float32 updates for an int32 leaf (dtype not preserved)",
     "accumulated_sgd": "returns float32 updates for an int32 leaf (dtype not preserved)",
+    "scale_by_adam_beta_tilde": "returns float32 updates for an int32 leaf (dtype not preserved)",
 }
 
 
