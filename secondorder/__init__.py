@@ -10,8 +10,12 @@ The public API is flat::
 from secondorder import capture
 from secondorder import curvature
 from secondorder import linalg
+from secondorder.capture import KfacLayers
+from secondorder.capture import LayerStats
 from secondorder.capture import linen_capture
 from secondorder.capture import nnx_capture
+from secondorder.capture import no_layers
+from secondorder.capture import no_stats
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
@@ -44,8 +48,10 @@ from secondorder.transforms.hutchinson import ScaleByHutchinsonState
 from secondorder.transforms.hutchinson import adahessian
 from secondorder.transforms.hutchinson import scale_by_hutchinson
 from secondorder.transforms.hutchinson import value_grad_and_hessian_diag
+from secondorder.transforms.kfac import ScaleByKfacState
 from secondorder.transforms.kfac import kfac
 from secondorder.transforms.kfac import scale_by_kfac_factors
+from secondorder.transforms.shampoo import ShampooState
 from secondorder.transforms.shampoo import shampoo
 from secondorder.transforms.shampoo import shampoo_preconditioner
 from secondorder.transforms.sophia import SophiaClipState
