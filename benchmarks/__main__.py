@@ -20,6 +20,9 @@ import platform
 import sys
 import time
 
+# One OpenBLAS thread per LAPACK call (see README, "A note on CPUs"); set before JAX loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def _machine() -> str:
   import jax

@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
+# jaxlib's CPU eigh/Cholesky call OpenBLAS, whose own threads thrash on a few shared cores and
+# have hung batched eigendecompositions (jaxlib 0.10.2); one BLAS thread per call avoids both.
+# It must be set before JAX (and so OpenBLAS) is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
