@@ -47,6 +47,7 @@ import optax
 from flax import nnx
 from sklearn.datasets import load_digits
 
+from benchmarks.problems import CNN
 from secondorder import capture
 from secondorder.transforms.kfac import kfac
 
@@ -73,20 +74,6 @@ class Autoencoder(nnx.Module):
       if i < len(self.layers) - 1 and i != CODE_LAYER:
         x = jnp.tanh(x)
     return x
-
-
-class CNN(nnx.Module):
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, 16, (3, 3), padding="SAME", rngs=rngs)
-    self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
-    self.head = nnx.Linear(4 * 4 * 32, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], 8, 8, 1)
-    x = nnx.relu(self.conv1(x))
-    x = nnx.relu(self.conv2(x))
-    return self.head(x.reshape(x.shape[0], -1))
 
 
 def bernoulli_nll(logits, x):
@@ -259,7 +246,7 @@ def cnn(args, steps=300, batch=64):
   ys = jnp.asarray(d.target[perm], jnp.int32)
   x_tr, y_tr, x_te, y_te = xs[:1500], ys[:1500], xs[1500:], ys[1500:]
   idx = batch_indices(x_tr.shape[0], batch, steps, seed=1)
-  model = CNN(nnx.Rngs(0))
+  model = CNN(rngs=nnx.Rngs(0))
   graphdef, params0 = nnx.split(model)
   acc = jax.jit(lambda p: jnp.mean(jnp.argmax(nnx.merge(graphdef, p)(x_te), -1) == y_te))
   results, curves = {}, {}
