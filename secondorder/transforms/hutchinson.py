@@ -233,8 +233,9 @@ def scale_by_hutchinson(
       finite = _tree_all_finite(d)
       new_nu = optax.tree.update_moment_per_elem_norm(d, nu, b2, 2)
       nu = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_nu, nu)
-      return (nu, hessian_count + finite.astype(jnp.int32),
-              nonfinite_count + (~finite).astype(jnp.int32))
+      # Saturating counters: a wrapped hessian_count would turn have_curvature off.
+      return (nu, jnp.where(finite, optax.safe_increment(hessian_count), hessian_count),
+              jnp.where(finite, nonfinite_count, optax.safe_increment(nonfinite_count)))
 
     nu, hessian_count, nonfinite_count = _maybe_refresh(
         refresh_fn, (state.nu, state.hessian_count, state.nonfinite_count), state.count,

@@ -352,8 +352,11 @@ def scale_by_kfac_factors(
         factor_weight=weight, a=a, s=s,
         a_eigvals=a_w, a_eigvecs=a_v, s_eigvals=s_w, s_eigvecs=s_v,
         a_inverse=a_inv, s_inverse=s_inv,
-        num_refreshes=state.num_refreshes + do_refresh.astype(jnp.int32),
-        num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+        # Saturating counters (optax.safe_increment), as for `count`.
+        num_refreshes=jnp.where(do_refresh, optax.safe_increment(state.num_refreshes),
+                                state.num_refreshes),
+        num_skipped=jnp.where(finite, state.num_skipped,
+                              optax.safe_increment(state.num_skipped)),
         kl_scale=nu.astype(stats_dtype), fallback=fb_state)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 

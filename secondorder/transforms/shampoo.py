@@ -533,8 +533,11 @@ def shampoo_preconditioner(
     new_state = ShampooState(
         count=count, stats=new_stats, preconds=preconds,
         diag_stats=diag_stats, graft_state=graft_state,
-        root_failures=state.root_failures + failures,
-        stat_skips=state.stat_skips + any_skip.astype(jnp.int32))
+        # Saturating counters (like optax.safe_increment): they never wrap negative.
+        root_failures=state.root_failures + jnp.minimum(
+            failures, jnp.iinfo(jnp.int32).max - state.root_failures),
+        stat_skips=jnp.where(any_skip, optax.safe_increment(state.stat_skips),
+                             state.stat_skips))
     return jax.tree.unflatten(treedef, out_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -220,8 +220,10 @@ def sophia_clip(
       finite = _tree_all_finite(estimate)
       new_hessian = optax.tree.update_moment(estimate, hessian, b2, 1)
       hessian = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_hessian, hessian)
-      return (hessian, hessian_count + finite.astype(jnp.int32),
-              nonfinite_count + (~finite).astype(jnp.int32), estimator_state)
+      # Saturating counters (optax.safe_increment), as for `count`.
+      return (hessian, jnp.where(finite, optax.safe_increment(hessian_count), hessian_count),
+              jnp.where(finite, nonfinite_count, optax.safe_increment(nonfinite_count)),
+              estimator_state)
 
     hessian, hessian_count, nonfinite_count, estimator_state = _maybe_refresh(
         refresh_fn,
