@@ -132,7 +132,10 @@ def sophia_clip(
 
   `bias_correction=False` drops both bias corrections (the paper's rule with an estimate at
   step 0). A refresh whose estimate holds a NaN or an Inf is skipped: `hessian` is kept and
-  `nonfinite_count` incremented. The fraction of entries with
+  `nonfinite_count` incremented. A NaN or Inf gradient is not clipped away: the momentum
+  keeps it (as in `optax.adam`) and the update of each affected entry is that non-finite
+  momentum, never a finite ±1 step; wrap in `optax.apply_if_finite` to skip such steps.
+  The fraction of entries with
   :math:`|\hat m / \max(\gamma \hat h, \epsilon)| < 1` is stored as `win_rate` in the state.
 
   Relation to the official implementation: its Sophia-G step is
@@ -244,8 +247,11 @@ def sophia_clip(
     not_clipped = sum(jnp.sum(jnp.abs(r) < 1) for r in jax.tree.leaves(ratio))
     size = max(optax.tree.size(ratio), 1)
     win_rate = (not_clipped / size).astype(jnp.float32)
+    # clip(±inf, 1) would be a finite ±1 step: a non-finite momentum entry is returned as it
+    # is, so the fault shows in the update (and optax.apply_if_finite can skip the step).
     new_updates = jax.tree.map(
-        lambda r, u: jnp.clip(r, -1, 1).astype(jnp.result_type(u)), ratio, updates)
+        lambda r, m, u: jnp.where(jnp.isfinite(m), jnp.clip(r, -1, 1), m).astype(
+            jnp.result_type(u)), ratio, mu, updates)
     return new_updates, SophiaClipState(
         count=count, hessian_count=hessian_count, nonfinite_count=nonfinite_count,
         win_rate=win_rate, mu=mu, hessian=hessian, estimator_state=estimator_state)
