@@ -108,24 +108,12 @@ def _count_fields(state):
 _PER_REAL_UPDATE = {"EveryKAccumulateState", "EveryKGateState"}
 
 
-_F16_OVERFLOW = {
-    name: "the K-FAC diagonal fallback (optax.scale_by_rms) keeps its second moment in the "
-          "params' dtype, not float32: with float16 params g**2 overflows (gradients ~300 "
-          "here) and nu becomes inf, after which that entry's update is 0 forever"
-    for name in ("scale_by_kfac_factors", "kfac")}
-_F16_OVERFLOW["scale_by_adam_beta_tilde"] = (
-    "optax.scale_by_adam keeps nu in the params' dtype (there is no nu_dtype): with float16 "
-    "params g**2 overflows (gradients ~300 here) and nu becomes inf")
-
-
 def _long_params():
   out = []
   for c in METHOD_CASES:
     for dtype, did in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.float32, "f32"),
                        (jnp.float64, "f64")):
-      marks = ([pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW[c.name])]
-               if did == "f16" and c.name in _F16_OVERFLOW else [])
-      out.append(pytest.param(c, dtype, id=f"{c.name}-{did}", marks=marks))
+      out.append(pytest.param(c, dtype, id=f"{c.name}-{did}"))
   return out
 
 

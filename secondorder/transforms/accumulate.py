@@ -43,6 +43,22 @@ def _check_k(k: Any) -> None:
   check_int("k", k, minimum=1)
 
 
+def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
+  for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
+
+  def up(tree):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    out, state = tx.update(up(updates), state, up(params), **extra_args)
+    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: tx.init(up(params)), update_fn)
+
+
 def _k_fn(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
   return k if callable(k) else (lambda _: k)
 
@@ -343,7 +359,9 @@ def scale_by_adam_beta_tilde(
   """
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  return optax.scale_by_adam(beta_tilde(b1, k), beta_tilde(b2, k), eps, eps_root, mu_dtype)
+  # Moments in float32 at least (g**2 overflows float16 for |g| > 256).
+  return _in_float32(
+      optax.scale_by_adam(beta_tilde(b1, k), beta_tilde(b2, k), eps, eps_root, mu_dtype))
 
 
 def accumulated_adamw(

@@ -58,6 +58,22 @@ class ScaleByKfacState(NamedTuple):
   fallback: optax.OptState
 
 
+def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
+  for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
+
+  def up(tree):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    out, state = tx.update(up(updates), state, up(params), **extra_args)
+    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: tx.init(up(params)), update_fn)
+
+
 def _value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return v(count) if callable(v) else v
 
@@ -165,7 +181,8 @@ def scale_by_kfac_factors(
   step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
   approximation (see `secondorder.capture`). Parameters outside the covered layers go
   through `fallback` (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999,
-  1e-8, eps_in_sqrt=False, bias_correction=True)`) and are left out of the KL sum.
+  1e-8, eps_in_sqrt=False, bias_correction=True)` with its second moment in float32 at least)
+  and are left out of the KL sum.
 
   Args:
     layers: the covered layers, `cap.layers(model_or_params, x)` from `secondorder.capture`,
@@ -215,8 +232,9 @@ def scale_by_kfac_factors(
   if learning_rate is not None:
     check_range("learning_rate", learning_rate, 0.0, None)
   if fallback is None:
-    fallback = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
-                                  bias_correction=True)
+    # Second moment in float32 at least (g**2 overflows float16 for |g| > 256).
+    fallback = _in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
+                                              bias_correction=True))
   owned = set()
   for layer in layer_list:
     owned.add(layer.kernel)
