@@ -17,6 +17,8 @@ at the end of its run in about half the steps. Here:
   the conservative choice for the ratio); every other optimizer's count is the first step at
   which its smoothed curve is at or below the target ("-" if never within the run);
 * the ratio is steps / AdamW's steps (the paper's claim is about 0.5; the issue asks <= 0.7).
+  The reverse view is printed too: the step at which AdamW's curve first reaches each row's
+  final loss (less than `--steps` when that row ends above AdamW).
 
 With `--seeds` > 1 the extra seeds rerun the chosen setting; the target is the median of
 AdamW's final smoothed losses and the counts are medians over seeds. Step times are the
@@ -168,8 +170,9 @@ def main(argv=None) -> int:
       f"{args.window}-step running mean of the minibatch loss. Target = AdamW's final "
       f"smoothed loss {target:.4f}, first reached by AdamW at step {adamw_steps:g}.\n",
       "| optimizer | chosen | lr | final smoothed loss | final train loss | held-out loss | "
-      "steps to AdamW's final | x AdamW's steps | step time (x AdamW) |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "steps to AdamW's final | x AdamW's steps | AdamW's steps to this final | "
+      "step time (x AdamW) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   summary = []
   for row_name in ["adamw"] + [n for n in SOPHIA_ROWS if n in chosen]:
@@ -178,12 +181,16 @@ def main(argv=None) -> int:
     ratio = med / adamw_steps if med is not None else None
     step_ratio = row.step_s / adamw.step_s if row.step_s and adamw.step_s else None
     fin = [final(r) for r in row.runs]
+    # The reverse view: where AdamW's curve reaches this row's final loss.
+    back = [steps_to_loss(smooth(a), float(np.median(fin))) for a in adamw.runs]
+    back = [b for b in back if b is not None]
     lines.append("| " + " | ".join([
         row_name, label, f"{row.best_lr:.3g}", f"{np.median(fin):.4f}",
         f"{np.median([r.final_train for r in row.runs]):.4f}",
         f"{np.median([r.final_eval for r in row.runs]):.4f}",
         f"{med:g}" if med is not None else f"- (not within {args.steps})",
         f"{ratio:.2f}" if ratio is not None else "-",
+        f"{np.median(back):g}" if back else "-",
         f"{step_ratio:.2f}" if step_ratio is not None else "-",
     ]) + " |")
     summary.append({"kind": "summary", "row": row_name, "variant": label, "lr": row.best_lr,
