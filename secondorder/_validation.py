@@ -87,3 +87,17 @@ def require_extra_arg(method: str, keyword: str, value: Any, example: str) -> An
         f"{method} needs the keyword argument `{keyword}` in update(); call it as "
         f"`tx.update(grads, state, params, {example})`.")
   return value
+
+
+def check_float_leaves(method: str, params: Any, *, complex_ok: bool = True) -> None:
+  """Raises a TypeError naming the first leaf of `params` that is not floating point (or
+  complex, when `complex_ok` is False)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(f"{method} needs floating-point params; leaf {_path_str(path)} has "
+                      f"dtype {dtype}.")
+    if not complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(f"{method} does not support complex params (the imaginary part would "
+                      f"be dropped); leaf {_path_str(path)} has dtype {dtype}.")
+

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from secondorder._validation import check_int, check_range
+from secondorder._validation import check_float_leaves, check_int, check_range
 
 KSchedule = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -43,7 +43,8 @@ def _check_k(k: Any) -> None:
   check_int("k", k, minimum=1)
 
 
-def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _in_float32(tx: optax.GradientTransformation,
+                method: str) -> optax.GradientTransformationExtraArgs:
   """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
   for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
 
@@ -56,7 +57,11 @@ def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     out, state = tx.update(up(updates), state, up(params), **extra_args)
     return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
 
-  return optax.GradientTransformationExtraArgs(lambda params: tx.init(up(params)), update_fn)
+  def init_fn(params):
+    check_float_leaves(method, params)
+    return tx.init(up(params))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _k_fn(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
@@ -203,6 +208,8 @@ def every_k_accumulate(
   adam = b2 is not None
 
   def init_fn(params):
+    # The Adam form's g**2 would drop the imaginary part of a complex gradient.
+    check_float_leaves("every_k_accumulate", params, complex_ok=not adam)
     return EveryKAccumulateState(
         mini_step=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
@@ -361,7 +368,8 @@ def scale_by_adam_beta_tilde(
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
   # Moments in float32 at least (g**2 overflows float16 for |g| > 256).
   return _in_float32(
-      optax.scale_by_adam(beta_tilde(b1, k), beta_tilde(b2, k), eps, eps_root, mu_dtype))
+      optax.scale_by_adam(beta_tilde(b1, k), beta_tilde(b2, k), eps, eps_root, mu_dtype),
+      "scale_by_adam_beta_tilde")
 
 
 def accumulated_adamw(

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from secondorder._validation import check_int, check_range, require_extra_arg
+from secondorder._validation import (check_float_leaves, check_int, check_range,
+                                     require_extra_arg)
 from secondorder.curvature.estimators import hutchinson_diag, rademacher_like
 from secondorder.curvature.products import value_grad_hvp
 
@@ -200,6 +201,8 @@ def scale_by_hutchinson(
         f"params returning one, got {spatial_averaging!r}.")
 
   def init_fn(params):
+    check_float_leaves("scale_by_hutchinson", params)
+
     def zeros(x):
       return jnp.zeros(jnp.shape(x), _stats_dtype(jnp.result_type(x), stats_dtype))
     return ScaleByHutchinsonState(

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 
 from secondorder import linalg
-from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
+from secondorder._validation import (check_choice, check_float_leaves, check_int,
+                                     check_range, require_extra_arg)
 from secondorder.capture import KfacLayer, KfacLayers, LayerStats, param_path
 
 __all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
@@ -251,6 +252,7 @@ def scale_by_kfac_factors(
         lambda p, x: jnp.zeros((1,), x.dtype) if param_path(p) in owned else x, tree)
 
   def init_fn(params):
+    check_float_leaves("scale_by_kfac_factors", params)
     _check_layers_in(params, layer_list, "params", require=False)
     zeros = lambda n: jnp.zeros((n, n), stats_dtype)
     exact_layers = layer_list if damping_mode == "exact" else ()

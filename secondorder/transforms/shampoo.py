@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from secondorder import linalg
-from secondorder._validation import check_choice, check_int, check_range
+from secondorder._validation import check_choice, check_float_leaves, check_int, check_range
 
 __all__ = ["ShampooState", "shampoo_preconditioner", "shampoo", "GRAFTS", "STATIC_ARGS"]
 
@@ -404,6 +404,7 @@ def shampoo_preconditioner(
                       bool(precondition_1d), exponent_override)
 
   def init_fn(params):
+    check_float_leaves("shampoo_preconditioner", params, complex_ok=False)
     leaves = jax.tree.leaves(params)
     if not leaves:
       # No parameters, or optax.tree.map_params' placeholder: the fields whose layout

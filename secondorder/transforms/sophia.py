@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder._validation import check_choice, check_int, check_range, require_extra_arg
+from secondorder._validation import (check_choice, check_float_leaves, check_int,
+                                     check_range, require_extra_arg)
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
 from secondorder.transforms.hutchinson import _maybe_refresh, _stats_dtype, _tree_all_finite
 
@@ -199,6 +200,8 @@ def sophia_clip(
         f"returning a Hessian diagonal, got {estimator!r}.")
 
   def init_fn(params):
+    check_float_leaves("sophia_clip", params)
+
     def zeros(x):
       return jnp.zeros(jnp.shape(x), _stats_dtype(jnp.result_type(x), stats_dtype))
     return SophiaClipState(
