@@ -101,3 +101,23 @@ def check_float_leaves(method: str, params: Any, *, complex_ok: bool = True) -> 
       raise TypeError(f"{method} does not support complex params (the imaginary part would "
                       f"be dropped); leaf {_path_str(path)} has dtype {dtype}.")
 
+
+def check_state_shapes(method: str, init_fn: Any, updates: Any, state: Any) -> None:
+  """Raises unless `state` has the leaf shapes `init_fn(updates)` would give it.
+
+  For states whose layout is not params-shaped (blocked or factored statistics): a gradient
+  that merely broadcasts against the params the state was built for is an error. Only
+  shapes are traced (`jax.eval_shape`), so this costs nothing at run time.
+  """
+  expected = jax.tree_util.tree_flatten_with_path(jax.eval_shape(init_fn, updates))[0]
+  got = jax.tree.leaves(state)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(updates)]
+  if len(expected) != len(got):
+    raise ValueError(f"{method}: updates (leaf shapes {shapes}) do not match the params the "
+                     f"state was initialized with (the state has a different structure).")
+  for (path, e), g in zip(expected, got):
+    if jnp.shape(e) != jnp.shape(g):
+      raise ValueError(
+          f"{method}: updates (leaf shapes {shapes}) do not match the params the state was "
+          f"initialized with; state leaf {_path_str(path)} has shape {jnp.shape(g)}, these "
+          f"updates need {jnp.shape(e)}.")

@@ -370,15 +370,7 @@ def test_mismatched_shape_is_an_error(case):
     update(other, state, other)
 
 
-BROADCAST_XFAIL = {c.name: "a (1,) gradient for a (3,) parameter broadcasts silently "
-                           "into a (3,) update (no shape check against the state)"
-                   for c in METHOD_CASES
-                   if c.name not in ("every_k_accumulate", "accumulated_adamw")}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=BROADCAST_XFAIL[c.name])]
-                 if c.name in BROADCAST_XFAIL else []) for c in METHOD_CASES])
+@pytest.mark.parametrize("case", _ids(METHOD_CASES))
 def test_broadcastable_shape_mismatch_is_an_error(case):
   params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
   tx, update = _stepper(case, jit=False)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from secondorder._validation import check_float_leaves, check_int, check_range
+from secondorder._validation import (check_float_leaves, check_int, check_range,
+                                     check_same_structure)
 
 KSchedule = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -54,6 +55,9 @@ def _in_float32(tx: optax.GradientTransformation,
         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
   def update_fn(updates, state, params=None, **extra_args):
+    mu = getattr(state, "mu", None)  # optax.scale_by_adam's state: mu is params-shaped
+    if mu is not None:
+      check_same_structure("updates", mu, updates, "the state")
     out, state = tx.update(up(updates), state, up(params), **extra_args)
     return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
 
@@ -219,6 +223,8 @@ def every_k_accumulate(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    # Shapes are static: a broadcastable mismatch is an error, not a free broadcast.
+    check_same_structure("updates", state.mu, updates, "the state")
     kk, emit, mini_step, count = _cycle(k_fn, state.mini_step, state.count)
     start = state.mini_step == 0
     mu = _fold(state.mu, updates, start, b1, kk, 1, ema)

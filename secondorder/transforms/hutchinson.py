@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from secondorder._validation import (check_float_leaves, check_int, check_range,
-                                     require_extra_arg)
+                                     check_same_structure, require_extra_arg)
 from secondorder.curvature.estimators import hutchinson_diag, rademacher_like
 from secondorder.curvature.products import value_grad_hvp
 
@@ -217,6 +217,9 @@ def scale_by_hutchinson(
   def update_fn(updates, state, params=None, *, obj_fn=None, hessian_diag=None,
                 refresh=None, **extra_args):
     del extra_args
+    # Shapes are static: a broadcastable mismatch ((1,) for (3,)) is an error, not a free
+    # broadcast.
+    check_same_structure("updates", state.mu, updates, "the state")
     mask = _spatial_mask(spatial_averaging, updates)
     key, probe_key = jax.random.split(state.key)
 

@@ -17,7 +17,7 @@ import optax
 
 from secondorder import linalg
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
-                                     check_range, require_extra_arg)
+                                     check_range, check_state_shapes, require_extra_arg)
 from secondorder.capture import KfacLayer, KfacLayers, LayerStats, param_path
 
 __all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
@@ -283,6 +283,7 @@ def scale_by_kfac_factors(
         if layer_list else "kfac_stats=capture.no_stats()")
     _check_stats(stats, layer_list)
     where = _check_layers_in(updates, layer_list, "updates")
+    check_state_shapes("scale_by_kfac_factors", init_fn, updates, state)
 
     # Running factors: skip (and count) a batch whose statistics are not finite.
     finite = jnp.array(True)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from secondorder import linalg
-from secondorder._validation import check_choice, check_float_leaves, check_int, check_range
+from secondorder._validation import (check_choice, check_float_leaves, check_int, check_range,
+                                     check_state_shapes)
 
 __all__ = ["ShampooState", "shampoo_preconditioner", "shampoo", "GRAFTS", "STATIC_ARGS"]
 
@@ -431,6 +432,7 @@ def shampoo_preconditioner(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    check_state_shapes("shampoo_preconditioner", init_fn, updates, state)
     leaves, treedef = jax.tree.flatten(updates)
     plan = plan_for(leaves)
     count = optax.safe_increment(state.count)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
-                                     check_range, require_extra_arg)
+                                     check_range, check_same_structure, require_extra_arg)
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
 from secondorder.transforms.hutchinson import _maybe_refresh, _stats_dtype, _tree_all_finite
 
@@ -215,6 +215,8 @@ def sophia_clip(
     )
 
   def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
+    # Shapes are static: a broadcastable mismatch is an error, not a free broadcast.
+    check_same_structure("updates", state.mu, updates, "the state")
     if params is None:
       raise ValueError("sophia_clip needs params in update(): "
                        "`tx.update(grads, state, params, ...)`.")
