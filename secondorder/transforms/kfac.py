@@ -62,6 +62,7 @@ class ScaleByKfacState(NamedTuple):
 def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
   for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
+  tx = optax.with_extra_args_support(tx)  # unknown extra args are dropped, not passed on
 
   def up(tree):
     return jax.tree.map(
