@@ -32,6 +32,7 @@ import optax
 
 from secondorder._validation import (check_float_leaves, check_int, check_range,
                                      check_same_structure)
+from secondorder.transforms._float32 import in_float32
 
 KSchedule = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -46,25 +47,18 @@ def _check_k(k: Any) -> None:
 
 def _in_float32(tx: optax.GradientTransformation,
                 method: str) -> optax.GradientTransformationExtraArgs:
-  """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
-  for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
-  tx = optax.with_extra_args_support(tx)  # unknown extra args are dropped, not passed on
-
-  def up(tree):
-    return jax.tree.map(
-        lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  """`in_float32(tx)` that checks the params' dtypes at init and the updates' shapes."""
+  inner = in_float32(tx)
 
   def update_fn(updates, state, params=None, **extra_args):
     mu = getattr(state, "mu", None)  # optax.scale_by_adam's state: mu is params-shaped
     if mu is not None:
       check_same_structure("updates", mu, updates, "the state")
-    out, state = tx.update(up(updates), state, up(params), **extra_args)
-    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
+    return inner.update(updates, state, params, **extra_args)
 
   def init_fn(params):
     check_float_leaves(method, params)
-    return tx.init(up(params))
+    return inner.init(params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -19,6 +19,7 @@ from secondorder import linalg
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_state_shapes, require_extra_arg)
 from secondorder.capture import KfacLayer, KfacLayers, LayerStats, param_path
+from secondorder.transforms._float32 import in_float32
 
 __all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
 
@@ -57,23 +58,6 @@ class ScaleByKfacState(NamedTuple):
   num_skipped: jax.Array
   kl_scale: jax.Array
   fallback: optax.OptState
-
-
-def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """`tx` on float leaves promoted to at least float32 (its statistics then stay float32
-  for bfloat16/float16 params, where g**2 overflows); updates cast back to their dtype."""
-  tx = optax.with_extra_args_support(tx)  # unknown extra args are dropped, not passed on
-
-  def up(tree):
-    return jax.tree.map(
-        lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    out, state = tx.update(up(updates), state, up(params), **extra_args)
-    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
-
-  return optax.GradientTransformationExtraArgs(lambda params: tx.init(up(params)), update_fn)
 
 
 def _value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
@@ -235,7 +219,7 @@ def scale_by_kfac_factors(
     check_range("learning_rate", learning_rate, 0.0, None)
   if fallback is None:
     # Second moment in float32 at least (g**2 overflows float16 for |g| > 256).
-    fallback = _in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
+    fallback = in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
                                               bias_correction=True))
   owned = set()
   for layer in layer_list:
