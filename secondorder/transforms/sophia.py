@@ -8,7 +8,7 @@ comes from Hutchinson's estimator (Sophia-H), the Gauss-Newton-Bartlett estimato
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +27,32 @@ class EstimatorState(NamedTuple):
   key: jax.Array
 
 
+def _keyed_estimator(method: str, keyword: str, example: str, estimate: Callable,
+                     seed: int) -> optax.GradientTransformationExtraArgs:
+  """An estimator whose `update` returns `estimate(extra_args[keyword], params, key)`,
+  drawing a fresh key from its state each call."""
+
+  def init_fn(params):
+    del params
+    return EstimatorState(key=jax.random.PRNGKey(seed))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del updates
+    fn = require_extra_arg(method, keyword, extra_args.get(keyword), example)
+    key, sub = jax.random.split(state.key)
+    return estimate(fn, params, sub), EstimatorState(key=key)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def hutchinson_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
   r"""Sophia-H's estimator: :math:`z \odot Hz`, a fresh Rademacher probe per leaf.
 
   Its `update(grads, state, params, obj_fn=...)` returns the estimate (a pytree like params)
   in place of the updates.
   """
-  def init_fn(params):
-    del params
-    return EstimatorState(key=jax.random.PRNGKey(seed))
-
-  def update_fn(updates, state, params=None, *, obj_fn=None, **extra_args):
-    del updates, extra_args
-    require_extra_arg("sophia_clip(estimator='hutchinson')", "obj_fn", obj_fn,
-                      "obj_fn=lambda p: loss_fn(p, batch)")
-    key, sub = jax.random.split(state.key)
-    return hutchinson_diag(obj_fn, params, sub), EstimatorState(key=key)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _keyed_estimator("sophia_clip(estimator='hutchinson')", "obj_fn",
+                          "obj_fn=lambda p: loss_fn(p, batch)", hutchinson_diag, seed)
 
 
 def gnb_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -55,18 +63,8 @@ def gnb_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
   flattened, so tokens for a language model). Its `update(grads, state, params,
   logits_fn=...)` returns the estimate in place of the updates.
   """
-  def init_fn(params):
-    del params
-    return EstimatorState(key=jax.random.PRNGKey(seed))
-
-  def update_fn(updates, state, params=None, *, logits_fn=None, **extra_args):
-    del updates, extra_args
-    require_extra_arg("sophia_clip(estimator='gnb')", "logits_fn", logits_fn,
-                      "logits_fn=lambda p: model.apply(p, batch['inputs'])")
-    key, sub = jax.random.split(state.key)
-    return gnb_diag(logits_fn, params, sub), EstimatorState(key=key)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _keyed_estimator("sophia_clip(estimator='gnb')", "logits_fn",
+                          "logits_fn=lambda p: model.apply(p, batch['inputs'])", gnb_diag, seed)
 
 
 class SophiaClipState(NamedTuple):
