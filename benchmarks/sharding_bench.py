@@ -27,6 +27,19 @@ per device: the ratio shows the work saved, not the speed-up of real accelerator
 
     python3 -m benchmarks.sharding_bench --repeats 5 --out bench_out
 
+K-FAC's factorizations, the same way (`--kfac-only` runs this part alone): a linen MLP
+128 -> 256 -> 256 -> 256 -> 128 (tanh, softmax cross-entropy over 128 classes, true Fisher)
+trained by `kfac(update_interval=1)`, so every step computes the damped inverses of its
+eight factors, A of sizes 129, 257, 257, 257 and S of sizes 256, 256, 256, 128. By default
+each is its own Cholesky call, repeated on every device. With `factor_sharding` (and
+`pad_ratio=1.25`) they form two stacks, [6, 257, 257] and [2, 129, 129], each split over
+the 8 devices: one factorization of each size per device. The table gives the per-device
+Cholesky factorizations (potrf) of the compiled step, the median step time and its ratio
+to dp8 (the defaults: every device repeating every factorization). The set-ups keep every
+device's batch of factorizations to one: on CPU, jaxlib 0.10's batched LAPACK kernels
+deadlock when eight simulated devices run them at once (a replicated [6, 257, 257] stack
+hangs this benchmark).
+
 The roots use the coupled Newton iteration (`method="newton"`, batched matmuls) by
 default. With `--method eigh` the roots are LAPACK calls: jaxlib 0.10's CPU kernel splits a
 batched eigendecomposition into tasks on the same thread pool that runs the simulated
@@ -133,6 +146,134 @@ def setups(devices):
   }
 
 
+KFAC_SIZES = (128, 256, 256, 256, 128)
+
+
+def kfac_setups(devices):
+  dp = Mesh(devices.reshape(8), ("data",), axis_types=(AxisType.Auto,))
+  dpmp = Mesh(devices.reshape(2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  return {  # name: (mesh, model-sharded params, factor_sharding spec)
+      "single": (None, False, None),
+      "dp8": (dp, False, None),
+      "dp8+factor_sharding": (dp, False, P("data")),
+      "dp2_mp4": (dpmp, True, None),
+      "dp2_mp4+factor_sharding": (dpmp, True, P(("data", "model"))),
+  }
+
+
+def potrf_shapes(hlo_text: str) -> list[str]:
+  shapes = []
+  for line in hlo_text.splitlines():
+    if "custom-call" in line and "potrf" in line:
+      m = re.search(r"=\s*\(?(\w+\[[\d,]*\])", line)
+      if m:
+        shapes.append(m.group(1))
+  return sorted(shapes)
+
+
+def kfac_main(args) -> list[dict]:
+  import flax.linen as nn
+
+  from secondorder.capture import linen_capture
+  from secondorder.transforms.kfac import kfac
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i, width in enumerate(KFAC_SIZES[1:]):
+        x = nn.Dense(width, name=f"l{i}")(x)
+        if i < len(KFAC_SIZES) - 2:
+          x = jnp.tanh(x)
+      return x
+
+  def ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  model = MLP()
+  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (BATCH, KFAC_SIZES[0]))
+  y = jax.random.randint(ky, (BATCH,), 0, KFAC_SIZES[-1])
+  params0 = model.init(kp, x)["params"]
+  cap = linen_capture(model, ce, likelihood="softmax")
+  layers = cap.layers(params0, x)
+
+  def make(sharding):
+    # Without factor_sharding: the defaults, one call per factor (repeated on every device).
+    tx = kfac(0.1, layers=layers, update_interval=1, factor_sharding=sharding,
+              pad_ratio=None if sharding is None else 1.25)
+
+    def step(params, state, x, y, key):
+      _, grads, stats = cap(params, x, y, key=key)
+      updates, state = tx.update(grads, state, params, kfac_stats=stats)
+      return optax.apply_updates(params, updates), state
+    return tx, jax.jit(step)
+
+  devices = np.array(jax.devices())
+  key = jax.random.key(1)
+  runs = {}
+  for name, (mesh, model_sharded, spec) in kfac_setups(devices).items():
+    params, xb, yb = params0, x, y
+    sharding = None
+    if mesh is not None:
+      def pspec(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        if not model_sharded:
+          return P()
+        i = int(names[0][1:])  # alternate columns / rows of the kernels over "model"
+        if names[-1] == "kernel":
+          return P(None, "model") if i % 2 == 0 else P("model", None)
+        return P("model") if i % 2 == 0 else P()
+      shardings = jax.tree_util.tree_map_with_path(
+          lambda pth, leaf: NamedSharding(mesh, pspec(pth, leaf)), params0)
+      params = jax.device_put(params0, shardings)
+      xb = jax.device_put(x, NamedSharding(mesh, P("data")))
+      yb = jax.device_put(y, NamedSharding(mesh, P("data")))
+      sharding = None if spec is None else NamedSharding(mesh, spec)
+    tx, step = make(sharding)
+    state = jax.jit(tx.init)(params)
+    compiled = step.lower(params, state, xb, yb, key).compile()
+    # Output shardings may differ from the inputs' for a step or two: warm the jitted step
+    # (which recompiles for them) up before timing it.
+    for _ in range(3):
+      params, state = jax.block_until_ready(step(params, state, xb, yb, key))
+    runs[name] = {"step": step, "params": params, "state": state, "x": xb, "y": yb,
+                  "times": [], "potrf": potrf_shapes(compiled.as_text())}
+
+  names = list(runs)
+  for _ in range(args.repeats):
+    random.shuffle(names)
+    for name in names:
+      r = runs[name]
+      params, state = r["params"], r["state"]
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        params, state = r["step"](params, state, r["x"], r["y"], key)
+      jax.block_until_ready((params, state))
+      r["times"].append((time.perf_counter() - t0) / args.steps)
+      r["params"], r["state"] = params, state
+
+  rows = []
+  for name, r in runs.items():
+    ratios = [t / d for t, d in zip(r["times"], runs["dp8"]["times"])]
+    rows.append({
+        "setup": name, "potrf_per_device": ", ".join(r["potrf"]),
+        "median_step_ms": 1e3 * float(np.median(r["times"])),
+        "ratio_to_dp8": float(np.median(ratios)),
+        "max_param_diff_vs_single": max(
+            float(jnp.max(jnp.abs(a - b))) for a, b in
+            zip(jax.tree.leaves(r["params"]), jax.tree.leaves(runs["single"]["params"])))})
+  print(f"\nK-FAC damped inverses on a simulated 8-device mesh (MLP "
+        f"{'-'.join(map(str, KFAC_SIZES))}, update_interval=1, "
+        f"{args.repeats} rounds x {args.steps} steps)\n")
+  print("| set-up | Cholesky per device (compiled HLO) | median step (ms) | time / dp8 | "
+        "max param diff vs single |")
+  print("|---|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['setup']} | {row['potrf_per_device']} | {row['median_step_ms']:.1f} | "
+          f"{row['ratio_to_dp8']:.2f} | {row['max_param_diff_vs_single']:.1e} |")
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(prog="python3 -m benchmarks.sharding_bench",
                                    description=__doc__,
@@ -142,7 +283,13 @@ def main() -> None:
   parser.add_argument("--method", default="newton", choices=("newton", "eigh"),
                       help="root method (default newton; see the note on eigh)")
   parser.add_argument("--out", default="bench_out")
+  parser.add_argument("--kfac-only", action="store_true", help="only the K-FAC table")
   args = parser.parse_args()
+  if args.kfac_only:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sharding_bench_kfac.json"), "w") as f:
+      json.dump(kfac_main(args), f, indent=1)
+    return
 
   devices = np.array(jax.devices())
   if devices.size != 8:
@@ -217,9 +364,12 @@ def main() -> None:
           f"{row['roots_per_device']} | {row['median_step_ms']:.1f} | "
           f"{row['ratio_to_dp8']:.2f} | {row['max_param_diff_vs_single']:.1e} |")
 
+  kfac_rows = kfac_main(args)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "sharding_bench.json"), "w") as f:
     json.dump(rows, f, indent=1)
+  with open(os.path.join(args.out, "sharding_bench_kfac.json"), "w") as f:
+    json.dump(kfac_rows, f, indent=1)
   try:
     import matplotlib
     matplotlib.use("Agg")

@@ -142,13 +142,13 @@ def decomposition_shapes(hlo_text: str) -> list[list[int]]:
   return shapes
 
 
-def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
-  tx = setup.make()
+def make_train(setup: ts.Setup, mesh: Mesh | None):
+  """The jitted `init` and STEPS steps; it also returns the curvature statistics after
+  step 1."""
+  tx = setup.make_on(mesh)
   stats_of = setup.statistics or (lambda state: ())
 
   def train(params, batches, keys):
-    """`init` and STEPS steps; also returns the curvature statistics after step 1."""
-
     def body(carry, inputs):
       params, state = carry
       batch, key = inputs
@@ -159,17 +159,22 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
     (params, state), stats = jax.lax.scan(body, (params, tx.init(params)), (batches, keys))
     return params, state, jax.tree.map(lambda x: x[0], stats)
 
-  train = jax.jit(train)
+  return jax.jit(train)
+
+
+def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
+  train = make_train(setup, None)
   params0 = ts.init_params()
   batches = ts.make_batches(STEPS)
   keys = jax.random.split(jax.random.key(2), STEPS)
 
-  def compile_and_run(params, batches):
+  def compile_and_run(train, params, batches):
     compiled = train.lower(params, batches, keys).compile()
     return compiled(params, batches, keys), compiled
 
   t0 = time.perf_counter()
-  (single_params, single_state, single_stats), compiled = compile_and_run(params0, batches)
+  (single_params, single_state, single_stats), compiled = compile_and_run(
+      train, params0, batches)
   result = {"single_seconds": time.perf_counter() - t0, "meshes": {},
             "single_decomposition_shapes": decomposition_shapes(compiled.as_text())}
 
@@ -179,8 +184,9 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
     b_shard = jax.tree.map(
         lambda x: NamedSharding(mesh, P(None, "data", *([None] * (x.ndim - 2)))), batches)
     params = jax.device_put(params0, p_shard)
+    mesh_train = train if setup.make_for_mesh is None else make_train(setup, mesh)
     (mesh_params, mesh_state, mesh_stats), compiled = compile_and_run(
-        params, jax.device_put(batches, b_shard))
+        mesh_train, params, jax.device_put(batches, b_shard))
     no_keys = lambda tree: [x for x in jax.tree.leaves(tree)
                             if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
     entry = {

@@ -87,6 +87,11 @@ class Setup:
   make: Callable[[], Any]
   grads_and_args: Callable[[Any, Any, Any], tuple[Any, dict]] = _grads
   statistics: Callable[[Any], Any] | None = None
+  make_for_mesh: Callable[[Any], Any] | None = None
+
+  def make_on(self, mesh=None):
+    """The transform for `mesh` (None: one device); most methods ignore the mesh."""
+    return self.make() if self.make_for_mesh is None else self.make_for_mesh(mesh)
 
 
 def find_state(state, cls_name: str):
@@ -168,9 +173,21 @@ def available_setups() -> dict[str, Setup]:
       layers = cap.layers(init_params(), jnp.zeros((BATCH, IN_FEATURES), jnp.float32))
       return kfac.kfac(1e-2, layers=layers, update_interval=5)
 
-    setups["kfac"] = Setup(
-        "kfac", make_kfac, kfac_grads,
-        lambda s: (find_state(s, "ScaleByKfacState").a, find_state(s, "ScaleByKfacState").s))
+    kfac_statistics = lambda s: (find_state(s, "ScaleByKfacState").a,
+                                 find_state(s, "ScaleByKfacState").s)
+    setups["kfac"] = Setup("kfac", make_kfac, kfac_grads, kfac_statistics)
+
+    def make_kfac_spread(mesh):
+      # The factors A_out [33, 33] and S_hidden [32, 32] share one stack (pad_ratio); on a
+      # mesh the stack axis is split over every device, so each decomposes its share.
+      from jax.sharding import NamedSharding, PartitionSpec
+      layers = cap.layers(init_params(), jnp.zeros((BATCH, IN_FEATURES), jnp.float32))
+      sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+      return kfac.kfac(1e-2, layers=layers, update_interval=5, pad_ratio=1.25,
+                       factor_sharding=sharding)
+
+    setups["kfac_spread"] = Setup("kfac_spread", lambda: make_kfac_spread(None), kfac_grads,
+                                  kfac_statistics, make_for_mesh=make_kfac_spread)
 
   accumulate = _module("secondorder.transforms.accumulate")
   if accumulate is not None:

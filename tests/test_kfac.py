@@ -100,13 +100,17 @@ def _to64(tree):
   return jax.tree.map(lambda v: jnp.asarray(np.asarray(v, np.float64)), tree)
 
 
+# pad_ratio 100 stacks all four factors (sizes 19, 9, 4 and 3) into one call, each padded
+# to 19 with a decoupled block: the answer must not change.
+@pytest.mark.parametrize("pad_ratio", [None, 100.0])
 @pytest.mark.parametrize("mode", ["factored", "exact"])
-def test_update_matches_numpy_dense_and_conv(conv_dense_capture, mode):
+def test_update_matches_numpy_dense_and_conv(conv_dense_capture, mode, pad_ratio):
   layers, params, grads, stats = conv_dense_capture
   lam = 3e-3
   with jax.enable_x64(True):
     tx = scale_by_kfac_factors(layers=layers, damping=lam, damping_mode=mode, decay=0.9,
-                               update_interval=1, stats_dtype=jnp.float64)
+                               update_interval=1, stats_dtype=jnp.float64,
+                               pad_ratio=pad_ratio)
     p64, g64, st64 = _to64(params), _to64(grads), _to64(stats)
     state = tx.init(p64)
     upd, state = jax.jit(tx.update)(g64, state, p64, kfac_stats=st64)
@@ -313,3 +317,41 @@ def test_inject_hyperparams_and_damping_schedule():
   ref_tx = kfac(0.1, layers=SPEC, damping=optax.constant_schedule(1e-2))
   r, _ = ref_tx.update(g, ref_tx.init(params), params, kfac_stats=st)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), u, r)
+
+
+def test_stack_plan_groups_factors_by_size():
+  from secondorder.transforms.kfac import _plan_stacks
+  layers = (KfacLayer("p", "dense", ("p",), ("pb",), (32, 32)),   # A 33, S 32
+            KfacLayer("q", "dense", ("q",), ("qb",), (32, 32)),   # A 33, S 32
+            KfacLayer("r", "dense", ("r",), None, (8, 4)))        # A 8, S 4
+  exact = _plan_stacks(layers, 1.0)
+  assert [(st.size, st.members) for st in exact] == [
+      (33, (("p", 0), ("q", 0))), (32, (("p", 1), ("q", 1))), (8, (("r", 0),)),
+      (4, (("r", 1),))]
+  padded = _plan_stacks(layers, 1.25)
+  assert [(st.size, st.dims) for st in padded] == [(33, (33, 33, 32, 32)), (8, (8,)), (4, (4,))]
+  assert [st.size for st in _plan_stacks(layers, 10.0)] == [33]
+  assert [len(st.members) for st in _plan_stacks(layers, None)] == [1] * 6
+
+
+def test_factor_sharding_and_pad_ratio_errors():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  with pytest.raises(TypeError, match="factor_sharding must be a jax.sharding.NamedSharding"):
+    scale_by_kfac_factors(layers=SPEC, factor_sharding=P("data"))
+  with pytest.raises(ValueError, match="stack axis only"):
+    scale_by_kfac_factors(layers=SPEC, factor_sharding=NamedSharding(mesh, P(None, "data")))
+  with pytest.raises(ValueError, match="pad_ratio"):
+    scale_by_kfac_factors(layers=SPEC, pad_ratio=0.5)
+  tx = optax.inject_hyperparams(kfac)(learning_rate=0.1, layers=SPEC, pad_ratio=2.0)
+  params = _params()
+  with pytest.raises(ValueError, match="static_args"):
+    jax.jit(tx.update)(_grads(0), tx.init(params), params, kfac_stats=_stats(0))
+  # On a one-device mesh the sharded refresh gives the unsharded answer.
+  params, g, st = _params(), _grads(0), _stats(0)
+  ref = scale_by_kfac_factors(layers=SPEC, damping=1e-2)
+  got = scale_by_kfac_factors(layers=SPEC, damping=1e-2, pad_ratio=4.0,
+                              factor_sharding=NamedSharding(mesh, P("data")))
+  r, _ = ref.update(g, ref.init(params), params, kfac_stats=st)
+  u, _ = jax.jit(got.update)(g, got.init(params), params, kfac_stats=st)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), u, r)

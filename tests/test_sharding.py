@@ -20,9 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # Every method the library ships, by the name used in `_training_setups`.
-METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "kfac", "every_k_adamw"]
+# (kfac_spread: K-FAC with its factor stacks sharded over the mesh for the refresh.)
+METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "kfac", "kfac_spread",
+           "every_k_adamw"]
 # The methods that keep statistics estimated from the batch.
-STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "kfac"]
+STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "kfac", "kfac_spread"]
 MESHES = ["dp8", "dp2_mp4"]
 # Twenty float32 steps whose reductions (batch means, contractions over a sharded hidden
 # dimension) run in a different order on the mesh. Most methods agree to ~1e-6; AdaHessian
@@ -175,17 +177,21 @@ def test_kfac_input_factor_of_a_sharded_dimension_is_sharded(report):
   assert not row["replicated"], row
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "K-FAC factorizes each layer's factors in its own call (a Cholesky per factor for "
-    "factored damping, secondorder/transforms/kfac.py refresh); SPMD cannot split one "
-    "small factorization, so every device repeats all of them. Spreading them needs "
-    "same-sized factors stacked along a shardable axis, as Shampoo does."))
 def test_kfac_decompositions_are_spread_over_devices(report):
-  entry = _method(report, "kfac")
+  """Without factor_sharding every device repeats each layer's factorization; with it
+  (kfac_spread, pad_ratio 1.25) A_out [33, 33] and S_hidden [32, 32], padded to 33, form
+  one stack [2, 33, 33] that is split over the 8 devices of either mesh: each device
+  factorizes one of them. The single factors 9x9 and 4x4 cannot be split and stay whole."""
+  plain = _method(report, "kfac")
+  assert sorted(plain["single_decomposition_shapes"]) == sorted(
+      plain["meshes"]["dp8"]["decomposition_shapes"])
+  entry = _method(report, "kfac_spread")
   single = sorted(entry["single_decomposition_shapes"])
-  sharded = sorted(entry["meshes"]["dp2_mp4"]["decomposition_shapes"])
-  assert single
-  assert sum(map(_size, sharded)) < sum(map(_size, single)), (single, sharded)
+  assert single == [[1, 4, 4], [1, 9, 9], [2, 33, 33]], single
+  for mesh in MESHES:
+    sharded = sorted(entry["meshes"][mesh]["decomposition_shapes"])
+    assert sharded == [[1, 4, 4], [1, 9, 9], [1, 33, 33]], (mesh, sharded)
+    assert sum(map(_size, sharded)) < sum(map(_size, single))
 
 
 def _size(shape):

@@ -8,6 +8,8 @@ come from `secondorder.capture` through the `kfac_stats` extra argument.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -139,6 +141,94 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
           f"S {want_s}.")
 
 
+# ----------------------------------------------------------------------------- factor stacks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+  """Factors refreshed in one batched call: each zero-padded (identity block) to `size`."""
+  size: int
+  members: tuple[tuple[str, int], ...]  # (layer name, 0 for A / 1 for S)
+  dims: tuple[int, ...]  # each member's own size
+
+
+def _plan_stacks(layers: tuple[KfacLayer, ...], pad_ratio: float | None
+                 ) -> tuple[_Stack, ...]:
+  """Groups every layer's A and S by size: a stack holds the factors no smaller than
+  1/pad_ratio of its largest (pad_ratio 1: equal sizes only; None: every factor alone),
+  largest stacks first."""
+  entries = [(l.name, 0, l.a_dim) for l in layers] + [(l.name, 1, l.s_dim) for l in layers]
+  entries.sort(key=lambda e: -e[2])
+  stacks, current = [], []
+  for entry in entries:
+    if current and (pad_ratio is None or entry[2] * pad_ratio < current[0][2]):
+      stacks.append(current)
+      current = []
+    current.append(entry)
+  if current:
+    stacks.append(current)
+  return tuple(_Stack(size=group[0][2], members=tuple((n, r) for n, r, _ in group),
+                      dims=tuple(d for _, _, d in group)) for group in stacks)
+
+
+def _stack_shards(sharding) -> int:
+  """Number of pieces the leading (stack) axis is split into by `sharding`."""
+  spec = sharding.spec
+  if not spec or spec[0] is None:
+    return 1
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  return math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def _check_factor_sharding(sharding) -> None:
+  if sharding is None:
+    return
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    raise TypeError(
+        "factor_sharding must be a jax.sharding.NamedSharding of the stack axis, e.g. "
+        "NamedSharding(mesh, PartitionSpec(('data', 'model'))), or None; got "
+        f"{type(sharding).__name__}.")
+  if any(entry is not None for entry in tuple(sharding.spec)[1:]):
+    raise ValueError(
+        "factor_sharding shards the stack axis only: its PartitionSpec must name mesh axes "
+        f"in its first entry and nothing after it, got {sharding.spec}.")
+
+
+def _stacked(mats: list[jax.Array], size: int, pad_diagonal: list[jax.Array]) -> jax.Array:
+  """`[n, size, size]`: each matrix in the top-left corner, `pad_diagonal[i]` on the rest of
+  its diagonal (so the padding is a decoupled block with known eigenvalues)."""
+  out = []
+  for m, fill in zip(mats, pad_diagonal):
+    d = m.shape[0]
+    if d < size:
+      pad = jnp.zeros((size, size), m.dtype).at[:d, :d].set(m)
+      idx = jnp.arange(d, size)
+      m = pad.at[idx, idx].set(fill.astype(m.dtype))
+    out.append(m)
+  return jnp.stack(out)
+
+
+def _spread(x: jax.Array, fill_matrix: jax.Array, sharding) -> jax.Array:
+  """Pads the stack with copies of `fill_matrix` to a multiple of the shards and constrains
+  its stack axis to `sharding`, so each device decomposes its share (nothing when the
+  stack is a single matrix, which cannot be split)."""
+  if sharding is None or x.shape[0] < 2:
+    return x
+  shards = _stack_shards(sharding)
+  extra = (-x.shape[0]) % shards
+  if extra:
+    x = jnp.concatenate([x, jnp.broadcast_to(fill_matrix, (extra,) + x.shape[1:])], axis=0)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _gather(x: jax.Array, sharding) -> jax.Array:
+  """The decomposed stack, replicated again (one all-gather) before it is unstacked."""
+  if sharding is None or x.shape[0] < 2:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
 def scale_by_kfac_factors(
     *,
     layers: KfacLayers,
@@ -150,6 +240,8 @@ def scale_by_kfac_factors(
     learning_rate: ScalarOrSchedule | None = None,
     fallback: optax.GradientTransformation | None = None,
     stats_dtype: Any = "float32",
+    pad_ratio: float | None = None,
+    factor_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each covered layer's gradient by its damped Kronecker-factored Fisher.
 
@@ -163,7 +255,14 @@ def scale_by_kfac_factors(
 
   The damped inverses (Cholesky; factored) or the eigendecompositions (exact) are
   recomputed every `update_interval` steps under `lax.cond`, so the other steps cost two
-  (factored) or four (exact) small matmuls per layer. A damping schedule is read at every
+  (factored) or four (exact) small matmuls per layer. By default each factor is decomposed
+  in its own call. With `pad_ratio` or `factor_sharding` the refresh stacks the factors of
+  all layers by size (every A and S of one size, or within `pad_ratio` of it, padded with a
+  decoupled identity block) and decomposes each stack in one batched call; with
+  `factor_sharding` each stack is split over devices along its stack axis, so on a mesh
+  every device decomposes its share of the factors instead of all of them. (On CPU,
+  jaxlib 0.10's batched LAPACK kernels can deadlock when several devices run them at
+  once: keep per-device stacks to one factor there, or leave both options off.) A damping schedule is read at every
   step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
   approximation (see `secondorder.capture`). Parameters outside the covered layers go
   through `fallback` (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999,
@@ -183,6 +282,17 @@ def scale_by_kfac_factors(
       by KL clipping.
     fallback: diagonal method for the uncovered parameters.
     stats_dtype: dtype of the factors (a name such as "float32", or a dtype).
+    pad_ratio: None (every factor alone, or with `factor_sharding` equal sizes stacked) or
+      a number ≥ 1: factors whose size is within this ratio of the largest in a stack are
+      padded to its size and decomposed with it (1: equal sizes only). It fixes the
+      program's structure, so under `optax.inject_hyperparams` name it in `static_args`. Padding
+      a factor of size d to D costs (D/d)³ of its own decomposition, and merges stacks: use
+      it with `factor_sharding`, where fewer, taller stacks spread better.
+    factor_sharding: None, or a `NamedSharding` whose spec names mesh axes for the stack
+      axis only (e.g. `NamedSharding(mesh, P(("data", "model")))`): every stack of two or
+      more factors is padded to a multiple of those axes' size and sharded along them for
+      the refresh. The decomposed factors are gathered back afterwards; the state keeps
+      its layout. The path to large models under data parallelism.
 
   Extra args of `update`: `kfac_stats`, the dict of `LayerStats` from a capture call (or
   `capture.no_stats()`).
@@ -217,6 +327,19 @@ def scale_by_kfac_factors(
           "scale_by_kfac_factors(layers=..., kl_clip=1e-3, learning_rate=0.1).")
   if learning_rate is not None:
     check_range("learning_rate", learning_rate, 0.0, None)
+  if pad_ratio is not None:
+    try:
+      pad_ratio = float(pad_ratio)
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError(
+          "pad_ratio fixes how the factors are stacked and cannot be an injected "
+          "hyperparameter: pass it in optax.inject_hyperparams(..., "
+          "static_args=('pad_ratio',)).") from None
+    check_range("pad_ratio", pad_ratio, 1.0, None)
+  _check_factor_sharding(factor_sharding)
+  if pad_ratio is None and factor_sharding is not None:
+    pad_ratio = 1.0
+  stacks = _plan_stacks(layer_list, pad_ratio)
   if fallback is None:
     # Second moment in float32 at least (g**2 overflows float16 for |g| > 256).
     fallback = in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
@@ -285,24 +408,44 @@ def scale_by_kfac_factors(
 
     def refresh(_):
       inv_w = 1.0 / weight
-      out = ({}, {}, {}, {}, {}, {})
+      mats, consts = {}, {}
       for layer in layer_list:
         am, sm = a[layer.name] * inv_w, s[layer.name] * inv_w
-        if damping_mode == "exact":
-          for j, mat in ((0, am), (2, sm)):
-            w, v = linalg.symmetric_eigh(mat)
-            out[j][layer.name] = jnp.maximum(w, 0.0).astype(stats_dtype)
-            out[j + 1][layer.name] = v.astype(stats_dtype)
-        else:
+        mats[(layer.name, 0)], mats[(layer.name, 1)] = am, sm
+        if damping_mode == "factored":
           ta = jnp.trace(am) / am.shape[0]
           ts = jnp.trace(sm) / sm.shape[0]
           pi = jnp.where((ta > 0) & (ts > 0), jnp.sqrt(ta / jnp.where(ts > 0, ts, 1.0)), 1.0)
           sl = jnp.sqrt(lam)
-          for j, mat, c, old in ((4, am, pi * sl, state.a_inverse), (5, sm, sl / pi,
-                                                                      state.s_inverse)):
-            inv = linalg.damped_inverse(mat, c, method="cholesky").astype(stats_dtype)
-            ok = jnp.all(jnp.isfinite(inv))
-            out[j][layer.name] = jnp.where(ok, inv, old[layer.name])
+          consts[(layer.name, 0)], consts[(layer.name, 1)] = pi * sl, sl / pi
+      out = ({}, {}, {}, {}, {}, {})
+      for stack in stacks:
+        group = [mats[m] for m in stack.members]
+        one = jnp.ones([], stats_dtype)
+        if damping_mode == "exact":
+          # Padding on the diagonal at -max|M|: below every eigenvalue of the PSD factor
+          # and on its scale, so its eigenvalues sort first and decouple cleanly.
+          fills = [-jnp.maximum(jnp.max(jnp.abs(m)), jnp.finfo(stats_dtype).tiny)
+                   for m in group]
+          x = _spread(_stacked(group, stack.size, fills), -jnp.eye(stack.size, dtype=stats_dtype),
+                      factor_sharding)
+          w, v = (_gather(y, factor_sharding) for y in linalg.symmetric_eigh(x))
+          for i, (m, d) in enumerate(zip(stack.members, stack.dims)):
+            j = 0 if m[1] == 0 else 2
+            out[j][m[0]] = jnp.maximum(w[i, stack.size - d:], 0.0).astype(stats_dtype)
+            out[j + 1][m[0]] = v[i, :d, stack.size - d:].astype(stats_dtype)
+        else:
+          eye = jnp.eye(stack.size, dtype=stats_dtype)
+          x = _spread(_stacked(group, stack.size, [one] * len(group)), eye, factor_sharding)
+          c = jnp.stack([consts[m] for m in stack.members]).astype(stats_dtype)
+          c = jnp.concatenate([c, jnp.ones((x.shape[0] - len(group),), stats_dtype)])
+          inv = _gather(linalg.damped_inverse(x, c, method="cholesky").astype(stats_dtype),
+                        factor_sharding)
+          for i, (m, d) in enumerate(zip(stack.members, stack.dims)):
+            j = 4 if m[1] == 0 else 5
+            old = (state.a_inverse if m[1] == 0 else state.s_inverse)[m[0]]
+            mi = inv[i, :d, :d]
+            out[j][m[0]] = jnp.where(jnp.all(jnp.isfinite(mi)), mi, old)
       return out
 
     def keep(_):
@@ -383,6 +526,8 @@ def kfac(
     weight_decay: float = 0.0,
     fallback: optax.GradientTransformation | None = None,
     stats_dtype: Any = "float32",
+    pad_ratio: float | None = None,
+    factor_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC: the natural gradient with Kronecker-factored curvature, momentum and KL clipping.
 
@@ -410,6 +555,8 @@ def kfac(
     weight_decay: decoupled weight decay.
     fallback: diagonal method for uncovered parameters.
     stats_dtype: dtype of the factors.
+    pad_ratio, factor_sharding: how the refresh stacks the factors and spreads the stacks
+      over devices (see `scale_by_kfac_factors`).
 
   Example::
 
@@ -427,7 +574,8 @@ def kfac(
   parts = [scale_by_kfac_factors(
       layers=layers, damping=damping, damping_mode=damping_mode, decay=decay,
       update_interval=update_interval, kl_clip=kl_clip, learning_rate=learning_rate,
-      fallback=fallback, stats_dtype=stats_dtype)]
+      fallback=fallback, stats_dtype=stats_dtype, pad_ratio=pad_ratio,
+      factor_sharding=factor_sharding)]
   if not (isinstance(momentum, (int, float)) and momentum == 0):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.add_decayed_weights(weight_decay))
