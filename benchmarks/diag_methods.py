@@ -7,6 +7,10 @@ Rows (each a full jitted training step: loss and gradient, curvature, optimizer 
     every k = 10 steps (`lax.cond`), amortised over whole 10-step cycles;
   * ``sophia_h_host`` / ``sophia_g_host``: the same schedule decided on the host
     (`update(..., refresh=t % 10 == 0)`, a refresh step and a plain step compiled apart);
+  * ``sophia_h_one_pass`` / ``sophia_g_one_pass``: host-scheduled, and the refresh step takes
+    its loss, gradient and estimate from one pass (`value_grad_and_hutchinson_estimate`:
+    one forward-over-reverse pass; `value_grad_and_gnb_estimate`: one forward pass and a
+    double-width backward pass), then `update(..., hessian_diag=..., refresh=True)`;
   * ``optax_sophia``: `optax.contrib.sophia` (Hutchinson every 10 steps), for comparison;
   * ``adahessian_two_pass``: `jax.value_and_grad`, then `update(..., obj_fn=...)`, which
     computes its HVP with a second forward-over-reverse pass (the reference's pattern);
@@ -45,9 +49,11 @@ import optax.contrib
 
 from benchmarks.problems import get_problem
 from secondorder.transforms.hutchinson import adahessian, value_grad_and_hessian_diag
-from secondorder.transforms.sophia import sophia
+from secondorder.transforms.sophia import (sophia, value_grad_and_gnb_estimate,
+                                           value_grad_and_hutchinson_estimate)
 
 TARGETS = {"sophia_h": 1.10, "sophia_g": 1.10, "sophia_h_host": 1.10, "sophia_g_host": 1.10,
+           "sophia_h_one_pass": 1.10, "sophia_g_one_pass": 1.10,
            "adahessian_one_pass": 2.3, "adahessian_two_pass": 2.3}
 
 
@@ -61,10 +67,16 @@ def _rows(problem) -> dict[str, Callable[[], Callable]]:
       return optax.apply_updates(params, updates), state, loss
     return tx.init, jax.jit(step)
 
-  def host_scheduled(tx, extra: Callable[[Any], dict], k: int = 10):
-    # Two compiled steps, chosen on the host: update(..., refresh=True/False).
+  def host_scheduled(tx, extra: Callable[[Any], dict], k: int = 10, one_pass=None):
+    # Two compiled steps, chosen on the host: update(..., refresh=True/False). With
+    # `one_pass(params, state, batch) -> (loss, grads, estimate)` the refresh step takes its
+    # gradient and estimate from that one pass (update(..., hessian_diag=...)).
     def make(refresh: bool):
       def step(params, state, batch):
+        if refresh and one_pass is not None:
+          loss, grads, h = one_pass(params, state, batch)
+          updates, state = tx.update(grads, state, params, refresh=True, hessian_diag=h)
+          return optax.apply_updates(params, updates), state, loss
         loss, grads = jax.value_and_grad(problem.loss)(params, batch)
         kw = extra(batch) if refresh else {}
         updates, state = tx.update(grads, state, params, refresh=refresh, **kw)
@@ -79,6 +91,14 @@ def _rows(problem) -> dict[str, Callable[[], Callable]]:
 
   obj = lambda b: {"obj_fn": lambda p: problem.loss(p, b)}
   logits = lambda b: {"logits_fn": lambda p: problem.logits_fn(p, b)}
+
+  def h_one_pass(params, state, batch):
+    return value_grad_and_hutchinson_estimate(lambda p: problem.loss(p, batch), params, state)
+
+  def g_one_pass(params, state, batch):
+    return value_grad_and_gnb_estimate(
+        lambda p: problem.logits_fn(p, batch),
+        lambda z: problem.output_loss(z, problem.labels(batch)), params, state)
 
   def adahessian_one_pass():
     tx = adahessian(0.15)
@@ -102,6 +122,8 @@ def _rows(problem) -> dict[str, Callable[[], Callable]]:
       "grad_only": grad_only,
       "sophia_h": lambda: two_pass(sophia(1e-3, update_interval=10), obj),
       "sophia_h_host": lambda: host_scheduled(sophia(1e-3, update_interval=10), obj),
+      "sophia_h_one_pass": lambda: host_scheduled(sophia(1e-3, update_interval=10), obj,
+                                                  one_pass=h_one_pass),
       "optax_sophia": lambda: two_pass(optax.contrib.sophia(1e-3, update_interval=10), obj),
       "adahessian_two_pass": lambda: two_pass(adahessian(0.15), obj),
       "adahessian_one_pass": adahessian_one_pass,
@@ -110,6 +132,8 @@ def _rows(problem) -> dict[str, Callable[[], Callable]]:
     rows["sophia_g"] = lambda: two_pass(sophia(1e-3, update_interval=10, estimator="gnb"), logits)
     rows["sophia_g_host"] = lambda: host_scheduled(
         sophia(1e-3, update_interval=10, estimator="gnb"), logits)
+    rows["sophia_g_one_pass"] = lambda: host_scheduled(
+        sophia(1e-3, update_interval=10, estimator="gnb"), logits, one_pass=g_one_pass)
   return rows
 
 

@@ -19,6 +19,7 @@ from secondorder.capture import no_stats
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
+from secondorder.curvature.estimators import value_grad_and_gnb_diag
 from secondorder.curvature.losses import softmax_cross_entropy
 from secondorder.curvature.losses import squared_error
 from secondorder.curvature.products import fisher_operator
@@ -59,5 +60,7 @@ from secondorder.transforms.sophia import gnb_estimator
 from secondorder.transforms.sophia import hutchinson_estimator
 from secondorder.transforms.sophia import sophia
 from secondorder.transforms.sophia import sophia_clip
+from secondorder.transforms.sophia import value_grad_and_gnb_estimate
+from secondorder.transforms.sophia import value_grad_and_hutchinson_estimate
 
 __version__ = "0.1.0"

@@ -335,3 +335,87 @@ def test_host_scheduled_refresh_equals_lax_cond_schedule(estimator):
     for name in params:
       np.testing.assert_allclose(pa[name], pb[name], rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
   assert int(optax.tree.get(sb, "hessian_count")) == 3
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "gnb"])
+def test_one_pass_refresh_step_equals_two_pass(estimator):
+  """A refresh step that takes its loss, gradient and estimate from one pass
+  (value_grad_and_*_estimate, then update(hessian_diag=..., refresh=True)) follows the
+  same trajectory as one that calls the estimator after jax.grad."""
+  from secondorder.transforms.sophia import (value_grad_and_gnb_estimate,
+                                             value_grad_and_hutchinson_estimate)
+  x, params, logits_fn, loss = _softmax_model()
+  labels = jnp.argmax(logits_fn(params), axis=-1)  # the model's own loss: CE at fixed labels
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+  obj = lambda p: ce(logits_fn(p))
+  k = 3
+  tx = sophia(0.05, gamma=0.05, update_interval=k, estimator=estimator)
+  kw = {"obj_fn": obj} if estimator == "hutchinson" else {"logits_fn": logits_fn}
+
+  @jax.jit
+  def two_pass(p, s):
+    u, s = tx.update(jax.grad(obj)(p), s, p, refresh=True, **kw)
+    return optax.apply_updates(p, u), s
+
+  @jax.jit
+  def one_pass(p, s):
+    if estimator == "hutchinson":
+      value, g, h = value_grad_and_hutchinson_estimate(obj, p, s)
+    else:
+      value, g, h = value_grad_and_gnb_estimate(logits_fn, ce, p, s)
+    u, s = tx.update(g, s, p, hessian_diag=h, refresh=True)
+    return optax.apply_updates(p, u), s, value
+
+  @jax.jit
+  def plain(p, s):
+    u, s = tx.update(jax.grad(obj)(p), s, p, refresh=False)
+    return optax.apply_updates(p, u), s
+
+  pa, sa = params, tx.init(params)
+  pb, sb = params, tx.init(params)
+  for t in range(7):
+    if t % k == 0:
+      np.testing.assert_allclose(one_pass(pb, sb)[2], obj(pb), rtol=1e-6)
+      pa, sa = two_pass(pa, sa)
+      pb, sb, _ = one_pass(pb, sb)
+    else:
+      pa, sa = plain(pa, sa)
+      pb, sb = plain(pb, sb)
+    for name in params:
+      np.testing.assert_allclose(pa[name], pb[name], rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
+      np.testing.assert_allclose(optax.tree.get(sa, "hessian")[name],
+                                 optax.tree.get(sb, "hessian")[name], rtol=1e-5, atol=1e-9)
+  assert int(optax.tree.get(sb, "hessian_count")) == 3
+  # The helpers advanced the estimator's key as the estimator itself would.
+  np.testing.assert_array_equal(optax.tree.get(sa, "estimator_state").key,
+                                optax.tree.get(sb, "estimator_state").key)
+
+
+def test_value_grad_and_gnb_diag_matches_separate_passes():
+  from secondorder.curvature.estimators import gnb_diag, value_grad_and_gnb_diag
+  x, params, logits_fn, _ = _softmax_model()
+  labels = jnp.array([0, 2, 1, 1, 0, 2])
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z.reshape(6, 3), labels).mean()
+  key = jax.random.key(3)
+  value, grads, est = jax.jit(lambda p: value_grad_and_gnb_diag(logits_fn, ce, p, key))(params)
+  ref_value, ref_grads = jax.value_and_grad(lambda p: ce(logits_fn(p)))(params)
+  ref_est = gnb_diag(logits_fn, params, key)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for k in params:
+    np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(est[k], ref_est[k], rtol=1e-5, atol=1e-10)
+  with pytest.raises(ValueError, match="scalar"):
+    value_grad_and_gnb_diag(logits_fn, lambda z: z.sum(-1), params, key)
+
+
+def test_one_pass_helpers_need_a_builtin_sophia_state():
+  from secondorder.transforms.sophia import value_grad_and_hutchinson_estimate
+  _, params, _, loss = _softmax_model()
+  with pytest.raises(ValueError, match="exactly one SophiaClipState"):
+    value_grad_and_hutchinson_estimate(loss, params, optax.adam(1e-3).init(params))
+  user = sophia_clip(estimator=optax.scale_by_rms())
+  with pytest.raises(ValueError, match="user-supplied estimator"):
+    value_grad_and_hutchinson_estimate(loss, params, user.init(params))
+  tx = sophia_clip()
+  with pytest.raises(ValueError, match="hessian_diag"):
+    tx.update(params, tx.init(params), params, hessian_diag={"w": jnp.ones(3)}, refresh=True)

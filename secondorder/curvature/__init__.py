@@ -7,6 +7,7 @@ Pure functions of a loss, logits or outputs function and the parameters; each ru
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
+from secondorder.curvature.estimators import value_grad_and_gnb_diag
 from secondorder.curvature.losses import softmax_cross_entropy
 from secondorder.curvature.losses import squared_error
 from secondorder.curvature.products import fisher_operator

@@ -154,17 +154,59 @@ def gnb_diag(logits_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.
   model pre-training", ICLR 2024, Algorithm 2.
   """
   logits, pullback = jax.vjp(logits_fn, params)
+  batch, cotangent = _gnb_cotangent(logits, key, "gnb_diag")
+  (g,) = pullback(cotangent)
+  return jax.tree.map(lambda x: batch * x * x, g)
+
+
+def _gnb_cotangent(logits: jax.Array, key: jax.Array, caller: str) -> tuple[int, jax.Array]:
+  """(B, ∂/∂z of (1/B) Σ_b CE(z_b, ŷ_b)) with ŷ_b ∼ softmax(z_b)."""
   if not hasattr(logits, "shape") or jnp.ndim(logits) < 1:
-    raise ValueError("gnb_diag needs logits_fn to return an array of logits [..., classes]; "
+    raise ValueError(f"{caller} needs logits_fn to return an array of logits [..., classes]; "
                      f"it returned {getattr(logits, 'shape', type(logits).__name__)}.")
   num_classes = logits.shape[-1]
   batch = logits.size // num_classes
   z = logits.reshape(batch, num_classes).astype(jnp.promote_types(logits.dtype, jnp.float32))
   sampled = jax.random.categorical(key, z, axis=-1)
   cotangent = (jax.nn.softmax(z, axis=-1) - jax.nn.one_hot(sampled, num_classes, dtype=z.dtype))
-  cotangent = (cotangent / batch).reshape(logits.shape).astype(logits.dtype)
-  (g,) = pullback(cotangent)
-  return jax.tree.map(lambda x: batch * x * x, g)
+  return batch, (cotangent / batch).reshape(logits.shape).astype(logits.dtype)
+
+
+def value_grad_and_gnb_diag(
+    logits_fn: Callable[[PyTree], jax.Array],
+    loss_fn: Callable[[jax.Array], jax.Array],
+    params: PyTree,
+    key: jax.Array,
+) -> tuple[jax.Array, PyTree, PyTree]:
+  """The loss, its gradient and `gnb_diag` from one forward pass.
+
+  Both gradients pull a cotangent of the same logits back through the network: the loss's
+  ∂L/∂z and the sampled-label cotangent of `gnb_diag`. One `jax.vjp` of `logits_fn` serves
+  both (the two pullbacks run batched), so a Sophia-G refresh step costs one forward pass
+  and a double-width backward pass instead of a gradient plus a separate estimate.
+
+  Args:
+    logits_fn: `params -> logits` [..., classes] on the current batch.
+    loss_fn: `logits -> scalar`, the training loss of these logits (labels closed over),
+      so that the loss is `loss_fn(logits_fn(params))`.
+    params: the point θ.
+    key: the PRNG key of the sampled labels (`gnb_diag(logits_fn, params, key)` gives the
+      same estimate).
+
+  Returns:
+    `(loss, grads, estimate)`, the last two pytrees like `params`.
+  """
+  logits, pullback = jax.vjp(logits_fn, params)
+  out = jax.eval_shape(loss_fn, logits)
+  if getattr(out, "shape", None) != ():
+    raise ValueError("value_grad_and_gnb_diag needs loss_fn: logits -> scalar loss, it "
+                     f"returned {getattr(out, 'shape', type(out).__name__)}.")
+  loss, dloss = jax.value_and_grad(loss_fn)(logits)
+  batch, cotangent = _gnb_cotangent(logits, key, "value_grad_and_gnb_diag")
+  (both,) = jax.vmap(pullback)(jnp.stack([dloss.astype(logits.dtype), cotangent]))
+  grads = jax.tree.map(lambda x: x[0], both)
+  estimate = jax.tree.map(lambda x: batch * x[1] * x[1], both)
+  return loss, grads, estimate
 
 
 def empirical_fisher_diag(

@@ -16,7 +16,9 @@ import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_same_structure, require_extra_arg)
-from secondorder.curvature.estimators import gnb_diag, hutchinson_diag
+from secondorder.curvature.estimators import (gnb_diag, hutchinson_diag, rademacher_like,
+                                              value_grad_and_gnb_diag)
+from secondorder.curvature.products import value_grad_hvp
 from secondorder.transforms.hutchinson import _maybe_refresh, _stats_dtype, _tree_all_finite
 
 _ESTIMATORS = ("hutchinson", "gnb")
@@ -43,6 +45,11 @@ def _keyed_estimator(method: str, keyword: str, example: str, estimate: Callable
     return estimate(fn, params, sub), EstimatorState(key=key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _estimate_key(estimator_state) -> jax.Array:
+  """The key a built-in estimator draws from at this step (see `_keyed_estimator`)."""
+  return jax.random.split(estimator_state.key)[1]
 
 
 def hutchinson_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -118,6 +125,11 @@ def sophia_clip(
   conditional and needs no `obj_fn` / `logits_fn`. On CPU this host-side choice is the
   faster one: XLA:CPU runs convolution gradients inside a conditional about 10x slower than
   outside (jax-ml/jax#12868), and a conditional holding an HVP slows the steps that skip it.
+  The refresh step can also take its gradient and its estimate from one pass:
+  `update(..., hessian_diag=h, refresh=True)` with `(loss, grads, h)` from
+  `value_grad_and_hutchinson_estimate` (Sophia-H) or `value_grad_and_gnb_estimate`
+  (Sophia-G); these draw the probe / labels the built-in estimator would have drawn, so the
+  trajectory is the same.
 
   Two departures from `optax.contrib.sophia` (and the paper's pseudo-code), both fixes:
 
@@ -212,16 +224,26 @@ def sophia_clip(
         estimator_state=estimator_tx.init(params),
     )
 
-  def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
+  def update_fn(updates, state, params=None, *, refresh=None, hessian_diag=None,
+                **extra_args):
     # Shapes are static: a broadcastable mismatch is an error, not a free broadcast.
     check_same_structure("updates", state.mu, updates, "the state")
     if params is None:
       raise ValueError("sophia_clip needs params in update(): "
                        "`tx.update(grads, state, params, ...)`.")
+    if hessian_diag is not None:
+      check_same_structure("hessian_diag", state.hessian, hessian_diag, "the state")
 
     def refresh_fn(hessian, hessian_count, nonfinite_count, estimator_state):
-      estimate, estimator_state = estimator_tx.update(
-          updates, estimator_state, params, **extra_args)
+      if hessian_diag is not None:
+        # A ready estimate (one-pass helpers): advance the built-in estimator's key as
+        # its own update would; a user estimator's state is left as it is.
+        estimate = hessian_diag
+        if isinstance(estimator_state, EstimatorState):
+          estimator_state = EstimatorState(key=jax.random.split(estimator_state.key)[0])
+      else:
+        estimate, estimator_state = estimator_tx.update(
+            updates, estimator_state, params, **extra_args)
       estimate = jax.tree.map(lambda e, h: e.astype(h.dtype), estimate, hessian)
       finite = _tree_all_finite(estimate)
       new_hessian = optax.tree.update_moment(estimate, hessian, b2, 1)
@@ -260,6 +282,71 @@ def sophia_clip(
         win_rate=win_rate, mu=mu, hessian=hessian, estimator_state=estimator_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_sophia_state(opt_state, helper: str) -> SophiaClipState:
+  found = optax.tree.get_all_with_path(opt_state, "SophiaClipState")
+  if len(found) != 1:
+    raise ValueError(
+        f"{helper} needs an optimizer state holding exactly one SophiaClipState (from "
+        f"sophia_clip or sophia); found {len(found)}.")
+  state = found[0][1]
+  if not isinstance(state.estimator_state, EstimatorState):
+    raise ValueError(
+        f"{helper} draws from the built-in estimator's key; this Sophia state holds a "
+        f"user-supplied estimator's state ({type(state.estimator_state).__name__}).")
+  return state
+
+
+def value_grad_and_hutchinson_estimate(
+    obj_fn: Callable[[Any], jax.Array], params: Any, opt_state: Any,
+) -> tuple[jax.Array, Any, Any]:
+  r"""Loss, gradient and Sophia-H's estimate :math:`z \odot Hz` from one pass.
+
+  For the refresh steps of a host-scheduled Sophia-H loop: `jvp(grad(obj_fn))` returns the
+  gradient as its primal output, so the refresh step costs one forward-over-reverse pass
+  instead of a gradient and an HVP. The probe is the one `hutchinson_estimator` would draw
+  at this step (from the key in `opt_state`)::
+
+    loss, grads, h = value_grad_and_hutchinson_estimate(lambda p: loss_fn(p, batch),
+                                                        params, state)
+    updates, state = tx.update(grads, state, params, hessian_diag=h, refresh=True)
+
+  Returns:
+    `(loss, grads, hessian_diag)`, the last two pytrees like params.
+  """
+  sstate = _find_sophia_state(opt_state, "value_grad_and_hutchinson_estimate")
+  # The probe hutchinson_diag(obj_fn, params, key) draws with one sample.
+  probe = rademacher_like(jax.random.split(_estimate_key(sstate.estimator_state), 1)[0],
+                          params)
+  value, grads, hz = value_grad_hvp(obj_fn, params, probe)
+  return value, grads, jax.tree.map(jnp.multiply, probe, hz)
+
+
+def value_grad_and_gnb_estimate(
+    logits_fn: Callable[[Any], jax.Array], loss_fn: Callable[[jax.Array], jax.Array],
+    params: Any, opt_state: Any,
+) -> tuple[jax.Array, Any, Any]:
+  r"""Loss, gradient and Sophia-G's estimate :math:`B\,\hat g \odot \hat g` from one
+  forward pass (`secondorder.curvature.estimators.value_grad_and_gnb_diag`).
+
+  For the refresh steps of a host-scheduled Sophia-G loop; the sampled labels are those
+  `gnb_estimator` would draw at this step (from the key in `opt_state`)::
+
+    loss, grads, h = value_grad_and_gnb_estimate(
+        lambda p: model.apply(p, x), lambda z: ce(z, y), params, state)
+    updates, state = tx.update(grads, state, params, hessian_diag=h, refresh=True)
+
+  Args:
+    logits_fn: `params -> logits` of the current batch.
+    loss_fn: `logits -> scalar` training loss (labels closed over).
+    params: the parameters.
+    opt_state: the state of an optimizer holding one `SophiaClipState` with a built-in
+      estimator.
+  """
+  sstate = _find_sophia_state(opt_state, "value_grad_and_gnb_estimate")
+  return value_grad_and_gnb_diag(logits_fn, loss_fn, params,
+                                 _estimate_key(sstate.estimator_state))
 
 
 def sophia(
