@@ -36,9 +36,10 @@ each is its own Cholesky call, repeated on every device. With `factor_sharding` 
 the 8 devices: one factorization of each size per device. The table gives the per-device
 Cholesky factorizations (potrf) of the compiled step, the median step time and its ratio
 to dp8 (the defaults: every device repeating every factorization). The set-ups keep every
-device's batch of factorizations to one: on CPU, jaxlib 0.10's batched LAPACK kernels
-deadlock when eight simulated devices run them at once (a replicated [6, 257, 257] stack
-hangs this benchmark).
+device's batch of factorizations to one, so this benchmark lets them run as batched calls
+(`secondorder.linalg.CPU_ONE_AT_A_TIME` raised): jaxlib 0.10's batched CPU LAPACK kernels
+deadlock inside larger programs (a replicated [6, 257, 257] stack hangs it), which is why
+the library decomposes batches of matrices of side >= 32 one at a time on CPU.
 
 The roots use the coupled Newton iteration (`method="newton"`, batched matmuls) by
 default. With `--method eigh` the roots are LAPACK calls: jaxlib 0.10's CPU kernel splits a
@@ -285,6 +286,12 @@ def main() -> None:
   parser.add_argument("--out", default="bench_out")
   parser.add_argument("--kfac-only", action="store_true", help="only the K-FAC table")
   args = parser.parse_args()
+  # Batched decompositions as on an accelerator: Shampoo's eigh program is compiled only,
+  # never run, and every K-FAC set-up gives each device batches of one factor (the
+  # defaults: one call per factor; factor_sharding: one factor per device and stack), which
+  # jaxlib's CPU kernels run without the deadlock secondorder.linalg guards against.
+  from secondorder import linalg
+  linalg.CPU_ONE_AT_A_TIME = 10**9
   if args.kfac_only:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sharding_bench_kfac.json"), "w") as f:

@@ -9,10 +9,15 @@ along leading axes, and works under `jax.jit` and `jax.vmap`. Products use
   * `inverse_pth_root`: (A + eps I)^(-1/p) by eigendecomposition or by a coupled Newton
     iteration, with a residual that tells a failed root from a good one.
   * `damped_inverse`: (A + damping I)^(-1) by Cholesky or by eigendecomposition.
+
+On CPU, batches of matrices of side `CPU_ONE_AT_A_TIME` (32) or more are decomposed one
+matrix at a time: jaxlib 0.10's batched CPU LAPACK kernels can deadlock inside a larger
+program.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -43,6 +48,34 @@ def _symmetrize(a: jax.Array) -> jax.Array:
   return 0.5 * (a + jnp.swapaxes(a, -1, -2))
 
 
+# jaxlib 0.10's CPU LAPACK kernels split a large batch of matrices into tasks on the
+# intra-op thread pool and wait for them; inside a larger program that pool can be busy
+# with the program itself and the wait never ends (reproduced on 2 cores: three batched
+# eigendecompositions of [4, 128, 128] in one jitted function hang, [128, 16, 16] do not).
+# On CPU a batch of matrices of side CPU_ONE_AT_A_TIME or more is therefore decomposed one
+# matrix at a time (`lax.map`); other platforms, and smaller matrices, keep the single
+# batched call. Read when a function is traced: set it higher to keep batched calls on CPU
+# where every batch is known to be small (e.g. one matrix per device on a mesh).
+CPU_ONE_AT_A_TIME = 32
+
+
+def _batched(fn, a: jax.Array, *per_matrix: jax.Array):
+  """`fn(a, *per_matrix)` over a batch `a [..., n, n]` (`per_matrix` broadcast to `a`'s batch
+  shape), one matrix at a time on CPU when that batch could hang jaxlib's kernels."""
+  batch = a.shape[:-2]
+  if math.prod(batch) <= 1 or a.shape[-1] < CPU_ONE_AT_A_TIME:
+    return fn(a, *per_matrix)
+
+  def one_at_a_time(a, *per_matrix):
+    flat = a.reshape((-1,) + a.shape[-2:])
+    rest = [jnp.broadcast_to(x, batch + x.shape[len(batch):]).reshape(
+        (flat.shape[0],) + x.shape[len(batch):]) for x in per_matrix]
+    out = jax.lax.map(lambda xs: fn(xs[0], *xs[1:]), (flat, *rest))
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+  return jax.lax.platform_dependent(a, *per_matrix, cpu=one_at_a_time, default=fn)
+
+
 def symmetric_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition `a = V diag(w) V^T` of the symmetric part of `a`.
 
@@ -62,7 +95,7 @@ def symmetric_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   a = _symmetrize(a)
   scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
   safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-  w, v = jnp.linalg.eigh(a / safe, symmetrize_input=False)
+  w, v = _batched(lambda x: jnp.linalg.eigh(x, symmetrize_input=False), a / safe)
   return w * safe[..., 0], v
 
 
@@ -106,7 +139,7 @@ def _root_eigh(a: jax.Array, exponent: jax.Array, eps: float, relative: bool,
   if normalize:
     w, v = symmetric_eigh(a)
   else:  # eigh itself decomposes the symmetric part
-    w, v = jnp.linalg.eigh(a)
+    w, v = _batched(jnp.linalg.eigh, a)
   w = jnp.maximum(w, 0.0)
   w_max = w[..., -1:]
   damping = eps * w_max if relative else eps
@@ -253,6 +286,8 @@ def damped_inverse(a: jax.Array, damping: float | jax.Array, *, method: str = "c
     w, v = symmetric_eigh(a)
     w = jnp.maximum(w, 0.0)[..., None, :] + damping
     return _symmetrize(_mm(v / w, jnp.swapaxes(v, -1, -2)))
-  chol = jnp.linalg.cholesky(_symmetrize(a) + damping * eye)
-  inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-  return _symmetrize(inv)
+
+  def inverse(x):
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(x), True), _eye_like(x))
+
+  return _symmetrize(_batched(inverse, _symmetrize(a) + damping * eye))

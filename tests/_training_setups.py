@@ -178,12 +178,14 @@ def available_setups() -> dict[str, Setup]:
     setups["kfac"] = Setup("kfac", make_kfac, kfac_grads, kfac_statistics)
 
     def make_kfac_spread(mesh):
-      # The factors A_out [33, 33] and S_hidden [32, 32] share one stack (pad_ratio); on a
-      # mesh the stack axis is split over every device, so each decomposes its share.
+      # pad_ratio 3: two stacks, A_out [33, 33] with S_hidden [32, 32] and A_hidden [9, 9]
+      # with S_out [4, 4]; on a mesh each stack axis is split over every device, so each
+      # decomposes its share. (On CPU the stack of side 33 is decomposed one matrix at a
+      # time, secondorder.linalg.CPU_ONE_AT_A_TIME; the [2, 9, 9] stack stays one call.)
       from jax.sharding import NamedSharding, PartitionSpec
       layers = cap.layers(init_params(), jnp.zeros((BATCH, IN_FEATURES), jnp.float32))
       sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-      return kfac.kfac(1e-2, layers=layers, update_interval=5, pad_ratio=1.25,
+      return kfac.kfac(1e-2, layers=layers, update_interval=5, pad_ratio=3.0,
                        factor_sharding=sharding)
 
     setups["kfac_spread"] = Setup("kfac_spread", lambda: make_kfac_spread(None), kfac_grads,

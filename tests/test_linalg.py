@@ -93,3 +93,47 @@ def test_damped_inverse(method):
   inv2 = linalg.damped_inverse(jnp.asarray(a), jnp.array([0.5, 2.0]), method=method)
   np.testing.assert_allclose(inv2[1], np.linalg.inv(a[1].astype(np.float64) + 2 * np.eye(6)),
                              rtol=1e-4, atol=1e-5)
+
+
+_THREE_BATCHED_DECOMPOSITIONS = """
+import os
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+import jax, jax.numpy as jnp
+from secondorder import linalg
+ks = jax.random.split(jax.random.key(0), 3)
+mk = lambda k: (lambda m: m @ m.swapaxes(1, 2))(jax.random.normal(k, (4, 128, 128)))
+a, b, c = (mk(k) for k in ks)
+f = jax.jit(lambda a, b, c: (linalg.symmetric_eigh(a),
+                             linalg.inverse_pth_root(b, 4, method="eigh").root,
+                             linalg.damped_inverse(c, 0.1)))
+for i in range(10):
+  jax.block_until_ready(f(a + i, b, c))
+print("done")
+"""
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a jaxlib CPU kernel issue")
+def test_batched_decompositions_do_not_hang_on_cpu():
+  # With one batched LAPACK call per [4, 128, 128] stack, jaxlib 0.10.2 hangs this program on
+  # a 2-core machine (its kernels wait for tasks on the busy intra-op pool); linalg
+  # decomposes such batches one matrix at a time on CPU.
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", _THREE_BATCHED_DECOMPOSITIONS],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cpu_one_matrix_at_a_time_matches_the_batched_call():
+  a = jax.random.normal(jax.random.key(1), (3, 40, 40))
+  a = a @ jnp.swapaxes(a, 1, 2) / 40
+  got = jax.jit(lambda x: linalg.damped_inverse(x, 0.1))(a)
+  ref = np.stack([np.linalg.inv(np.asarray(m, np.float64) + 0.1 * np.eye(40)) for m in a])
+  np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
+  w, v = jax.jit(linalg.symmetric_eigh)(a)
+  np.testing.assert_allclose(w, np.linalg.eigvalsh(np.asarray(a, np.float64)), rtol=1e-4,
+                             atol=1e-5)
+  if jax.default_backend() == "cpu":
+    hlo = jax.jit(linalg.symmetric_eigh).lower(a).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom-call" in line and "syevd" in line]
+    assert calls and all("[3,40,40]" not in line for line in calls), calls

@@ -261,8 +261,7 @@ def scale_by_kfac_factors(
   decoupled identity block) and decomposes each stack in one batched call; with
   `factor_sharding` each stack is split over devices along its stack axis, so on a mesh
   every device decomposes its share of the factors instead of all of them. (On CPU,
-  jaxlib 0.10's batched LAPACK kernels can deadlock when several devices run them at
-  once: keep per-device stacks to one factor there, or leave both options off.) A damping schedule is read at every
+  stacks of side 32 or more are decomposed one factor at a time: `secondorder.linalg`.) A damping schedule is read at every
   step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
   approximation (see `secondorder.capture`). Parameters outside the covered layers go
   through `fallback` (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999,
