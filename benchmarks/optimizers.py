@@ -12,9 +12,10 @@ The learning rate reaches the builder as a traced scalar inside `jax.jit`, so on
 compilation serves the whole sweep; a builder that needs a Python float sets
 `static_lr=True` and is compiled once per learning rate.
 
-Peers that need other versions of JAX (kfac-jax's `Optimizer`, Google's Distributed
-Shampoo) run in their own environments from `benchmarks/kfac_bench.py` and
-`benchmarks/shampoo_bench.py`; the rows here are those that run on the installed JAX.
+kfac-jax's `Optimizer` needs an older JAX (0.0.8 fails to trace on jax 0.10: its graph
+matcher unpacks `get_bind_params` the old way) and runs in its own environment from
+`benchmarks/kfac_bench.py`; the rows here are those that run on the installed JAX,
+Google's Distributed Shampoo among them (`benchmarks.peers`).
 """
 
 from __future__ import annotations
@@ -268,6 +269,24 @@ def _optax_sophia(lr, n, p):
 register(OptimizerSpec(
     "optax_sophia", _optax_sophia, 1e-3, needs=("obj_fn",), family="peer",
     note="optax.contrib.sophia (Sophia-H, Hutchinson every 10 steps)"))
+
+
+def _dist_shampoo(lr, n, p):
+  # The reference JAX Shampoo (optax-shampoo 0.0.6), loaded with benchmarks.peers' patch;
+  # the settings of the `shampoo` row: blocks of 128, roots every 10 steps from step 10,
+  # beta2 0.999, momentum 0.9, its own normalized-RMSProp grafting.
+  from benchmarks.peers import distributed_shampoo
+  ds = distributed_shampoo()
+  return ds.distributed_shampoo(
+      learning_rate=lr, block_size=128, beta1=0.9, beta2=0.999,
+      preconditioning_compute_steps=10, start_preconditioning_step=10,
+      graft_type=ds.GraftingType.RMSPROP_NORMALIZED, nesterov=False,
+      generate_training_metrics=False)
+
+
+register(OptimizerSpec(
+    "dist_shampoo", _dist_shampoo, 3e-4, family="peer",
+    note="Google's Distributed Shampoo (pip install optax-shampoo==0.0.6, load-time patched)"))
 
 
 def _psgd_kron(lr, n, p):

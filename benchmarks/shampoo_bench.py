@@ -14,22 +14,12 @@ times the median step time (the training runs themselves also evaluate the full 
 loss, which is not optimizer time).
 
 Distributed Shampoo (`optax-shampoo` 0.0.6, the reference JAX implementation) does not run
-on current JAX as published. It runs here in its own virtual environment, against the same
-JAX as this library, with a load-time patch (below, `_patch_distributed_shampoo`; nothing in
-site-packages is edited):
-
-    python3 -m venv --system-site-packages /work/envs/dshampoo
-    /work/envs/dshampoo/bin/pip install --no-deps optax-shampoo==0.0.6
-
-(`--no-deps` keeps the interpreter's jax/optax/flax/chex/absl.) The patch restores the
-removed `jax.tree_map` / `jax.tree_flatten` / `jax.tree_unflatten` / `jax.tree_leaves`
-aliases, gives `jax.experimental.pjit` its old `PartitionSpec` name, and wraps the module's
-`lax.while_loop` so the initial carry takes the dtypes its body returns (the published code
-starts a loop with Python `0`/`True` where the body returns int32/float32 arrays, which
-current JAX rejects). This script re-runs itself under `/work/envs/dshampoo/bin/python` (or
-`--ds-python`) for the Distributed Shampoo rows; those rows time Distributed Shampoo, this
-library's Shampoo and Adam interleaved in that process, at the same root refresh interval,
-block size, statistics decay and start step.
+on current JAX as published; `benchmarks.peers.distributed_shampoo` loads it with a small
+load-time patch (nothing in site-packages is edited), and `pip install
+optax-shampoo==0.0.6` (in the `bench` extra) adds no other package. When it is installed,
+its rows run in the same process: Distributed Shampoo, this library's Shampoo and Adam
+timed interleaved, at the same root refresh interval, block size, statistics decay and
+start step (`--no-ds` leaves them out).
 
 Writes `<out>/shampoo_bench.md` and `<out>/shampoo_bench.png` (default `bench_out/`).
 """
@@ -44,10 +34,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-import types
 from typing import Any, Callable
 
 import jax
@@ -59,7 +46,6 @@ from benchmarks.problems import get_problem
 from benchmarks.runner import state_bytes
 
 DEFAULT_PROBLEMS = ("digits_mlp", "digits_cnn", "char_transformer")
-DS_PYTHON = "/work/envs/dshampoo/bin/python"
 LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "shampoo": (1e-3, 3e-3, 1e-2, 3e-2),
            "dist_shampoo": (1e-4, 3e-4, 1e-3)}  # its normalized-RMSProp graft runs hot
 
@@ -78,32 +64,9 @@ def _adam(lr, cfg):
   return optax.adam(lr)
 
 
-def _patch_distributed_shampoo():
-  """Makes optax-shampoo 0.0.6 import and run on current JAX (see the module docstring)."""
-  for old, new in (("tree_map", jax.tree.map), ("tree_flatten", jax.tree.flatten),
-                   ("tree_unflatten", jax.tree.unflatten), ("tree_leaves", jax.tree.leaves),
-                   ("tree_structure", jax.tree.structure)):
-    if not hasattr(jax, old):
-      setattr(jax, old, new)
-  import jax.experimental.pjit as pjit_module
-  if not hasattr(pjit_module, "PartitionSpec"):
-    pjit_module.PartitionSpec = jax.sharding.PartitionSpec
-  from optax_shampoo import distributed_shampoo as ds
-
-  def while_loop(cond_fun, body_fun, init_val):
-    out = jax.eval_shape(body_fun, init_val)
-    init_val = jax.tree.map(lambda x, o: jnp.asarray(x, o.dtype), init_val, out)
-    return jax.lax.while_loop(cond_fun, body_fun, init_val)
-
-  lax_proxy = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax)
-                                       if not k.startswith("__")})
-  lax_proxy.while_loop = while_loop
-  ds.lax = lax_proxy
-  return ds
-
-
 def _dist_shampoo(lr, cfg):
-  ds = _patch_distributed_shampoo()
+  from benchmarks.peers import distributed_shampoo
+  ds = distributed_shampoo()
   return ds.distributed_shampoo(
       learning_rate=lr, block_size=cfg["block_size"], beta1=0.9, beta2=cfg["b2"],
       preconditioning_compute_steps=cfg["update_interval"],
@@ -295,20 +258,15 @@ def plot(path: str, results: list[dict]) -> None:
 
 
 def _ds_rows(args, cfg) -> list[dict] | None:
-  python = args.ds_python
-  if not os.path.exists(python):
-    print(f"Distributed Shampoo rows skipped: {python} not found (see the module docstring).")
+  try:
+    from benchmarks.peers import distributed_shampoo
+    distributed_shampoo()
+  except ImportError as err:
+    print(f"Distributed Shampoo rows skipped ({err}); pip install optax-shampoo==0.0.6")
     return None
-  cmd = [python, "-m", "benchmarks.shampoo_bench", "--ds-worker", "--problems",
-         ",".join(args.problems), "--rounds", str(args.rounds), "--update-interval",
-         str(cfg["update_interval"]), "--block-size", str(cfg["block_size"]), "--start",
-         str(cfg["start"]), "--eval-every", str(args.eval_every)]
-  cmd += ["--steps", str(min(args.steps or 10**9, args.ds_steps))]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0:
-    print("Distributed Shampoo worker failed:\n" + proc.stderr[-3000:])
-    return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  steps = min(args.steps or 10**9, args.ds_steps)
+  return [run_problem(p, ["adam", "shampoo", "dist_shampoo"], cfg, steps, args.rounds,
+                      args.eval_every, sweep=False) for p in args.problems]
 
 
 def main(argv=None):
@@ -322,19 +280,11 @@ def main(argv=None):
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--out", default="bench_out")
   parser.add_argument("--no-ds", action="store_true")
-  parser.add_argument("--ds-python", default=DS_PYTHON)
   parser.add_argument("--ds-steps", type=int, default=500,
-                      help="step cap for the Distributed Shampoo process (it runs 3 optimizers)")
-  parser.add_argument("--ds-worker", action="store_true", help=argparse.SUPPRESS)
+                      help="step cap for the Distributed Shampoo comparison (3 optimizers)")
   args = parser.parse_args(argv)
   cfg = {"block_size": args.block_size, "update_interval": args.update_interval,
          "start": args.start, "b2": 0.999}
-
-  if args.ds_worker:  # inside the Distributed Shampoo environment: JSON on the last line
-    results = [run_problem(p, ["adam", "shampoo", "dist_shampoo"], cfg, args.steps,
-                           args.rounds, args.eval_every, sweep=False) for p in args.problems]
-    print(json.dumps(results))
-    return
 
   results = [run_problem(p, ["adam", "shampoo"], cfg, args.steps, args.rounds,
                          args.eval_every) for p in args.problems]

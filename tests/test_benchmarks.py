@@ -156,3 +156,25 @@ def test_classifier_problem_contract():
 def test_problem_names():
   assert set(problem_names()) == {"autoencoder", "digits_mlp", "digits_cnn", "char_transformer",
                                   "quadratic", "rosenbrock"}
+
+
+def test_distributed_shampoo_peer_runs_on_this_jax():
+  # The load-time patch in benchmarks.peers keeps Google's Distributed Shampoo (optax-shampoo
+  # 0.0.6) running on the installed JAX: past its start step (10) it preconditions, and the
+  # harness row trains the ill-conditioned quadratic.
+  pytest.importorskip("optax_shampoo")
+  problem = get_problem("quadratic")
+  tx = OPTIMIZERS["dist_shampoo"].build(jnp.asarray(3e-2), 60, problem)
+  params = problem.init_params(0)
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(problem.loss)(p, ())
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state = tx.init(params)
+  first = float(problem.loss(params, ()))
+  for _ in range(60):
+    params, state, loss = step(params, state)
+  assert np.isfinite(float(loss)) and float(loss) < 0.5 * first
