@@ -122,20 +122,26 @@ def make_step(tx, stack_sharding):
   return jax.jit(step)
 
 
-def eigh_shapes(hlo_text: str) -> list[str]:
-  """Per-device shapes of the eigendecompositions in a compiled (partitioned) program."""
+def call_shapes(hlo_text: str, kernel: str = "syevd") -> list[str]:
+  """Per-device shapes of the LAPACK calls `kernel` (syevd: eigendecompositions, potrf:
+  Cholesky) in a compiled (partitioned) program."""
   shapes = []
   for line in hlo_text.splitlines():
-    if "custom-call" in line and "syevd" in line:
+    if "custom-call" in line and kernel in line:
       m = re.search(r"=\s*\(?(\w+\[[\d,]*\])", line)
       if m:
         shapes.append(m.group(1))
   return sorted(shapes)
 
 
+def meshes(devices):
+  """The data-parallel (8,) mesh and the 2x4 (data, model) mesh."""
+  return (Mesh(devices.reshape(8), ("data",), axis_types=(AxisType.Auto,)),
+          Mesh(devices.reshape(2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2))
+
+
 def setups(devices):
-  dp = Mesh(devices.reshape(8), ("data",), axis_types=(AxisType.Auto,))
-  dpmp = Mesh(devices.reshape(2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  dp, dpmp = meshes(devices)
   replicated = {"w1": P(), "b1": P(), "w2": P(), "b2": P()}
   megatron = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
   return {
@@ -151,8 +157,7 @@ KFAC_SIZES = (128, 256, 256, 256, 128)
 
 
 def kfac_setups(devices):
-  dp = Mesh(devices.reshape(8), ("data",), axis_types=(AxisType.Auto,))
-  dpmp = Mesh(devices.reshape(2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  dp, dpmp = meshes(devices)
   return {  # name: (mesh, model-sharded params, factor_sharding spec)
       "single": (None, False, None),
       "dp8": (dp, False, None),
@@ -160,16 +165,6 @@ def kfac_setups(devices):
       "dp2_mp4": (dpmp, True, None),
       "dp2_mp4+factor_sharding": (dpmp, True, P(("data", "model"))),
   }
-
-
-def potrf_shapes(hlo_text: str) -> list[str]:
-  shapes = []
-  for line in hlo_text.splitlines():
-    if "custom-call" in line and "potrf" in line:
-      m = re.search(r"=\s*\(?(\w+\[[\d,]*\])", line)
-      if m:
-        shapes.append(m.group(1))
-  return sorted(shapes)
 
 
 def kfac_main(args) -> list[dict]:
@@ -238,7 +233,7 @@ def kfac_main(args) -> list[dict]:
     for _ in range(3):
       params, state = jax.block_until_ready(step(params, state, xb, yb, key))
     runs[name] = {"step": step, "params": params, "state": state, "x": xb, "y": yb,
-                  "times": [], "potrf": potrf_shapes(compiled.as_text())}
+                  "times": [], "potrf": call_shapes(compiled.as_text(), "potrf")}
 
   names = list(runs)
   for _ in range(args.repeats):
@@ -321,7 +316,7 @@ def main() -> None:
     runs[name] = {"step": compiled, "params": params, "state": state, "batch": batch,
                   "times": [],
                    # Compiled only, never run: the per-device LAPACK calls of method="eigh".
-                   "eigh": eigh_shapes(make_step(tx_eigh, stack).lower(
+                   "eigh": call_shapes(make_step(tx_eigh, stack).lower(
                        params, state, batch)
                        .compile().as_text())}
 

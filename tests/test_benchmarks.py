@@ -158,6 +158,7 @@ def test_problem_names():
                                   "quadratic", "rosenbrock"}
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # its own float64 asks
 def test_distributed_shampoo_peer_runs_on_this_jax():
   # The load-time patch in benchmarks.peers keeps Google's Distributed Shampoo (optax-shampoo
   # 0.0.6) running on the installed JAX: past its start step (10) it preconditions, and the
