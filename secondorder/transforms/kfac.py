@@ -260,9 +260,9 @@ def scale_by_kfac_factors(
   all layers by size (every A and S of one size, or within `pad_ratio` of it, padded with a
   decoupled identity block) and decomposes each stack in one batched call; with
   `factor_sharding` each stack is split over devices along its stack axis, so on a mesh
-  every device decomposes its share of the factors instead of all of them. (On CPU,
-  stacks of side 32 or more are decomposed one factor at a time: `secondorder.linalg`.) A damping schedule is read at every
-  step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
+  every device decomposes its share of the factors instead of all of them (on CPU, stacks
+  of side 32 or more are decomposed one factor at a time: `secondorder.linalg`). A damping
+  schedule is read at every step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
   approximation (see `secondorder.capture`). Parameters outside the covered layers go
   through `fallback` (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999,
   1e-8, eps_in_sqrt=False, bias_correction=True)` with its second moment in float32 at least)
@@ -283,10 +283,10 @@ def scale_by_kfac_factors(
     stats_dtype: dtype of the factors (a name such as "float32", or a dtype).
     pad_ratio: None (every factor alone, or with `factor_sharding` equal sizes stacked) or
       a number ≥ 1: factors whose size is within this ratio of the largest in a stack are
-      padded to its size and decomposed with it (1: equal sizes only). It fixes the
-      program's structure, so under `optax.inject_hyperparams` name it in `static_args`. Padding
-      a factor of size d to D costs (D/d)³ of its own decomposition, and merges stacks: use
-      it with `factor_sharding`, where fewer, taller stacks spread better.
+      padded to its size and decomposed with it (1: equal sizes only). Padding a factor of
+      size d to D costs (D/d)³ of its own decomposition, and merges stacks: use it with
+      `factor_sharding`, where fewer, taller stacks spread better. It fixes the program's
+      structure, so under `optax.inject_hyperparams` name it in `static_args`.
     factor_sharding: None, or a `NamedSharding` whose spec names mesh axes for the stack
       axis only (e.g. `NamedSharding(mesh, P(("data", "model")))`): every stack of two or
       more factors is padded to a multiple of those axes' size and sharded along them for
@@ -420,14 +420,13 @@ def scale_by_kfac_factors(
       out = ({}, {}, {}, {}, {}, {})
       for stack in stacks:
         group = [mats[m] for m in stack.members]
-        one = jnp.ones([], stats_dtype)
         if damping_mode == "exact":
           # Padding on the diagonal at -max|M|: below every eigenvalue of the PSD factor
           # and on its scale, so its eigenvalues sort first and decouple cleanly.
           fills = [-jnp.maximum(jnp.max(jnp.abs(m)), jnp.finfo(stats_dtype).tiny)
                    for m in group]
-          x = _spread(_stacked(group, stack.size, fills), -jnp.eye(stack.size, dtype=stats_dtype),
-                      factor_sharding)
+          x = _spread(_stacked(group, stack.size, fills),
+                      -jnp.eye(stack.size, dtype=stats_dtype), factor_sharding)
           w, v = (_gather(y, factor_sharding) for y in linalg.symmetric_eigh(x))
           for i, (m, d) in enumerate(zip(stack.members, stack.dims)):
             j = 0 if m[1] == 0 else 2
@@ -435,7 +434,8 @@ def scale_by_kfac_factors(
             out[j + 1][m[0]] = v[i, :d, stack.size - d:].astype(stats_dtype)
         else:
           eye = jnp.eye(stack.size, dtype=stats_dtype)
-          x = _spread(_stacked(group, stack.size, [one] * len(group)), eye, factor_sharding)
+          ones = [jnp.ones([], stats_dtype)] * len(group)
+          x = _spread(_stacked(group, stack.size, ones), eye, factor_sharding)
           c = jnp.stack([consts[m] for m in stack.members]).astype(stats_dtype)
           c = jnp.concatenate([c, jnp.ones((x.shape[0] - len(group),), stats_dtype)])
           inv = _gather(linalg.damped_inverse(x, c, method="cholesky").astype(stats_dtype),

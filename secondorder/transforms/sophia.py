@@ -41,15 +41,16 @@ def _keyed_estimator(method: str, keyword: str, example: str, estimate: Callable
   def update_fn(updates, state, params=None, **extra_args):
     del updates
     fn = require_extra_arg(method, keyword, extra_args.get(keyword), example)
-    key, sub = jax.random.split(state.key)
+    key, sub = _split_key(state)
     return estimate(fn, params, sub), EstimatorState(key=key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _estimate_key(estimator_state) -> jax.Array:
-  """The key a built-in estimator draws from at this step (see `_keyed_estimator`)."""
-  return jax.random.split(estimator_state.key)[1]
+def _split_key(estimator_state) -> tuple[jax.Array, jax.Array]:
+  """(the built-in estimator's next key, the key it draws this step's probe / labels from)."""
+  key, sub = jax.random.split(estimator_state.key)
+  return key, sub
 
 
 def hutchinson_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -240,7 +241,7 @@ def sophia_clip(
         # its own update would; a user estimator's state is left as it is.
         estimate = hessian_diag
         if isinstance(estimator_state, EstimatorState):
-          estimator_state = EstimatorState(key=jax.random.split(estimator_state.key)[0])
+          estimator_state = EstimatorState(key=_split_key(estimator_state)[0])
       else:
         estimate, estimator_state = estimator_tx.update(
             updates, estimator_state, params, **extra_args)
@@ -317,7 +318,7 @@ def value_grad_and_hutchinson_estimate(
   """
   sstate = _find_sophia_state(opt_state, "value_grad_and_hutchinson_estimate")
   # The probe hutchinson_diag(obj_fn, params, key) draws with one sample.
-  probe = rademacher_like(jax.random.split(_estimate_key(sstate.estimator_state), 1)[0],
+  probe = rademacher_like(jax.random.split(_split_key(sstate.estimator_state)[1], 1)[0],
                           params)
   value, grads, hz = value_grad_hvp(obj_fn, params, probe)
   return value, grads, jax.tree.map(jnp.multiply, probe, hz)
@@ -346,7 +347,7 @@ def value_grad_and_gnb_estimate(
   """
   sstate = _find_sophia_state(opt_state, "value_grad_and_gnb_estimate")
   return value_grad_and_gnb_diag(logits_fn, loss_fn, params,
-                                 _estimate_key(sstate.estimator_state))
+                                 _split_key(sstate.estimator_state)[1])
 
 
 def sophia(
