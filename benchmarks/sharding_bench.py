@@ -153,6 +153,24 @@ def setups(devices):
   }
 
 
+def time_rounds(runs: dict, args, advance) -> None:
+  """Interleaved timing: `args.repeats` rounds over the set-ups in random order, each
+  `args.steps` calls of `advance(run, params, state) -> (params, state)`; appends the
+  seconds per step to `run["times"]` and carries params and state on."""
+  names = list(runs)
+  for _ in range(args.repeats):
+    random.shuffle(names)
+    for name in names:
+      r = runs[name]
+      params, state = r["params"], r["state"]
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        params, state = advance(r, params, state)
+      jax.block_until_ready((params, state))
+      r["times"].append((time.perf_counter() - t0) / args.steps)
+      r["params"], r["state"] = params, state
+
+
 KFAC_SIZES = (128, 256, 256, 256, 128)
 
 
@@ -235,18 +253,7 @@ def kfac_main(args) -> list[dict]:
     runs[name] = {"step": step, "params": params, "state": state, "x": xb, "y": yb,
                   "times": [], "potrf": call_shapes(compiled.as_text(), "potrf")}
 
-  names = list(runs)
-  for _ in range(args.repeats):
-    random.shuffle(names)
-    for name in names:
-      r = runs[name]
-      params, state = r["params"], r["state"]
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        params, state = r["step"](params, state, r["x"], r["y"], key)
-      jax.block_until_ready((params, state))
-      r["times"].append((time.perf_counter() - t0) / args.steps)
-      r["params"], r["state"] = params, state
+  time_rounds(runs, args, lambda r, p, st: r["step"](p, st, r["x"], r["y"], key))
 
   rows = []
   for name, r in runs.items():
@@ -320,18 +327,7 @@ def main() -> None:
                        params, state, batch)
                        .compile().as_text())}
 
-  names = list(runs)
-  for _ in range(args.repeats):
-    random.shuffle(names)
-    for name in names:
-      r = runs[name]
-      params, state = r["params"], r["state"]
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        params, state = r["step"](params, state, r["batch"])
-      jax.block_until_ready((params, state))
-      r["times"].append((time.perf_counter() - t0) / args.steps)
-      r["params"], r["state"] = params, state
+  time_rounds(runs, args, lambda r, p, st: r["step"](p, st, r["batch"]))
 
   def leaf_diff(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in
