@@ -161,8 +161,8 @@ def test_problem_names():
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # its own float64 asks
 def test_distributed_shampoo_peer_runs_on_this_jax():
   # The load-time patch in benchmarks.peers keeps Google's Distributed Shampoo (optax-shampoo
-  # 0.0.6) running on the installed JAX: past its start step (10) it preconditions, and the
-  # harness row trains the ill-conditioned quadratic.
+  # 0.0.6) running on the installed JAX: the harness row traces, runs past its start step
+  # (10) and trains the ill-conditioned quadratic.
   pytest.importorskip("optax_shampoo")
   problem = get_problem("quadratic")
   tx = OPTIMIZERS["dist_shampoo"].build(jnp.asarray(3e-2), 60, problem)

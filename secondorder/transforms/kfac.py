@@ -146,7 +146,8 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Stack:
-  """Factors refreshed in one batched call: each zero-padded (identity block) to `size`."""
+  """Factors refreshed in one batched call, each padded to `size` with a decoupled diagonal
+  block (1 for the damped inverses, -max|M| for the eigendecompositions)."""
   size: int
   members: tuple[tuple[str, int], ...]  # (layer name, 0 for A / 1 for S)
   dims: tuple[int, ...]  # each member's own size
@@ -258,7 +259,7 @@ def scale_by_kfac_factors(
   (factored) or four (exact) small matmuls per layer. By default each factor is decomposed
   in its own call. With `pad_ratio` or `factor_sharding` the refresh stacks the factors of
   all layers by size (every A and S of one size, or within `pad_ratio` of it, padded with a
-  decoupled identity block) and decomposes each stack in one batched call; with
+  decoupled diagonal block) and decomposes each stack in one batched call; with
   `factor_sharding` each stack is split over devices along its stack axis, so on a mesh
   every device decomposes its share of the factors instead of all of them (on CPU, stacks
   of side 32 or more are decomposed one factor at a time: `secondorder.linalg`). A damping
