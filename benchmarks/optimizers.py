@@ -6,7 +6,9 @@ transform`
 of its learning-rate sweep, and the extra arguments its `update` reads (`obj_fn`,
 `logits_fn`, `kfac_stats`). The runner supplies those from the problem; an entry with a
 faster way of getting the loss, gradient and extras together (AdaHessian's single
-forward-over-reverse pass, K-FAC's capture) gives a `value_grad` hook.
+forward-over-reverse pass, K-FAC's capture) gives a `value_grad` hook. An entry whose
+curvature refresh is scheduled on the host (Sophia) sets `host_refresh`: the runner then
+compiles a refresh step and a plain step and picks one per step.
 
 The learning rate reaches the builder as a traced scalar inside `jax.jit`, so one
 compilation serves the whole sweep; a builder that needs a Python float sets
@@ -53,6 +55,10 @@ class OptimizerSpec:
     static_lr: build needs a concrete learning rate.
     in_quick: optional ``problem -> bool`` limiting the row in the `quick` preset (for peers
       too slow to run everywhere in a few minutes).
+    host_refresh: refresh every this many steps, scheduled on the host: two compiled steps,
+      `update(..., refresh=True)` on steps 0, n, 2n, ... and `update(..., refresh=False)`
+      otherwise. `value_grad`, if given, then runs on refresh steps only (the plain steps
+      take `jax.value_and_grad` and no extras).
   """
 
   name: str
@@ -65,6 +71,7 @@ class OptimizerSpec:
   applies: Callable[[Any], bool] | None = None
   static_lr: bool = False
   in_quick: Callable[[Any], bool] | None = None
+  host_refresh: int | None = None
 
   def applies_to(self, problem, preset: str = "full") -> bool:
     if preset == "quick" and self.in_quick is not None and not self.in_quick(problem):
@@ -167,17 +174,38 @@ register(OptimizerSpec(
     0.15, needs=("obj_fn",), family="secondorder",
     note="AdaHessian (Hutchinson diagonal, one forward-over-reverse pass per step)",
     value_grad=_adahessian_value_grad))
+def _sophia_h_value_grad(problem, params, batch, opt_state, key):
+  # Refresh steps: loss, gradient and the Hutchinson estimate from one forward-over-reverse
+  # pass, with the probe the built-in estimator would draw.
+  sophia = _module("secondorder.transforms.sophia")
+  loss, grads, h = sophia.value_grad_and_hutchinson_estimate(
+      lambda p: problem.loss(p, batch), params, opt_state)
+  return loss, grads, {"hessian_diag": h}
+
+
+def _sophia_g_value_grad(problem, params, batch, opt_state, key):
+  # Refresh steps: loss, gradient and B * g_hat**2 from one vjp of the logits.
+  sophia = _module("secondorder.transforms.sophia")
+  loss, grads, h = sophia.value_grad_and_gnb_estimate(
+      lambda p: problem.logits_fn(p, batch), lambda z: problem.logits_loss(z, batch),
+      params, opt_state)
+  return loss, grads, {"hessian_diag": h}
+
+
 register(OptimizerSpec(
     "sophia_h",
     lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(
         lr, estimator="hutchinson"),
     1e-3, needs=("obj_fn",), family="secondorder",
-    note="Sophia-H (Hutchinson estimate every 10 steps)"))
+    note="Sophia-H (Hutchinson estimate every 10 steps; host-scheduled, one-pass refresh)",
+    value_grad=_sophia_h_value_grad, host_refresh=10))
 register(OptimizerSpec(
     "sophia_g",
     lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(lr, estimator="gnb"),
     1e-3, needs=("logits_fn",), family="secondorder",
-    note="Sophia-G (Gauss-Newton-Bartlett estimate every 10 steps)"))
+    note="Sophia-G (Gauss-Newton-Bartlett estimate every 10 steps; host-scheduled, one-pass "
+         "refresh)",
+    value_grad=_sophia_g_value_grad, host_refresh=10))
 
 
 _KFAC_CAPTURES: dict = {}

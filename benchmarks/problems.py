@@ -65,6 +65,8 @@ class Problem:
     steps: number of optimizer steps per preset, ``{"quick": n, "full": n}``.
     logits_fn: ``(params, batch) -> logits [..., C]`` for losses that are mean softmax
       cross-entropy of these logits against the batch's labels; None otherwise.
+    logits_loss: ``(logits, batch) -> scalar`` with ``loss(p, b) ==
+      logits_loss(logits_fn(p, b), b)`` (set with `logits_fn`).
     apply: ``(params, inputs) -> outputs``, the model as a pure function (None for the
       synthetic problems).
     make_model: ``seed -> nnx.Module`` (None for the synthetic problems).
@@ -91,6 +93,7 @@ class Problem:
   target_loss: float
   steps: dict
   logits_fn: Callable[[Params, Batch], jax.Array] | None = None
+  logits_loss: Callable[[jax.Array, Batch], jax.Array] | None = None
   apply: Callable[[Params, Any], jax.Array] | None = None
   make_model: Callable[[int], nnx.Module] | None = None
   bind: Callable[[Params], nnx.Module] | None = None
@@ -311,9 +314,10 @@ def _autoencoder() -> Problem:
       batches=lambda seed: _infinite_minibatches((x_train,), 100, seed),
       loss=loss, eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
       target_loss=0.30, steps={"quick": 150, "full": 2000},
-      logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
-      inputs=inputs, labels=labels, output_loss=_bernoulli_logit, kind="autoencoder",
-      likelihood="bernoulli")
+      logits_fn=logits_fn,
+      logits_loss=lambda logits, b: _bernoulli_logit(logits[..., 1], b[0]),
+      apply=apply, make_model=make, bind=bind, inputs=inputs, labels=labels,
+      output_loss=_bernoulli_logit, kind="autoencoder", likelihood="bernoulli")
 
 
 def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
@@ -327,7 +331,8 @@ def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
       name=name, description=description, init_params=init_params,
       batches=lambda seed: _infinite_minibatches((x_train, y_train), 64, seed),
       loss=loss, eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
-      target_loss=target, steps=steps, logits_fn=logits_fn, apply=apply, make_model=make,
+      target_loss=target, steps=steps, logits_fn=logits_fn,
+      logits_loss=lambda logits, b: _softmax_ce(logits, b[1]), apply=apply, make_model=make,
       bind=bind, inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
       kind="classification", likelihood="softmax")
 
@@ -379,7 +384,8 @@ def _char_transformer(size: str = "full") -> Problem:
       init_params=init_params, batches=batches, loss=loss,
       eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
       target_loss=2.8, steps={"quick": 100, "full": 2000},
-      logits_fn=logits_fn, apply=apply, make_model=make, bind=bind,
+      logits_fn=logits_fn, logits_loss=lambda logits, b: _softmax_ce(logits, b[1]),
+      apply=apply, make_model=make, bind=bind,
       inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
       kind="language_model", likelihood="softmax")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -117,32 +118,46 @@ class _Compiled:
     def init(params, lr):
       return make(lr).init(params)
 
-    def step(params, opt_state, batch, lr, key):
+    def step(params, opt_state, batch, lr, key, refresh=None):
+      # refresh: None for a transform that schedules itself; True/False for the two steps
+      # of a host-scheduled row (`OptimizerSpec.host_refresh`).
       tx = make(lr)
-      if spec.value_grad is not None:
+      if spec.value_grad is not None and refresh is not False:
         loss, grads, extra = spec.value_grad(problem, params, batch, opt_state, key)
       else:
         loss, grads = jax.value_and_grad(problem.loss)(params, batch)
         extra = {}
-        if "obj_fn" in spec.needs:
+        if "obj_fn" in spec.needs and refresh is not False:
           extra["obj_fn"] = lambda p: problem.loss(p, batch)
-        if "logits_fn" in spec.needs:
+        if "logits_fn" in spec.needs and refresh is not False:
           extra["logits_fn"] = lambda p: problem.logits_fn(p, batch)
+      if refresh is not None:
+        extra["refresh"] = refresh
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(init), jax.jit(step)
+    if spec.host_refresh is None:
+      return jax.jit(init), {None: jax.jit(step)}
+    return jax.jit(init), {r: jax.jit(functools.partial(step, refresh=r)) for r in (True, False)}
 
   def get(self, lr: float, params, batch):
+    """(compiled init, step) for `lr`; `step(t, params, state, batch, lr, key)`."""
     key = lr if self.spec.static_lr else None
     if key not in self._by_lr:
-      init, step = self._functions(key)
+      init, steps = self._functions(key)
       lr_arr = jnp.asarray(lr, jnp.float32)
       t0 = time.perf_counter()
       init_c = init.lower(params, lr_arr).compile()
       state = init_c(params, lr_arr)
-      step_c = step.lower(params, state, batch, lr_arr, jax.random.key(0)).compile()
+      compiled = {r: f.lower(params, state, batch, lr_arr, jax.random.key(0)).compile()
+                  for r, f in steps.items()}
       self.compile_s += time.perf_counter() - t0
+      every = self.spec.host_refresh
+      if every is None:
+        plain = compiled[None]
+        step_c = lambda t, *args: plain(*args)
+      else:
+        step_c = lambda t, *args: compiled[t % every == 0](*args)
       self._by_lr[key] = (init_c, step_c)
     return self._by_lr[key]
 
@@ -166,7 +181,7 @@ def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, s
       evals.append((t, elapsed, float(tr), float(ev)))
     key = jax.random.fold_in(base_key, t)
     t0 = time.perf_counter()
-    params, opt_state, loss = step_c(params, opt_state, batch, lr_arr, key)
+    params, opt_state, loss = step_c(t, params, opt_state, batch, lr_arr, key)
     loss = float(loss)  # waits for the step
     elapsed += time.perf_counter() - t0
     losses.append(loss)
@@ -218,8 +233,8 @@ def _time_steps(problem: Problem, rows: list[tuple[RowResult, _Compiled]], prese
       p, s = params, state
       n = blocks[row.optimizer]
       t0 = time.perf_counter()
-      for _ in range(n):
-        p, s, loss = step_c(p, s, batch, lr_arr, key)
+      for t in range(n):
+        p, s, loss = step_c(t, p, s, batch, lr_arr, key)
       jax.block_until_ready((p, s, loss))
       samples[row.optimizer].append((time.perf_counter() - t0) / n)
   for row, *_ in prepared:

@@ -153,6 +153,47 @@ def test_classifier_problem_contract():
   assert 1.5 < float(prob.eval_loss(params)) < 3.5  # about log(10) at initialisation
 
 
+@pytest.mark.parametrize("name", ["autoencoder", "digits_cnn", "char_transformer"])
+def test_logits_loss_is_the_loss_of_the_logits(name):
+  # Sophia-G's one-pass refresh differentiates logits_loss(logits_fn(p, b), b) for the loss.
+  prob = get_problem(name, "quick")
+  params, batch = prob.init_params(1), next(prob.batches(1))
+  via_logits = prob.logits_loss(prob.logits_fn(params, batch), batch)
+  assert float(via_logits) == pytest.approx(float(prob.loss(params, batch)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sophia_g", "sophia_h"])
+def test_host_scheduled_row_follows_the_in_step_schedule(name):
+  # The harness runs Sophia with the refresh chosen on the host and taken from one pass; its
+  # trajectory must be that of the transform scheduling itself (lax.cond, two passes).
+  from secondorder.transforms.sophia import sophia
+
+  prob, steps = get_problem("digits_mlp", "quick"), 12  # refreshes at steps 0 and 10
+  spec = OPTIMIZERS[name]
+  assert spec.host_refresh == 10
+  rows, runs, notes = run_problem(prob, [spec], PRESETS["quick"], steps=steps, sweep_points=1,
+                                  log=lambda s: None)
+  assert notes == [] and len(runs) == 1 and runs[0].lr == pytest.approx(spec.lr)
+  tx = sophia(spec.lr, estimator="gnb" if name == "sophia_g" else "hutchinson")
+  params = prob.init_params(0)
+  state, batches, want = tx.init(params), prob.batches(0), []
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(prob.loss)(params, batch)
+    extra = ({"logits_fn": lambda p: prob.logits_fn(p, batch)} if name == "sophia_g" else
+             {"obj_fn": lambda p: prob.loss(p, batch)})
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, loss
+
+  for _ in range(steps):
+    params, state, loss = step(params, state, next(batches))
+    want.append(float(loss))
+  np.testing.assert_allclose(runs[0].loss, want, rtol=2e-5)
+  # The trajectory moved after the second refresh (a schedule off by one would differ).
+  assert want[-1] != want[-2]
+
+
 def test_problem_names():
   assert set(problem_names()) == {"autoencoder", "digits_mlp", "digits_cnn", "char_transformer",
                                   "quadratic", "rosenbrock"}
