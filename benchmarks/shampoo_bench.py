@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import dataclasses
 import json
 import time
 from typing import Any, Callable
@@ -156,8 +157,11 @@ def _time_steps(compiled: list[_Compiled], block: int, rounds: int) -> dict[str,
 
 
 def run_problem(name: str, optimizers: list[str], cfg: dict, steps: int | None,
-                rounds: int, eval_every: int, sweep: bool = True) -> dict[str, Any]:
+                rounds: int, eval_every: int, sweep: bool = True,
+                target: float | None = None) -> dict[str, Any]:
   problem = get_problem(name)
+  if target is not None:
+    problem = dataclasses.replace(problem, target_loss=target)
   steps = steps or problem.steps["full"]
   compiled = [_Compiled(o, problem, cfg) for o in optimizers]
   rows = {}
@@ -266,7 +270,21 @@ def _ds_rows(args, cfg) -> list[dict] | None:
     return None
   steps = min(args.steps or 10**9, args.ds_steps)
   return [run_problem(p, ["adam", "shampoo", "dist_shampoo"], cfg, steps, args.rounds,
-                      args.eval_every, sweep=False) for p in args.problems]
+                      args.eval_every, sweep=False, target=args.target.get(p))
+          for p in args.problems]
+
+
+def _targets(text: str) -> dict[str, float]:
+  out = {}
+  for item in filter(None, text.split(",")):
+    name, sep, value = item.partition("=")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise argparse.ArgumentTypeError(f"--target wants PROBLEM=LOSS[,...], got {item!r}")
+  return out
 
 
 def main(argv=None):
@@ -280,6 +298,9 @@ def main(argv=None):
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--out", default="bench_out")
   parser.add_argument("--no-ds", action="store_true")
+  parser.add_argument("--target", type=_targets, default={},
+                      help="training-loss targets instead of the problems' own, e.g. "
+                           "digits_mlp=0.01,char_transformer=2.4")
   parser.add_argument("--ds-steps", type=int, default=500,
                       help="step cap for the Distributed Shampoo comparison (3 optimizers)")
   args = parser.parse_args(argv)
@@ -287,7 +308,7 @@ def main(argv=None):
          "start": args.start, "b2": 0.999}
 
   results = [run_problem(p, ["adam", "shampoo"], cfg, args.steps, args.rounds,
-                         args.eval_every) for p in args.problems]
+                         args.eval_every, target=args.target.get(p)) for p in args.problems]
   print(markdown(results, cfg), flush=True)
   report = markdown(results, cfg)
   ds = None if args.no_ds else _ds_rows(args, cfg)

@@ -220,3 +220,16 @@ def test_distributed_shampoo_peer_runs_on_this_jax():
   for _ in range(60):
     params, state, loss = step(params, state)
   assert np.isfinite(float(loss)) and float(loss) < 0.5 * first
+
+
+def test_shampoo_bench_targets_option():
+  import argparse
+
+  from benchmarks.shampoo_bench import _targets
+
+  assert _targets("digits_mlp=0.01, char_transformer=2.3") == {
+      "digits_mlp": 0.01, "char_transformer": 2.3}
+  assert _targets("") == {}
+  for bad in ("digits_mlp", "digits_mlp=low"):
+    with pytest.raises(argparse.ArgumentTypeError, match="PROBLEM=LOSS"):
+      _targets(bad)
