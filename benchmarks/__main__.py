@@ -4,9 +4,11 @@
   python -m benchmarks quick                     # small sizes, one seed, a few minutes on a CPU
   python -m benchmarks full                      # longer runs, 3 seeds, 5-point lr sweeps
   python -m benchmarks quick --only digits_mlp,adam,sophia_g --steps 100 --out /tmp/b
+  python -m benchmarks full --skip char_transformer,dist_shampoo  # ~45 min on a CPU core
 
 `--only` takes a comma-separated list of problem and optimizer names (each restricts its
-kind; Adam always runs, since time and memory are reported as multiples of Adam's).
+kind; Adam always runs, since time and memory are reported as multiples of Adam's); `--skip`
+leaves the named problems and optimizers out.
 Writes OUT/results.md (the tables), OUT/runs.jsonl (every run of every sweep with its curves,
 then one summary line per row) and OUT/<problem>.png (loss against steps and wall time).
 """
@@ -47,6 +49,8 @@ def _parse(argv):
   parser.add_argument("command", choices=["quick", "full", "list"])
   parser.add_argument("--only", default="",
                       help="comma-separated problem and/or optimizer names")
+  parser.add_argument("--skip", default="",
+                      help="comma-separated problem and/or optimizer names to leave out")
   parser.add_argument("--steps", type=int, default=None, help="steps per run (all problems)")
   parser.add_argument("--seeds", type=int, default=None, help="seeds at the best lr")
   parser.add_argument("--sweep", type=int, default=None,
@@ -56,23 +60,32 @@ def _parse(argv):
   return parser.parse_args(argv)
 
 
-def _select(only: str):
+def _names(text: str, flag: str) -> list[str]:
+  from benchmarks.optimizers import OPTIMIZERS
+  from benchmarks.problems import problem_names
+
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in problem_names() and n not in OPTIMIZERS]
+  if unknown:
+    raise SystemExit(f"{flag}: unknown name(s) {unknown}; problems: {problem_names()}; "
+                     f"optimizers: {list(OPTIMIZERS)}")
+  return names
+
+
+def _select(only: str, skip: str = ""):
   from benchmarks.optimizers import OPTIMIZERS
   from benchmarks.problems import problem_names
 
   problems, optimizers = problem_names(), list(OPTIMIZERS)
-  if not only:
-    return problems, optimizers
-  names = [n.strip() for n in only.split(",") if n.strip()]
-  unknown = [n for n in names if n not in problems and n not in optimizers]
-  if unknown:
-    raise SystemExit(f"--only: unknown name(s) {unknown}; problems: {problems}; "
-                     f"optimizers: {optimizers}")
+  names, skipped = _names(only, "--only"), set(_names(skip, "--skip"))
+  if "adam" in skipped:
+    raise SystemExit("--skip: adam is the baseline of every ratio and cannot be skipped")
   chosen_p = [n for n in problems if n in names] or problems
   chosen_o = [n for n in optimizers if n in names] or optimizers
   if "adam" not in chosen_o:
     chosen_o.insert(0, "adam")
-  return chosen_p, chosen_o
+  return ([n for n in chosen_p if n not in skipped],
+          [n for n in chosen_o if n not in skipped])
 
 
 def _list() -> None:
@@ -148,7 +161,7 @@ def main(argv=None) -> int:
   from benchmarks.runner import PRESETS, lr_grid, run_problem
 
   preset = PRESETS[args.command]
-  problem_names, optimizer_names = _select(args.only)
+  problem_names, optimizer_names = _select(args.only, args.skip)
   specs, notes = [], []
   for name in optimizer_names:
     reason = available(OPTIMIZERS[name])

@@ -233,3 +233,15 @@ def test_shampoo_bench_targets_option():
   for bad in ("digits_mlp", "digits_mlp=low"):
     with pytest.raises(argparse.ArgumentTypeError, match="PROBLEM=LOSS"):
       _targets(bad)
+
+
+def test_only_and_skip_select_rows():
+  problems, optimizers = bench_main._select("", "char_transformer,dist_shampoo")
+  assert "char_transformer" not in problems and "digits_cnn" in problems
+  assert "dist_shampoo" not in optimizers and "adam" in optimizers and "kfac" in optimizers
+  problems, optimizers = bench_main._select("digits_mlp,sophia_g,kfac", "kfac")
+  assert problems == ["digits_mlp"] and optimizers == ["adam", "sophia_g"]
+  with pytest.raises(SystemExit, match="--skip: unknown name"):
+    bench_main._select("", "not_a_row")
+  with pytest.raises(SystemExit, match="baseline"):
+    bench_main._select("", "adam")
