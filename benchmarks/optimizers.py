@@ -28,7 +28,6 @@ import sys
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "register", "sweep_grid", "available"]
@@ -174,6 +173,8 @@ register(OptimizerSpec(
     0.15, needs=("obj_fn",), family="secondorder",
     note="AdaHessian (Hutchinson diagonal, one forward-over-reverse pass per step)",
     value_grad=_adahessian_value_grad))
+
+
 def _sophia_h_value_grad(problem, params, batch, opt_state, key):
   # Refresh steps: loss, gradient and the Hutchinson estimate from one forward-over-reverse
   # pass, with the probe the built-in estimator would draw.

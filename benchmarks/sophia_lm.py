@@ -116,7 +116,7 @@ def main(argv=None) -> int:
   _synchronous_cpu_dispatch()
   from benchmarks import report
   from benchmarks.problems import get_problem
-  from benchmarks.runner import PRESETS, _smoothed, lr_grid, run_problem
+  from benchmarks.runner import PRESETS, _smoothed, run_problem
 
   problem = get_problem("char_transformer", args.size)
   preset = PRESETS["quick"]
