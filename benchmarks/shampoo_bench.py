@@ -290,7 +290,9 @@ def _targets(text: str) -> dict[str, float]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--problems", type=lambda s: s.split(","), default=list(DEFAULT_PROBLEMS))
-  parser.add_argument("--steps", type=int, default=None, help="at most; default: the problem's 'full' count (runs stop at the target)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="at most; default: the problem's 'full' count (runs stop at the "
+                           "target)")
   parser.add_argument("--update-interval", type=int, default=10)
   parser.add_argument("--block-size", type=int, default=128)
   parser.add_argument("--start", type=int, default=10)

@@ -20,7 +20,7 @@ import optax
 from secondorder import linalg
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_state_shapes, require_extra_arg)
-from secondorder.capture import KfacLayer, KfacLayers, LayerStats, param_path
+from secondorder.capture import KfacLayer, KfacLayers, param_path
 from secondorder.transforms._float32 import in_float32
 
 __all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
@@ -263,11 +263,11 @@ def scale_by_kfac_factors(
   `factor_sharding` each stack is split over devices along its stack axis, so on a mesh
   every device decomposes its share of the factors instead of all of them (on CPU, stacks
   of side 32 or more are decomposed one factor at a time: `secondorder.linalg`). A damping
-  schedule is read at every step in exact mode and at the refresh steps in factored mode. Convolutions use the KFC
-  approximation (see `secondorder.capture`). Parameters outside the covered layers go
-  through `fallback` (default: RMS scaling with bias correction, `optax.scale_by_rms(0.999,
-  1e-8, eps_in_sqrt=False, bias_correction=True)` with its second moment in float32 at least)
-  and are left out of the KL sum.
+  schedule is read at every step in exact mode and at the refresh steps in factored mode.
+  Convolutions use the KFC approximation (see `secondorder.capture`). Parameters outside
+  the covered layers go through `fallback` (default: RMS scaling with bias correction,
+  `optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False, bias_correction=True)` with its second
+  moment in float32 at least) and are left out of the KL sum.
 
   Args:
     layers: the covered layers, `cap.layers(model_or_params, x)` from `secondorder.capture`,
