@@ -300,3 +300,12 @@ def test_refresh_must_be_a_python_bool():
   _, after = tx.update(params, state, params, refresh=False)
   np.testing.assert_array_equal(after[0].nu, state[0].nu)
   assert int(after[0].hessian_count) == 1 and int(after[0].count) == 2
+
+
+@pytest.mark.parametrize("refresh", [False, np.False_])
+def test_estimate_on_a_plain_step_is_an_error(refresh):
+  # A ready estimate on a step declared plain would be dropped without a word.
+  tx = scale_by_hutchinson()
+  params = jnp.ones(3)
+  with pytest.raises(ValueError, match="hessian_diag= was given with refresh=False"):
+    tx.update(params, tx.init(params), params, hessian_diag=jnp.ones(3), refresh=refresh)

@@ -420,3 +420,12 @@ def test_one_pass_helpers_need_a_builtin_sophia_state():
   tx = sophia_clip()
   with pytest.raises(ValueError, match="hessian_diag"):
     tx.update(params, tx.init(params), params, hessian_diag={"w": jnp.ones(3)}, refresh=True)
+
+
+def test_estimate_on_a_plain_step_is_an_error():
+  # A ready estimate on a step declared plain would be dropped without a word.
+  _, params, _, _ = _softmax_model()
+  tx = sophia_clip()
+  h = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match="hessian_diag= was given with refresh=False"):
+    tx.update(params, tx.init(params), params, hessian_diag=h, refresh=False)

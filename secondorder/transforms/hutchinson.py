@@ -113,6 +113,15 @@ def _maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_
   return jax.lax.cond(count % update_interval == 0, refresh_fn, lambda *a: a, *carry)
 
 
+def _check_estimate_is_used(name: str, hessian_diag, refresh) -> None:
+  """A ready estimate on a step the caller has declared plain would be dropped silently."""
+  if hessian_diag is not None and isinstance(refresh, (bool, np.bool_)) and not refresh:
+    raise ValueError(
+        f"{name}: hessian_diag= was given with refresh=False, so it would be ignored. Pass "
+        "it on refresh steps only (`refresh=True`), or leave refresh=None to let "
+        "update_interval decide.")
+
+
 def _tree_all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -142,10 +151,11 @@ def scale_by_hutchinson(
 
   with :math:`t` the step and :math:`n` the number of refreshes so far. Refreshes happen on
   steps 0, `update_interval`, 2 `update_interval`, ...; between them the HVP is not computed
-  (`jax.lax.cond`; with `update_interval=1` no conditional is built). With `update_interval > 1` the EMA of :math:`D^2` advances once per
-  refresh, so its memory spans `update_interval / (1 - b2)` steps. A refresh whose estimate
-  holds a NaN or an Inf is skipped (`nu` kept, `nonfinite_count` incremented); until a first
-  finite estimate arrives the update is zero.
+  (`jax.lax.cond`; with `update_interval=1` no conditional is built). With
+  `update_interval > 1` the EMA of :math:`D^2` advances once per refresh, so its memory
+  spans `update_interval / (1 - b2)` steps. A refresh whose estimate holds a NaN or an Inf is
+  skipped (`nu` kept, `nonfinite_count` incremented); until a first finite estimate arrives
+  the update is zero.
 
   The Hessian enters through `update(..., obj_fn=lambda p: loss(p, batch))`, the loss on the
   current batch. `update(..., refresh=True/False)` (a Python bool, static under `jit`)
@@ -153,7 +163,8 @@ def scale_by_hutchinson(
   plain step and choose on the host; the plain step then needs no `obj_fn` and carries no
   conditional. Alternatively pass `hessian_diag=`, the raw estimate `z * Hz` computed by
   `value_grad_and_hessian_diag` (which also gives the loss and the gradient from the same
-  pass); then `obj_fn` is not needed.
+  pass); then `obj_fn` is not needed. With `refresh=False` an estimate would go unused,
+  so passing one there is an error.
 
   Args:
     b1: decay of the gradient EMA, in [0, 1).
@@ -220,6 +231,7 @@ def scale_by_hutchinson(
     # Shapes are static: a broadcastable mismatch ((1,) for (3,)) is an error, not a free
     # broadcast.
     check_same_structure("updates", state.mu, updates, "the state")
+    _check_estimate_is_used("scale_by_hutchinson", hessian_diag, refresh)
     mask = _spatial_mask(spatial_averaging, updates)
     key, probe_key = jax.random.split(state.key)
 

@@ -19,7 +19,8 @@ from secondorder._validation import (check_choice, check_float_leaves, check_int
 from secondorder.curvature.estimators import (gnb_diag, hutchinson_diag, rademacher_like,
                                               value_grad_and_gnb_diag)
 from secondorder.curvature.products import value_grad_hvp
-from secondorder.transforms.hutchinson import _maybe_refresh, _stats_dtype, _tree_all_finite
+from secondorder.transforms.hutchinson import (_check_estimate_is_used, _maybe_refresh,
+                                               _stats_dtype, _tree_all_finite)
 
 _ESTIMATORS = ("hutchinson", "gnb")
 
@@ -130,7 +131,8 @@ def sophia_clip(
   `update(..., hessian_diag=h, refresh=True)` with `(loss, grads, h)` from
   `value_grad_and_hutchinson_estimate` (Sophia-H) or `value_grad_and_gnb_estimate`
   (Sophia-G); these draw the probe / labels the built-in estimator would have drawn, so the
-  trajectory is the same.
+  trajectory is the same. Passing `hessian_diag=` with `refresh=False`, where it would go
+  unused, is an error.
 
   Two departures from `optax.contrib.sophia` (and the paper's pseudo-code), both fixes:
 
@@ -234,6 +236,7 @@ def sophia_clip(
                        "`tx.update(grads, state, params, ...)`.")
     if hessian_diag is not None:
       check_same_structure("hessian_diag", state.hessian, hessian_diag, "the state")
+    _check_estimate_is_used("sophia_clip", hessian_diag, refresh)
 
     def refresh_fn(hessian, hessian_count, nonfinite_count, estimator_state):
       if hessian_diag is not None:
