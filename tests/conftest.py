@@ -19,3 +19,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per usable core, at most 4. Each worker holds its own JAX and
+  compiled functions, so a machine that shows many cores with little memory behind them is
+  not overrun."""
+  del config
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  return max(1, min(cores, 4))
