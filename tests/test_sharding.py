@@ -16,6 +16,11 @@ import sys
 
 import pytest
 
+try:
+  import fcntl
+except ImportError:  # not POSIX: every worker writes its own report
+  fcntl = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -33,16 +38,34 @@ MESHES = ["dp8", "dp2_mp4"]
 PARAM_RTOL = 5e-5
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding") / "report.json"
+def _write_report(out):
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
+  partial = out.with_suffix(".partial")
   proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, "_sharding_worker.py"), str(out)],
+      [sys.executable, os.path.join(HERE, "_sharding_worker.py"), str(partial)],
       env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  os.replace(partial, out)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
+    # Under pytest-xdist this module's tests are spread over the workers, whose temporary
+    # directories share one parent for the session: the first worker writes the report
+    # (over a minute of training on the simulated mesh) and the others wait and read it.
+    shared = base.parent
+    out = shared / "sharding_report.json"
+    with open(shared / "sharding_report.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not out.exists():
+        _write_report(out)
+  else:
+    out = tmp_path_factory.mktemp("sharding") / "report.json"
+    _write_report(out)
   with open(out) as f:
     return json.load(f)
 
