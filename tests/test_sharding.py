@@ -52,12 +52,11 @@ def _write_report(out):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
     # Under pytest-xdist this module's tests are spread over the workers, whose temporary
     # directories share one parent for the session: the first worker writes the report
     # (over a minute of training on the simulated mesh) and the others wait and read it.
-    shared = base.parent
+    shared = tmp_path_factory.getbasetemp().parent
     out = shared / "sharding_report.json"
     with open(shared / "sharding_report.lock", "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
