@@ -57,6 +57,7 @@ LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "shampoo": (1e-3, 3e-3, 1e-2, 3e-2)
 def _shampoo(lr, cfg):
   from secondorder.transforms.shampoo import shampoo
   return shampoo(lr, block_size=cfg["block_size"], update_interval=cfg["update_interval"],
+                 statistics_interval=cfg["statistics_interval"],
                  start_preconditioning_step=cfg["start"], b2=cfg["b2"])
 
 
@@ -71,6 +72,7 @@ def _dist_shampoo(lr, cfg):
   return ds.distributed_shampoo(
       learning_rate=lr, block_size=cfg["block_size"], beta1=0.9, beta2=cfg["b2"],
       preconditioning_compute_steps=cfg["update_interval"],
+      statistics_compute_steps=cfg["statistics_interval"],
       start_preconditioning_step=cfg["start"], graft_type=ds.GraftingType.RMSPROP_NORMALIZED,
       nesterov=False, generate_training_metrics=False)
 
@@ -198,6 +200,7 @@ def _f(x, fmt="{:.2f}"):
 def markdown(results: list[dict], cfg: dict) -> str:
   lines = [
       f"Shampoo (block {cfg['block_size']}, roots every {cfg['update_interval']} steps, "
+      f"statistics every {cfg['statistics_interval']}, "
       f"start step {cfg['start']}, Adam grafting) vs optax.adam; ratios are to Adam in the "
       "same process. Time to target = steps to target × median step time.", "",
       "| problem | optimizer | lr | steps to target | ×Adam | time to target | ×Adam | "
@@ -294,6 +297,9 @@ def main(argv=None):
                       help="at most; default: the problem's 'full' count (runs stop at the "
                            "target)")
   parser.add_argument("--update-interval", type=int, default=10)
+  parser.add_argument("--statistics-interval", type=int, default=1,
+                      help="steps between Kronecker statistics updates (a divisor of the "
+                           "update interval), for both Shampoos")
   parser.add_argument("--block-size", type=int, default=128)
   parser.add_argument("--start", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=7)
@@ -307,7 +313,7 @@ def main(argv=None):
                       help="step cap for the Distributed Shampoo comparison (3 optimizers)")
   args = parser.parse_args(argv)
   cfg = {"block_size": args.block_size, "update_interval": args.update_interval,
-         "start": args.start, "b2": 0.999}
+         "statistics_interval": args.statistics_interval, "start": args.start, "b2": 0.999}
 
   results = [run_problem(p, ["adam", "shampoo"], cfg, args.steps, args.rounds,
                          args.eval_every, target=args.target.get(p)) for p in args.problems]

@@ -119,6 +119,30 @@ def test_exponent_override_and_ema_statistics():
     _rel_close(u, _np_precondition(g, debiased, 2), 2e-3)
 
 
+@pytest.mark.parametrize("beta2", [1.0, 0.9])
+def test_statistics_every_k_steps(beta2):
+  # Statistics on steps 2, 4, 6, ... (congruent to the start step 2 mod 2), roots on steps
+  # 2, 6, 10; before step 2 only the (absent) graft runs, i.e. the gradient itself.
+  k, every, start = 2, 4, 2
+  tx, update = _plain(statistics_interval=k, update_interval=every,
+                      start_preconditioning_step=start, beta2=beta2)
+  params = jnp.zeros((5, 3))
+  state = tx.init(params)
+  stats, n, roots = [np.zeros((5, 5)), np.zeros((3, 3))], 0, None
+  for t, g in enumerate(_grads((5, 3), 11, seed=4), start=1):
+    u, state = update(jnp.asarray(g), state, params)
+    if (t - start) % k == 0:
+      decay, weight = (beta2, 1 - beta2) if beta2 < 1 else (1.0, 1.0)
+      stats = [decay * s + weight * c for s, c in zip(stats, _np_unfold_stats(g))]
+      n += 1
+    if t >= start and (t - start) % every == 0:
+      debias = 1 / (1 - beta2 ** n) if beta2 < 1 else 1.0
+      roots = [_np_root(s * debias, 4) for s in stats]
+    ref = g if roots is None else roots[0] @ g @ roots[1]
+    _rel_close(u, ref, 2e-3)
+  assert n == 5 and int(state.root_failures) == 0
+
+
 def test_blocking_300x70_equals_per_block_answer():
   tx, update = _plain(block_size=128)
   params = jnp.zeros((300, 70))
@@ -277,6 +301,10 @@ def test_bad_hyperparameters_raise():
     shampoo_preconditioner(exponent_override=2.5, method="newton")
   with pytest.raises(ValueError, match="update_interval"):
     shampoo_preconditioner(update_interval=0)
+  with pytest.raises(ValueError, match="statistics_interval"):
+    shampoo_preconditioner(statistics_interval=0)
+  with pytest.raises(ValueError, match="statistics_interval must divide update_interval"):
+    shampoo_preconditioner(statistics_interval=3, update_interval=10)
   with pytest.raises(ValueError, match="b1"):
     shampoo(1e-3, b1=1.0)
 
@@ -285,8 +313,10 @@ def test_bad_hyperparameters_raise():
 # (the shared contract for `shampoo` and `shampoo_preconditioner` runs in tests/test_contract.py)
 
 
-def test_inject_hyperparams_with_static_args():
-  kwargs = dict(block_size=4, update_interval=2, beta2=0.99, exponent_override=4)
+@pytest.mark.parametrize("statistics_interval", [1, 2])
+def test_inject_hyperparams_with_static_args(statistics_interval):
+  kwargs = dict(block_size=4, update_interval=2, beta2=0.99, exponent_override=4,
+                statistics_interval=statistics_interval)
   plain = shampoo_preconditioner(**kwargs)
   injected = optax.inject_hyperparams(shampoo_preconditioner, static_args=STATIC_ARGS)(**kwargs)
   params = jnp.zeros((6, 3))
@@ -310,9 +340,17 @@ NEWTON = Case(
         optax.scale_by_learning_rate(learning_rate)),
     lr=0.03, steps=300, problems=("matrix_quadratic", "mixed_pytree"))
 
+# Statistics every other step (the roots every four), on the problems with matrices (the
+# quadratic's and Rosenbrock's vectors take the diagonal path, which ignores the interval).
+SPARSE_STATS = Case(
+    "shampoo_statistics_interval_2",
+    lambda learning_rate: shampoo(learning_rate, update_interval=4, statistics_interval=2,
+                                  start_preconditioning_step=2),
+    lr=0.1, problems=("matrix_quadratic", "mixed_pytree"))
+
 
 @pytest.mark.parametrize("case,problem",
-                         [pytest.param(c, p, id=f"{c.name}-{p}") for c in [NEWTON]
+                         [pytest.param(c, p, id=f"{c.name}-{p}") for c in [NEWTON, SPARSE_STATS]
                           for p in c.problems])
 def test_converges(case, problem):
   C.check_converges(case, problem)

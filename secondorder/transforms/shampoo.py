@@ -290,6 +290,7 @@ def shampoo_preconditioner(
     beta2: float = 0.999,
     eps: float = 1e-6,
     *,
+    statistics_interval: int = 1,
     exponent_override: float | None = None,
     start_preconditioning_step: int = 1,
     graft: str | optax.GradientTransformation | None = "adam",
@@ -317,7 +318,8 @@ def shampoo_preconditioner(
 
   with p = 2k (a matrix: L^{-1/4} G R^{-1/4}) unless `exponent_override` sets it, and
   \tilde H = \hat H + \epsilon \lambda_{max}(\hat H) I the bias-corrected statistic damped
-  relative to its own scale. The roots are recomputed every `update_interval` steps inside
+  relative to its own scale. The statistics can be updated every `statistics_interval`
+  steps instead of every step. The roots are recomputed every `update_interval` steps inside
   `lax.cond` (eigendecomposition or coupled Newton iteration, `secondorder.linalg`);
   a root that fails (not finite, or residual above `root_tolerance`) is not installed: the
   previous one stays and `root_failures` counts it. A non-finite statistic update is
@@ -340,6 +342,13 @@ def shampoo_preconditioner(
   Args:
     block_size: largest factor side; larger dimensions are blocked.
     update_interval: steps between root recomputations (T).
+    statistics_interval: steps between updates of the Kronecker statistics, a divisor of
+      T (Distributed Shampoo's `statistics_compute_steps`). They are updated on the steps
+      congruent to `start_preconditioning_step` modulo this interval, which include every
+      root step; the other steps only precondition, skipping the `G G^T` products inside
+      `lax.cond`. `beta2` applies per statistics update (a horizon of
+      statistics_interval / (1 - beta2) steps) and the bias correction counts updates.
+      The diagonal path and the graft still see every gradient.
     beta2: statistics EMA decay; 1.0 sums them (original Shampoo).
     eps: damping relative to each statistic's largest eigenvalue.
     exponent_override: p for all factors (roots -1/p) instead of 2·order.
@@ -381,6 +390,13 @@ def shampoo_preconditioner(
     check_int("update_interval", update_interval, minimum=1)
   if not hasattr(start_preconditioning_step, "shape"):
     check_int("start_preconditioning_step", start_preconditioning_step, minimum=1)
+  if not hasattr(statistics_interval, "shape"):
+    check_int("statistics_interval", statistics_interval, minimum=1)
+    if not hasattr(update_interval, "shape") and update_interval % statistics_interval:
+      raise ValueError(
+          f"statistics_interval must divide update_interval, so that every root is taken "
+          f"from freshly updated statistics; got statistics_interval={statistics_interval} "
+          f"and update_interval={update_interval}.")
   check_range("beta2", beta2, 0.0, 1.0, low_inclusive=False)
   check_range("eps", eps, 0.0, None)
   check_range("graft_b1", graft_b1, 0.0, 1.0, high_inclusive=False)
@@ -440,6 +456,21 @@ def shampoo_preconditioner(
     b2 = jnp.asarray(beta2, stat_dtype)
     weight = jnp.where(b2 < 1, 1 - b2, jnp.ones_like(b2))
     debias = jnp.where(b2 < 1, 1 / (1 - b2 ** count.astype(stat_dtype)), jnp.ones_like(b2))
+    # The Kronecker statistics move on the steps congruent to the start step modulo
+    # `statistics_interval` (every root step among them, as the interval divides
+    # `update_interval`); their bias correction counts those updates, not the steps.
+    every_step = not hasattr(statistics_interval, "shape") and statistics_interval == 1
+    if every_step:
+      stats_due, stats_debias = None, debias
+    else:
+      k = jnp.asarray(statistics_interval, jnp.int32)
+      start = jnp.asarray(start_preconditioning_step, jnp.int32)
+      stats_due = (count - start) % k == 0
+      first = 1 + (start - 1) % k  # the first statistics step
+      n_stats = jnp.where(count >= first, (count - first) // k + 1, 0)
+      stats_debias = jnp.where(
+          b2 < 1, 1 / (1 - b2 ** jnp.maximum(n_stats, 1).astype(stat_dtype)),
+          jnp.ones_like(b2))
 
     if graft_tx is not None:
       graft_out, graft_state = graft_tx.update(jax.tree.unflatten(treedef, grads),
@@ -448,32 +479,41 @@ def shampoo_preconditioner(
     else:
       graft_state, graft_leaves = state.graft_state, grads
 
-    # Statistics: every factor's new contribution, gathered per group in slot order.
-    blocks = []
-    contribs: list[list[jax.Array]] = [[] for _ in plan.groups]
-    for lp, g in zip(plan.leaves, grads):
-      if lp.diagonal:
-        blocks.append(None)
-        continue
-      merged = g.reshape(lp.merged)
-      leaf_blocks = [_to_blocks(merged, c) for c in lp.combos]
-      blocks.append(leaf_blocks)
-      for combo, b in zip(lp.combos, leaf_blocks):
-        for dim, (group, _) in enumerate(combo.slots):
-          contribs[group].append(_factor_stats(b, dim))
-    new_stats, any_skip = [], jnp.asarray(False)
-    for old, parts in zip(state.stats, contribs):
-      c = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-      finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
-      new = b2 * old + weight * c
-      new_stats.append(jnp.where(finite[:, None, None], new, old))
-      any_skip = any_skip | ~jnp.all(finite)
+    blocks = [None if lp.diagonal else [_to_blocks(g.reshape(lp.merged), c) for c in lp.combos]
+              for lp, g in zip(plan.leaves, grads)]
+
+    def accumulate(old_stats):
+      """Every factor's new contribution, gathered per group in slot order, added in."""
+      contribs: list[list[jax.Array]] = [[] for _ in plan.groups]
+      for lp, leaf_blocks in zip(plan.leaves, blocks):
+        if lp.diagonal:
+          continue
+        for combo, b in zip(lp.combos, leaf_blocks):
+          for dim, (group, _) in enumerate(combo.slots):
+            contribs[group].append(_factor_stats(b, dim))
+      new_stats, skip = [], jnp.asarray(False)
+      for old, parts in zip(old_stats, contribs):
+        c = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
+        new = b2 * old + weight * c
+        new_stats.append(jnp.where(finite[:, None, None], new, old))
+        skip = skip | ~jnp.all(finite)
+      return tuple(new_stats), skip
+
+    if not plan.groups:
+      new_stats, any_skip = (), jnp.asarray(False)
+    elif stats_due is None:
+      new_stats, any_skip = accumulate(state.stats)
+    else:
+      new_stats, any_skip = jax.lax.cond(
+          stats_due, accumulate, lambda old: (tuple(old), jnp.asarray(False)),
+          tuple(state.stats))
 
     # Roots, every `update_interval` steps from `start_preconditioning_step` on.
     def refresh(stats, preconds):
       out, failures = [], jnp.zeros([], jnp.int32)
       for (_, p), s, old in zip(plan.groups, stats, preconds):
-        res = linalg.inverse_pth_root(s * debias, p, eps=eps, method=method,
+        res = linalg.inverse_pth_root(s * stats_debias, p, eps=eps, method=method,
                                       max_iters=newton_max_iters)
         ok = res.error <= root_tolerance  # the error is infinite for a non-finite root
         out.append(jnp.where(ok[:, None, None], res.root.astype(old.dtype), old))
