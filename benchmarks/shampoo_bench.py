@@ -3,6 +3,7 @@ character transformer.
 
     python3 -m benchmarks.shampoo_bench                 # all three problems, DS if available
     python3 -m benchmarks.shampoo_bench --problems digits_mlp --steps 300 --no-ds
+    python3 -m benchmarks.shampoo_bench --update-interval 20 --statistics-interval 5
 
 For every problem, in one process: a small learning-rate grid per optimizer on seed 0 (the
 best setting is the one that reaches the problem's target training loss in the fewest
