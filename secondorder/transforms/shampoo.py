@@ -348,7 +348,9 @@ def shampoo_preconditioner(
       root step; the other steps only precondition, skipping the `G G^T` products inside
       `lax.cond`. `beta2` applies per statistics update (a horizon of
       statistics_interval / (1 - beta2) steps) and the bias correction counts updates.
-      The diagonal path and the graft still see every gradient.
+      The diagonal path and the graft still see every gradient. (The divisibility is
+      checked when both intervals are Python ints; with an injected interval that does
+      not divide T, a root uses the statistics of the last statistics step.)
     beta2: statistics EMA decay; 1.0 sums them (original Shampoo).
     eps: damping relative to each statistic's largest eigenvalue.
     exponent_override: p for all factors (roots -1/p) instead of 2·order.
