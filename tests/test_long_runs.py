@@ -7,7 +7,6 @@ counters near the int32 limit saturate (optax.safe_increment) instead of wrappin
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
