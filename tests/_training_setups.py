@@ -159,6 +159,13 @@ def available_setups() -> dict[str, Setup]:
     setups["shampoo"] = Setup(
         "shampoo", lambda: shampoo.shampoo(1e-2, block_size=8, update_interval=5),
         statistics=lambda s: find_state(s, "ShampooState").stats)
+    # Statistics every other step inside a lax.cond (on the odd steps, step 1 included:
+    # they are congruent to the start step 9), roots every four steps from step 9.
+    setups["shampoo_sparse_stats"] = Setup(
+        "shampoo_sparse_stats",
+        lambda: shampoo.shampoo(1e-2, block_size=8, update_interval=4, statistics_interval=2,
+                                start_preconditioning_step=9),
+        statistics=lambda s: find_state(s, "ShampooState").stats)
 
   kfac = _module("secondorder.transforms.kfac")
   capture = _module("secondorder.capture")

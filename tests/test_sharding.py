@@ -26,10 +26,12 @@ ROOT = os.path.dirname(HERE)
 
 # Every method the library ships, by the name used in `_training_setups`.
 # (kfac_spread: K-FAC with its factor stacks sharded over the mesh for the refresh.)
-METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "kfac", "kfac_spread",
-           "every_k_adamw"]
+# (shampoo_sparse_stats: Shampoo with its statistics updated every other step.)
+METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
+           "kfac", "kfac_spread", "every_k_adamw"]
 # The methods that keep statistics estimated from the batch.
-STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "kfac", "kfac_spread"]
+STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
+                      "kfac", "kfac_spread"]
 MESHES = ["dp8", "dp2_mp4"]
 # Twenty float32 steps whose reductions (batch means, contractions over a sharded hidden
 # dimension) run in a different order on the mesh. Most methods agree to ~1e-6; AdaHessian
