@@ -8,7 +8,8 @@
 
 `--only` takes a comma-separated list of problem and optimizer names (each restricts its
 kind; Adam always runs, since time and memory are reported as multiples of Adam's); `--skip`
-leaves the named problems and optimizers out.
+leaves the named problems and optimizers out. On a CPU, `quick` compiles at XLA's backend
+optimisation level 2 (`--cpu-opt-level N` sets it; `full` keeps XLA's default, 3).
 Writes OUT/results.md (the tables), OUT/runs.jsonl (every run of every sweep with its curves,
 then one summary line per row) and OUT/<problem>.png (loss against steps and wall time).
 """
@@ -16,6 +17,7 @@ then one summary line per row) and OUT/<problem>.png (loss against steps and wal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -43,6 +45,13 @@ def _machine() -> str:
           f"Python {platform.python_version()}, jax {jax.__version__}")
 
 
+def _compile_note(options: dict | None) -> str:
+  if not options:
+    return ""
+  return ("; steps compiled with " + ", ".join(f"{k}={v}" for k, v in options.items())
+          + " (XLA's default is 3; `--cpu-opt-level 3` restores it)")
+
+
 def _parse(argv):
   parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +66,9 @@ def _parse(argv):
                       help="learning rates per optimizer (default: 3 quick, 5 full)")
   parser.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
   parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+  parser.add_argument("--cpu-opt-level", type=int, choices=range(4), default=None,
+                      help="XLA backend optimisation level of the compiled steps on a CPU "
+                           "(default: 2 quick, XLA's own 3 full)")
   return parser.parse_args(argv)
 
 
@@ -158,9 +170,11 @@ def main(argv=None) -> int:
   from benchmarks import report
   from benchmarks.optimizers import OPTIMIZERS, available
   from benchmarks.problems import get_problem
-  from benchmarks.runner import PRESETS, lr_grid, run_problem
+  from benchmarks.runner import PRESETS, compiler_options, lr_grid, run_problem
 
   preset = PRESETS[args.command]
+  if args.cpu_opt_level is not None:
+    preset = dataclasses.replace(preset, cpu_opt_level=args.cpu_opt_level)
   problem_names, optimizer_names = _select(args.only, args.skip)
   specs, notes = [], []
   for name in optimizer_names:
@@ -202,7 +216,8 @@ def main(argv=None) -> int:
             "grid of multiples of each optimizer's centre, see runs.jsonl) by final training "
             "loss on seed 0; "
             "losses are medians over seeds [min, max]; steps/seconds to target use the "
-            "10-step running mean of the minibatch loss; seconds count optimizer steps only.\n")
+            "10-step running mean of the minibatch loss; seconds count optimizer steps only"
+            f"{_compile_note(compiler_options(preset))}.\n")
   table = report.markdown(rows, problems)
   text = header + "\n" + table
   if notes:

@@ -26,7 +26,8 @@ import optax
 from benchmarks.optimizers import OptimizerSpec, sweep_grid
 from benchmarks.problems import Problem
 
-__all__ = ["Preset", "PRESETS", "RunResult", "RowResult", "lr_grid", "run_problem", "state_bytes"]
+__all__ = ["Preset", "PRESETS", "RunResult", "RowResult", "compiler_options", "lr_grid",
+           "run_problem", "state_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,15 @@ class Preset:
   timing_block: int = 20   # steps per timed block (a multiple of every update interval)
   evals: int = 10          # held-out evaluations per run (plus the initial one)
   overlap_compile: bool = False  # compile the next row in a thread while this one trains
+  # XLA's backend (LLVM) optimisation level for the rows' compiled steps on a CPU; None
+  # keeps XLA's default (3). Level 2 compiles the small problems' steps in half the time
+  # or less, with step times within noise of level 3 (README, "Benchmarks").
+  cpu_opt_level: int | None = None
 
 
 PRESETS = {
     "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3, timing_block=10,
-                    evals=5),
+                    evals=2, cpu_opt_level=2),
     "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7),
 }
 
@@ -104,8 +109,10 @@ def _smoothed(losses: list[float], window: int) -> np.ndarray:
 class _Compiled:
   """The jitted init, step and evaluation of one (problem, optimizer)."""
 
-  def __init__(self, problem: Problem, spec: OptimizerSpec, total_steps: int):
+  def __init__(self, problem: Problem, spec: OptimizerSpec, total_steps: int,
+               compiler_options: dict | None = None):
     self.problem, self.spec, self.total_steps = problem, spec, total_steps
+    self.compiler_options = compiler_options
     self._by_lr: dict[float, tuple[Callable, Callable]] = {}
     self.compile_s = 0.0
 
@@ -150,10 +157,11 @@ class _Compiled:
       init, steps = self._functions(key)
       lr_arr = jnp.asarray(lr, jnp.float32)
       t0 = time.perf_counter()
-      init_c = init.lower(params, lr_arr).compile()
+      options = self.compiler_options
+      init_c = init.lower(params, lr_arr).compile(options)
       state = init_c(params, lr_arr)
       compiled = {r: f.lower(params, state, batch, lr_arr, jax.random.key(0),
-                             np.int32(0)).compile()
+                             np.int32(0)).compile(options)
                   for r, f in steps.items()}
       self.compile_s += time.perf_counter() - t0
       every = self.spec.host_refresh
@@ -164,6 +172,13 @@ class _Compiled:
         step_c = lambda t, *args: compiled[t % every == 0](*args, np.int32(t))
       self._by_lr[key] = (init_c, step_c)
     return self._by_lr[key]
+
+
+def compiler_options(preset: Preset) -> dict | None:
+  """The XLA options the rows of `preset` compile with on this backend (None: defaults)."""
+  if preset.cpu_opt_level is None or jax.default_backend() != "cpu":
+    return None
+  return {"xla_backend_optimization_level": preset.cpu_opt_level}
 
 
 def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, seed: int,
@@ -260,14 +275,16 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
   """Trains every optimizer on `problem`; returns (rows, all runs, notes)."""
   n_steps = steps if steps is not None else problem.steps[preset.steps or preset.name]
   n_seeds = seeds if seeds is not None else preset.seeds
-  evaluate = jax.jit(lambda p: (problem.train_loss(p), problem.eval_loss(p)))
+  options = compiler_options(preset)
+  evaluate = jax.jit(lambda p: (problem.train_loss(p), problem.eval_loss(p)),
+                     compiler_options=options)
   rows: list[tuple[RowResult, _Compiled]] = []
   all_runs: list[RunResult] = []
   notes: list[str] = []
   params0, batch0 = problem.init_params(0), next(problem.batches(0))
 
   def prepare(spec):
-    compiled = _Compiled(problem, spec, n_steps)
+    compiled = _Compiled(problem, spec, n_steps, options)
     if not spec.static_lr:
       compiled.get(spec.lr, params0, batch0)
     return compiled

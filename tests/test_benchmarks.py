@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 from benchmarks import __main__ as bench_main
 from benchmarks.optimizers import OPTIMIZERS, OptimizerSpec, available, sweep_grid
 from benchmarks.problems import get_problem, problem_names
-from benchmarks.runner import PRESETS, run_problem, state_bytes
+from benchmarks.runner import PRESETS, compiler_options, run_problem, state_bytes
 
 STEPS = 30
 
@@ -245,3 +246,56 @@ def test_only_and_skip_select_rows():
     bench_main._select("", "not_a_row")
   with pytest.raises(SystemExit, match="baseline"):
     bench_main._select("", "adam")
+
+
+def test_quick_compiles_at_cpu_opt_level_2_and_says_so(smoke):
+  out, _, _ = smoke
+  header = (out / "results.md").read_text().split("\n\n")[1]
+  if jax.default_backend() == "cpu":
+    assert compiler_options(PRESETS["quick"]) == {"xla_backend_optimization_level": 2}
+    assert "xla_backend_optimization_level=2" in header and "--cpu-opt-level 3" in header
+  else:  # the level is a CPU-only choice
+    assert compiler_options(PRESETS["quick"]) is None
+  assert compiler_options(PRESETS["full"]) is None
+  assert compiler_options(dataclasses.replace(PRESETS["quick"], cpu_opt_level=None)) is None
+
+
+def test_cpu_opt_level_moves_trajectories_by_rounding_only():
+  # The quick preset's lower XLA backend level changes code generation, not the arithmetic:
+  # the same rows trained at XLA's default level follow the same losses.
+  prob = get_problem("digits_mlp", "quick")
+  specs = [OPTIMIZERS["adam"], OPTIMIZERS["shampoo"]]
+  losses = {}
+  for level in (2, 3):
+    preset = dataclasses.replace(PRESETS["quick"], cpu_opt_level=level)
+    _, runs, notes = run_problem(prob, specs, preset, steps=15, sweep_points=1,
+                                 log=lambda s: None)
+    assert notes == []
+    losses[level] = {r.optimizer: r.loss for r in runs}
+  for name in ("adam", "shampoo"):
+    assert len(losses[2][name]) == 15
+    np.testing.assert_allclose(losses[2][name], losses[3][name], rtol=1e-5)
+
+
+def test_compiler_options_reach_the_compiler(monkeypatch):
+  import benchmarks.runner as runner
+
+  prob = get_problem("quadratic")
+  params, batch = prob.init_params(0), next(prob.batches(0))
+  # An option XLA does not know fails the compilation: the options are what XLA is given.
+  with pytest.raises(Exception, match="not_an_xla_option"):
+    runner._Compiled(prob, OPTIMIZERS["adam"], 2, {"not_an_xla_option": 1}).get(
+        1e-3, params, batch)
+  # ...and run_problem gives every row the preset's options.
+  seen = []
+
+  class Recording(runner._Compiled):
+    def __init__(self, *args):
+      super().__init__(*args)
+      seen.append(self.compiler_options)
+
+  monkeypatch.setattr(runner, "_Compiled", Recording)
+  rows, _, notes = run_problem(prob, [OPTIMIZERS["adam"], OPTIMIZERS["momentum"]],
+                               PRESETS["quick"], steps=2, sweep_points=1, log=lambda s: None)
+  assert notes == [] and len(rows) == 2
+  assert seen == [compiler_options(PRESETS["quick"])] * 2
