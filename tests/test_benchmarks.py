@@ -262,18 +262,20 @@ def test_quick_compiles_at_cpu_opt_level_2_and_says_so(smoke):
 
 def test_cpu_opt_level_moves_trajectories_by_rounding_only():
   # The quick preset's lower XLA backend level changes code generation, not the arithmetic:
-  # the same rows trained at XLA's default level follow the same losses.
-  prob = get_problem("digits_mlp", "quick")
+  # the same rows trained at XLA's default level follow the same losses. (Shampoo's
+  # eigendecompositions are where the README saw last-bit differences; the quadratic's
+  # [16, 8] matrix takes that path.)
+  prob = get_problem("quadratic", "quick")
   specs = [OPTIMIZERS["adam"], OPTIMIZERS["shampoo"]]
   losses = {}
   for level in (2, 3):
     preset = dataclasses.replace(PRESETS["quick"], cpu_opt_level=level)
-    _, runs, notes = run_problem(prob, specs, preset, steps=15, sweep_points=1,
+    _, runs, notes = run_problem(prob, specs, preset, steps=30, sweep_points=1,
                                  log=lambda s: None)
     assert notes == []
     losses[level] = {r.optimizer: r.loss for r in runs}
   for name in ("adam", "shampoo"):
-    assert len(losses[2][name]) == 15
+    assert len(losses[2][name]) == 30 and losses[2][name][-1] < losses[2][name][0]
     np.testing.assert_allclose(losses[2][name], losses[3][name], rtol=1e-5)
 
 
