@@ -262,7 +262,8 @@ register(OptimizerSpec(
 
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the
 # updates of the others over the same data; `multisteps_adamw_k4` is optax's buffered
-# accumulation of the same optimizer.
+# accumulation of the same optimizer (an optax row: `full` only, like the other optax rows
+# beyond the core three; `benchmarks.accumulate_bench` compares against it directly).
 ACCUMULATE_K = 4
 
 
@@ -286,7 +287,7 @@ register(OptimizerSpec(
     "multisteps_adamw_k4",
     lambda lr, n, p: optax.MultiSteps(optax.adamw(lr, weight_decay=1e-4),
                                       ACCUMULATE_K).gradient_transformation(), 3e-3,
-    note="optax.MultiSteps(adamw, 4): buffered accumulation"))
+    note="optax.MultiSteps(adamw, 4): buffered accumulation", in_quick=_FULL_ONLY))
 
 
 # ----------------------------------------------------------------------------- peers
@@ -297,7 +298,9 @@ def _optax_sophia(lr, n, p):
 
 register(OptimizerSpec(
     "optax_sophia", _optax_sophia, 1e-3, needs=("obj_fn",), family="peer",
-    note="optax.contrib.sophia (Sophia-H, Hutchinson every 10 steps)"))
+    note="optax.contrib.sophia (Sophia-H, Hutchinson every 10 steps); quick: sanity rows "
+         "only (the networks in full, and in benchmarks.sophia_lm beside both Sophias)",
+    in_quick=lambda problem: problem.kind == "synthetic"))
 
 
 def _dist_shampoo(lr, n, p):
