@@ -262,9 +262,9 @@ def test_quick_compiles_at_cpu_opt_level_2_and_says_so(smoke):
 
 def test_cpu_opt_level_moves_trajectories_by_rounding_only():
   # The quick preset's lower XLA backend level changes code generation, not the arithmetic:
-  # the same rows trained at XLA's default level follow the same losses. (Shampoo's
-  # eigendecompositions are where the README saw last-bit differences; the quadratic's
-  # [16, 8] matrix takes that path.)
+  # the same rows trained at XLA's default level follow the same losses. (Shampoo's roots,
+  # coupled Newton iterations on a CPU, are among the rows where the README saw last-bit
+  # differences; the quadratic's [16, 8] matrix takes that path.)
   prob = get_problem("quadratic", "quick")
   specs = [OPTIMIZERS["adam"], OPTIMIZERS["shampoo"]]
   losses = {}
