@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from secondorder._validation import check_choice, check_int, check_range
 
@@ -229,7 +230,9 @@ def inverse_pth_root(
 
   Args:
     a: `[..., n, n]` symmetric PSD.
-    p: the root (the result is the (-1/p)-th power).
+    p: the root (the result is the (-1/p)-th power). For "eigh" also an array with one
+      root per matrix (shape `a.shape[:-2]`), so matrices of one size but different roots
+      share one decomposition call.
     eps: damping, relative to λ_max(A) when `relative_eps`.
     relative_eps: see above.
     method: "eigh" or "newton".
@@ -248,10 +251,18 @@ def inverse_pth_root(
     >>> inverse_pth_root(a, 2, eps=0.0).root   # diag(1/2, 1/4)
   """
   check_choice("method", method, ("eigh", "newton"))
-  check_range("p", p, 0.0, None, low_inclusive=False)
   check_range("eps", eps, 0.0, None)
   if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
     raise ValueError(f"inverse_pth_root needs square matrices [..., n, n], got shape {a.shape}.")
+  if method == "eigh" and jnp.ndim(p) > 0:
+    if jnp.shape(p) != a.shape[:-2]:
+      raise ValueError(f"p must be a number or one root per matrix (shape {a.shape[:-2]}), "
+                       f"got shape {jnp.shape(p)}.")
+    if not isinstance(p, jax.core.Tracer) and not np.all(np.asarray(p) > 0):
+      raise ValueError(f"p must be > 0 for every matrix, got {p!r}.")
+    exponent = (-1.0 / jnp.asarray(p, a.dtype))[..., None]
+    return _root_eigh(a, exponent, eps, relative_eps, normalize)
+  check_range("p", p, 0.0, None, low_inclusive=False)
   if method == "eigh":
     return _root_eigh(a, jnp.asarray(-1.0 / p, a.dtype), eps, relative_eps, normalize)
   if isinstance(p, bool) or int(p) != p:

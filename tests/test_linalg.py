@@ -63,6 +63,18 @@ def test_zero_matrix_gives_identity_and_nan_gives_infinite_error():
     assert not np.isfinite(float(res.error))
 
 
+def test_one_root_per_matrix():
+  a = jnp.asarray(_psd((3, 6, 6), 8, seed=6))
+  res = linalg.inverse_pth_root(a, np.array([2.0, 4.0, 6.0]), eps=1e-4)
+  for i, p in enumerate((2, 4, 6)):
+    np.testing.assert_allclose(res.root[i], linalg.inverse_pth_root(a[i], p, eps=1e-4).root,
+                               rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="one root per matrix"):
+    linalg.inverse_pth_root(a, np.array([2.0, 4.0]))
+  with pytest.raises(ValueError, match="> 0"):
+    linalg.inverse_pth_root(a, np.array([2.0, 0.0, 4.0]))
+
+
 def test_newton_needs_integer_p():
   with pytest.raises(ValueError, match="integer"):
     linalg.inverse_pth_root(jnp.eye(3), 2.5, method="newton")

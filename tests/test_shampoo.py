@@ -288,6 +288,47 @@ def test_low_precision_params_keep_float32_statistics(dtype):
   assert np.all(np.isfinite(np.asarray(u["w"], np.float32)))
 
 
+def _eigh_calls(tx, params) -> int:
+  """How many eigendecompositions the traced update holds (one per batched root call)."""
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+  return str(jaxpr).count("eigh[")
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_root_buckets_share_calls_without_changing_the_update(method):
+  # Factor sides 3, 4, 5, 7, 12 and roots p = 4 (matrices) and 6 (the 3-D tensor): with
+  # ratio 4 the rungs are 12 and 3, so sides 4..12 are padded to 12 and share a call (eigh:
+  # whatever their root; Newton: one call per root); the updates must match one call per
+  # (side, p).
+  params = {"a": jnp.zeros((5, 12)), "b": jnp.zeros((3, 4, 7)), "c": jnp.zeros((12, 4))}
+  kw = dict(update_interval=2, beta2=0.9, eps=EPS, graft=None, merge_small_dims=False,
+            start_preconditioning_step=1, method=method)
+  tx_each, up_each = _jitted(root_bucket_ratio=None, **kw)
+  tx_shared, up_shared = _jitted(root_bucket_ratio=4.0, **kw)
+  if method == "eigh":
+    assert _eigh_calls(tx_each, params) == 5  # sides 3, 4, 5, 7, 12
+    assert _eigh_calls(tx_shared, params) == 2  # sides 3 and 12
+  s_each, s_shared = tx_each.init(params), tx_shared.init(params)
+  rng = np.random.RandomState(3)
+  for _ in range(5):
+    g = {k: jnp.asarray(rng.randn(*v.shape).astype(np.float32)) for k, v in params.items()}
+    u_each, s_each = up_each(g, s_each, params)
+    u_shared, s_shared = up_shared(g, s_shared, params)
+    for k in params:
+      _rel_close(u_shared[k], u_each[k], 2e-5 if method == "eigh" else 5e-4)
+  assert int(s_shared.root_failures) == int(s_each.root_failures) == 0
+  for a, b in zip(s_shared.preconds, s_each.preconds):
+    assert a.shape == b.shape  # the state keeps every factor at its own size
+
+
+def test_bucket_sides():
+  from secondorder.transforms.shampoo import _bucket_side
+  assert [_bucket_side(s, 128, 4.0) for s in (1, 2, 8, 9, 32, 33, 128)] == [
+      1, 2, 8, 32, 32, 128, 128]
+  assert [_bucket_side(s, 100, 2.0) for s in (13, 25, 26, 51)] == [13, 25, 50, 100]
+  assert _bucket_side(9, 128, None) == 9
+
+
 def test_bad_hyperparameters_raise():
   with pytest.raises(ValueError, match="block_size"):
     shampoo_preconditioner(block_size=0)
@@ -305,6 +346,8 @@ def test_bad_hyperparameters_raise():
     shampoo_preconditioner(statistics_interval=0)
   with pytest.raises(ValueError, match="statistics_interval must divide update_interval"):
     shampoo_preconditioner(statistics_interval=3, update_interval=10)
+  with pytest.raises(ValueError, match="root_bucket_ratio"):
+    shampoo_preconditioner(root_bucket_ratio=1.0)
   with pytest.raises(ValueError, match="b1"):
     shampoo(1e-3, b1=1.0)
 

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from secondorder import linalg
@@ -26,7 +27,8 @@ GRAFTS = ("adam", "rmsprop", "rmsprop_normalized", "adagrad", "sgd", "none")
 
 # Arguments that fix the structure of the state; name them in
 # `optax.inject_hyperparams(shampoo_preconditioner, static_args=STATIC_ARGS)`.
-STATIC_ARGS = ("block_size", "max_preconditioner_dim", "exponent_override", "newton_max_iters")
+STATIC_ARGS = ("block_size", "max_preconditioner_dim", "exponent_override", "newton_max_iters",
+               "root_bucket_ratio")
 
 
 class ShampooState(NamedTuple):
@@ -93,10 +95,19 @@ class _LeafPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class _RootBucket:
+  """Groups whose roots are computed in one batched call, every factor padded to `side`."""
+  side: int
+  members: tuple[int, ...]  # group indices, in order
+  root: float | None  # the root p shared by the members; None: one per factor (eigh)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
   leaves: tuple[_LeafPlan, ...]
   groups: tuple[tuple[int, float], ...]  # (factor size, root p)
   group_sizes: tuple[int, ...]  # number of factors per group
+  root_buckets: tuple[_RootBucket, ...] = ()
 
 
 def _merge_small_dims(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
@@ -125,9 +136,40 @@ def _pieces(d: int, block_size: int) -> tuple[_Piece, ...]:
   return tuple(pieces)
 
 
+def _bucket_side(size: int, largest: int, ratio: float | None) -> int:
+  """The smallest of largest, largest/ratio, largest/ratio², ... (rounded up) >= size."""
+  if ratio is None:
+    return size
+  side = largest
+  while True:
+    smaller = math.ceil(side / ratio)
+    if smaller < size or smaller == side:
+      return side
+    side = smaller
+
+
+def _root_buckets(groups: Sequence[tuple[int, float]], ratio: float | None,
+                  mixed_roots: bool) -> tuple[_RootBucket, ...]:
+  if not groups:
+    return ()
+  largest = max(size for size, _ in groups)
+  buckets: dict[tuple[int, float | None], list[int]] = {}
+  for g, (size, p) in enumerate(groups):
+    key = (_bucket_side(size, largest, ratio), None if mixed_roots else p)
+    buckets.setdefault(key, []).append(g)
+  out = []
+  for members in sorted(buckets.values()):
+    roots = {groups[g][1] for g in members}
+    # No padding beyond the largest member (none at all for a bucket of one size).
+    out.append(_RootBucket(side=max(groups[g][0] for g in members), members=tuple(members),
+                           root=roots.pop() if len(roots) == 1 else None))
+  return tuple(out)
+
+
 @functools.lru_cache(maxsize=256)
 def _make_plan(shapes: tuple[tuple[int, ...], ...], block_size: int, merge: bool,
-               max_dim: int, precondition_1d: bool, exponent_override: float | None) -> _Plan:
+               max_dim: int, precondition_1d: bool, exponent_override: float | None,
+               bucket_ratio: float | None = None, mixed_roots: bool = True) -> _Plan:
   group_index: dict[tuple[int, float], int] = {}
   group_sizes: list[int] = []
   pending = []
@@ -173,7 +215,26 @@ def _make_plan(shapes: tuple[tuple[int, ...], ...], block_size: int, merge: bool
                    for c in lp.combos)
     leaves.append(dataclasses.replace(lp, combos=combos))
   return _Plan(leaves=tuple(leaves), groups=tuple(order),
-               group_sizes=tuple(group_sizes[group_index[k]] for k in order))
+               group_sizes=tuple(group_sizes[group_index[k]] for k in order),
+               root_buckets=_root_buckets(order, bucket_ratio, mixed_roots))
+
+
+def _pad_factors(x: jax.Array, side: int, fill: bool) -> jax.Array:
+  """Pads a stack of factors `[n, s, s]` to `[n, side, side]` block-diagonally.
+
+  The padded matrix has the factor's eigenvalues plus extra ones (zero, or with `fill` the
+  largest diagonal entry, which lies between λ_max/s and λ_max so that an iteration's
+  conditioning stays that of the factor), and λ_max is unchanged. So the leading s×s block
+  of its inverse root is the factor's root, damping included.
+  """
+  s = x.shape[-1]
+  if s == side:
+    return x
+  out = jnp.pad(x, ((0, 0), (0, side - s), (0, side - s)))
+  if fill:
+    top = jnp.max(jnp.diagonal(x, axis1=1, axis2=2), axis=1)
+    out = out + top[:, None, None] * np.diag((np.arange(side) >= s).astype(x.dtype))
+  return out
 
 
 def _to_blocks(x: jax.Array, combo: _Combo) -> jax.Array:
@@ -303,6 +364,7 @@ def shampoo_preconditioner(
     merge_small_dims: bool = True,
     precondition_1d: bool = False,
     max_preconditioner_dim: int = 4096,
+    root_bucket_ratio: float | None = 4.0,
     statistics_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo: precondition each tensor with one Kronecker factor per dimension.
@@ -370,6 +432,12 @@ def shampoo_preconditioner(
     precondition_1d: give 1-D (and scalar) parameters a full factor instead of the
       diagonal path.
     max_preconditioner_dim: parameters with a larger (merged) dimension go diagonal.
+    root_bucket_ratio: factors of nearby sizes share one batched root computation, which
+      keeps the compiled program small: with the largest factor side S, each factor is
+      padded (block-diagonally, so its root is unchanged) to the smallest of S, S/r, S/r²,
+      ... (rounded up) that holds it, and with "eigh" factors of different roots p share a
+      call too. The state keeps every factor at its own size. None: one call per size and
+      root.
     statistics_dtype: dtype of statistics and roots (float32 whatever the params' dtype).
 
   Returns:
@@ -406,6 +474,9 @@ def shampoo_preconditioner(
   check_range("graft_eps", graft_eps, 0.0, None)
   check_range("root_tolerance", root_tolerance, 0.0, None, low_inclusive=False)
   check_choice("method", method, ("eigh", "newton"))
+  if root_bucket_ratio is not None:
+    root_bucket_ratio = _static_int("root_bucket_ratio", root_bucket_ratio, float)
+    check_range("root_bucket_ratio", root_bucket_ratio, 1.0, None, low_inclusive=False)
   if exponent_override is not None:
     exponent_override = _static_int("exponent_override", exponent_override, float)
     check_range("exponent_override", exponent_override, 0.0, None, low_inclusive=False)
@@ -420,7 +491,8 @@ def shampoo_preconditioner(
   def plan_for(leaves) -> _Plan:
     shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
     return _make_plan(shapes, block_size, bool(merge_small_dims), max_preconditioner_dim,
-                      bool(precondition_1d), exponent_override)
+                      bool(precondition_1d), exponent_override, root_bucket_ratio,
+                      method == "eigh")
 
   def init_fn(params):
     check_float_leaves("shampoo_preconditioner", params, complex_ok=False)
@@ -475,8 +547,9 @@ def shampoo_preconditioner(
           jnp.ones_like(b2))
 
     if graft_tx is not None:
-      graft_out, graft_state = graft_tx.update(jax.tree.unflatten(treedef, grads),
-                                               state.graft_state, params)
+      with jax.named_scope("graft"):
+        graft_out, graft_state = graft_tx.update(jax.tree.unflatten(treedef, grads),
+                                                 state.graft_state, params)
       graft_leaves = treedef.flatten_up_to(graft_out)
     else:
       graft_state, graft_leaves = state.graft_state, grads
@@ -484,6 +557,7 @@ def shampoo_preconditioner(
     blocks = [None if lp.diagonal else [_to_blocks(g.reshape(lp.merged), c) for c in lp.combos]
               for lp, g in zip(plan.leaves, grads)]
 
+    @jax.named_scope("statistics")
     def accumulate(old_stats):
       """Every factor's new contribution, gathered per group in slot order, added in."""
       contribs: list[list[jax.Array]] = [[] for _ in plan.groups]
@@ -512,14 +586,29 @@ def shampoo_preconditioner(
           tuple(state.stats))
 
     # Roots, every `update_interval` steps from `start_preconditioning_step` on.
+    @jax.named_scope("roots")
     def refresh(stats, preconds):
-      out, failures = [], jnp.zeros([], jnp.int32)
-      for (_, p), s, old in zip(plan.groups, stats, preconds):
-        res = linalg.inverse_pth_root(s * stats_debias, p, eps=eps, method=method,
-                                      max_iters=newton_max_iters)
+      out, failures = list(preconds), jnp.zeros([], jnp.int32)
+      for bucket in plan.root_buckets:
+        # One batched root per bucket: its groups' factors padded to one side, each with
+        # its own root p (eigh) or all with the bucket's (Newton).
+        mats = [_pad_factors(stats[g] * stats_debias, bucket.side, fill=method == "newton")
+                for g in bucket.members]
+        a = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+        if bucket.root is not None:
+          p = bucket.root
+        else:
+          p = np.concatenate([np.full(plan.group_sizes[g], plan.groups[g][1], np.float32)
+                              for g in bucket.members])
+        res = linalg.inverse_pth_root(a, p, eps=eps, method=method, max_iters=newton_max_iters)
         ok = res.error <= root_tolerance  # the error is infinite for a non-finite root
-        out.append(jnp.where(ok[:, None, None], res.root.astype(old.dtype), old))
         failures = failures + jnp.sum(~ok).astype(jnp.int32)
+        offset = 0
+        for g in bucket.members:
+          size, n = plan.groups[g][0], plan.group_sizes[g]
+          root = res.root[offset:offset + n, :size, :size].astype(out[g].dtype)
+          out[g] = jnp.where(ok[offset:offset + n, None, None], root, out[g])
+          offset += n
       return tuple(out), failures
 
     def keep(stats, preconds):
