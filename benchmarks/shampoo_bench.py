@@ -59,7 +59,8 @@ def _shampoo(lr, cfg):
   from secondorder.transforms.shampoo import shampoo
   return shampoo(lr, block_size=cfg["block_size"], update_interval=cfg["update_interval"],
                  statistics_interval=cfg["statistics_interval"],
-                 start_preconditioning_step=cfg["start"], b2=cfg["b2"])
+                 start_preconditioning_step=cfg["start"], b2=cfg["b2"],
+                 root_bucket_ratio=cfg.get("root_bucket_ratio"))
 
 
 def _adam(lr, cfg):
@@ -202,7 +203,10 @@ def markdown(results: list[dict], cfg: dict) -> str:
   lines = [
       f"Shampoo (block {cfg['block_size']}, roots every {cfg['update_interval']} steps, "
       f"statistics every {cfg['statistics_interval']}, "
-      f"start step {cfg['start']}, Adam grafting) vs optax.adam; ratios are to Adam in the "
+      f"start step {cfg['start']}, Adam grafting"
+      + (f", root buckets of ratio {cfg['root_bucket_ratio']:g}"
+         if cfg.get("root_bucket_ratio") else "")
+      + ") vs optax.adam; ratios are to Adam in the "
       "same process. Time to target = steps to target × median step time.", "",
       "| problem | optimizer | lr | steps to target | ×Adam | time to target | ×Adam | "
       "step ms | ×Adam | state bytes | ×Adam | ×params | compile s | ×Adam |",
@@ -303,6 +307,9 @@ def main(argv=None):
                            "update interval), for both Shampoos")
   parser.add_argument("--block-size", type=int, default=128)
   parser.add_argument("--start", type=int, default=10)
+  parser.add_argument("--root-bucket-ratio", type=float, default=None,
+                      help="this library's Shampoo: pad factors of nearby sizes into shared "
+                           "root calls (smaller program, slower refreshes); default: none")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--out", default="bench_out")
@@ -314,7 +321,8 @@ def main(argv=None):
                       help="step cap for the Distributed Shampoo comparison (3 optimizers)")
   args = parser.parse_args(argv)
   cfg = {"block_size": args.block_size, "update_interval": args.update_interval,
-         "statistics_interval": args.statistics_interval, "start": args.start, "b2": 0.999}
+         "statistics_interval": args.statistics_interval, "start": args.start, "b2": 0.999,
+         "root_bucket_ratio": args.root_bucket_ratio}
 
   results = [run_problem(p, ["adam", "shampoo"], cfg, args.steps, args.rounds,
                          args.eval_every, target=args.target.get(p)) for p in args.problems]
