@@ -236,6 +236,19 @@ def test_shampoo_bench_targets_option():
       _targets(bad)
 
 
+def test_shampoo_bench_adds_the_root_bucket_row(tmp_path):
+  from benchmarks import shampoo_bench
+
+  shampoo_bench.main(["--problems", "quadratic", "--steps", "4", "--rounds", "1",
+                      "--update-interval", "2", "--start", "1", "--no-ds",
+                      "--root-bucket-ratio", "4", "--out", str(tmp_path)])
+  report = (tmp_path / "shampoo_bench.md").read_text()
+  assert "root_bucket_ratio=4" in report
+  rows = [line.split("|")[2].strip() for line in report.splitlines()
+          if line.startswith("| quadratic")]
+  assert rows == ["adam", "shampoo_buckets", "shampoo"]
+
+
 def test_only_and_skip_select_rows():
   problems, optimizers = bench_main._select("", "char_transformer,dist_shampoo")
   assert "char_transformer" not in problems and "digits_cnn" in problems

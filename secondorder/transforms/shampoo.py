@@ -438,12 +438,13 @@ def shampoo_preconditioner(
       S, each factor is padded (block-diagonally, so its root is unchanged) to the smallest
       of S, S/r, S/r², ... (rounded up) that holds it, and with "eigh" factors of
       different roots p share a call too. The state keeps every factor at its own size.
-      The padded roots cost more per refresh: on the benchmarks' CPU, r = 4 compiled the
-      digits CNN's step about 12% faster (seven root calls became two) but made its steps
-      3% slower, and the MLP's and the transformer's (64-sided factors padded to 128) 4-15%
-      slower, so it pays for short runs and notebooks, not long training. None (default):
-      one call per size and root, the layout to use when the factor stacks are sharded (a
-      shared call concatenates them).
+      Padded roots cost more per refresh: on the benchmarks' CPU, r = 4 compiled the digits
+      CNN's step 12-15% faster (seven root calls became two) and the MLP's and the
+      transformer's 4-12% faster, while the MLP's steps ran 15-22% slower (its 64-sided
+      factors padded to 128) and the others' within noise (0.93-1.04x). So it pays for
+      short runs and notebooks rather than long training. None (default): one call per size
+      and root, the layout to use when the factor stacks are sharded (a shared call
+      concatenates them).
     statistics_dtype: dtype of statistics and roots (float32 whatever the params' dtype).
 
   Returns:
