@@ -50,27 +50,24 @@ from benchmarks.runner import state_bytes
 
 DEFAULT_PROBLEMS = ("digits_mlp", "digits_cnn", "char_transformer")
 LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "shampoo": (1e-3, 3e-3, 1e-2, 3e-2),
-           "shampoo_buckets": (1e-3, 3e-3, 1e-2, 3e-2),
            "dist_shampoo": (1e-4, 3e-4, 1e-3)}  # its normalized-RMSProp graft runs hot
+LR_GRID["shampoo_buckets"] = LR_GRID["shampoo"]
 
 
 # ----------------------------------------------------------------------------- optimizers
 
 
-def _shampoo(lr, cfg):
-  from secondorder.transforms.shampoo import shampoo
-  return shampoo(lr, block_size=cfg["block_size"], update_interval=cfg["update_interval"],
-                 statistics_interval=cfg["statistics_interval"],
-                 start_preconditioning_step=cfg["start"], b2=cfg["b2"])
-
-
-def _shampoo_buckets(lr, cfg):
-  """The same Shampoo with factors of nearby sizes padded into shared root calls."""
+def _shampoo(lr, cfg, root_bucket_ratio=None):
   from secondorder.transforms.shampoo import shampoo
   return shampoo(lr, block_size=cfg["block_size"], update_interval=cfg["update_interval"],
                  statistics_interval=cfg["statistics_interval"],
                  start_preconditioning_step=cfg["start"], b2=cfg["b2"],
-                 root_bucket_ratio=cfg["root_bucket_ratio"])
+                 root_bucket_ratio=root_bucket_ratio)
+
+
+def _shampoo_buckets(lr, cfg):
+  """The same Shampoo with factors of nearby sizes padded into shared root calls."""
+  return _shampoo(lr, cfg, cfg["root_bucket_ratio"])
 
 
 def _adam(lr, cfg):

@@ -18,8 +18,9 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # XLA compiling dominates this suite's time. Its backend (LLVM) optimisation level 2 instead
-# of the default 3 changes code generation, not arithmetic (the benchmarks' quick preset
-# uses it too: README, "Benchmarks"), and saves a tenth or more of the time on two cores
+# of the default 3 changes code generation; results match level 3 to the last bit or within
+# it (the benchmarks' quick preset uses it too: README, "Benchmarks", where 246 of 274 loss
+# curves were bit-identical), and it saves a tenth or more of the time on two cores
 # (tests/test_contract.py back to back: 252 s at level 3, 228 s at level 2). Subprocesses
 # inherit it. An XLA_FLAGS that already sets a level is left alone, so
 # `XLA_FLAGS=--xla_backend_optimization_level=3 pytest` runs at XLA's default.
