@@ -10,7 +10,9 @@ session (the compile level below is set once, before JAX is imported).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 # jaxlib's CPU eigh/Cholesky call OpenBLAS, whose own threads thrash on a few shared cores and
 # have hung batched eigendecompositions (jaxlib 0.10.2); one BLAS thread per call avoids both.
@@ -32,6 +34,24 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
+# JAX's persistent compilation cache, in a directory made for this test run by the first
+# process that loads this file (the xdist controller, or the only process without xdist) and
+# shared with the workers, notebook kernels and subprocesses through the environment. Many
+# tests compile the same XLA program again (each check of the shared contract jits its own
+# update function; notebooks and subprocesses start fresh processes); with the cache each
+# distinct program compiles once per run: the contract tests took 184 s instead of 280 s on
+# two cores, the whole suite 768 s instead of 882 s. The cache keys on the program, the
+# compile options and the backend, so a hit runs the executable a compile would have
+# produced. The directory starts empty (nothing carries over between runs) and the process
+# that made it removes it at the end. A JAX_COMPILATION_CACHE_DIR already set is used as is.
+_OWN_RUN_DIR = None
+if "SECONDORDER_TEST_RUN_DIR" not in os.environ:
+  _OWN_RUN_DIR = tempfile.mkdtemp(prefix="secondorder-tests-")
+  os.environ["SECONDORDER_TEST_RUN_DIR"] = _OWN_RUN_DIR
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_OWN_RUN_DIR, "jax-cache")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: one worker per usable core, at most 4. Each worker holds its own JAX and
@@ -43,3 +63,10 @@ def pytest_xdist_auto_num_workers(config):
   except AttributeError:  # not on Linux
     cores = os.cpu_count() or 1
   return max(1, min(cores, 4))
+
+
+def pytest_unconfigure(config):
+  """The process that made this run's directory removes it at the end."""
+  del config
+  if _OWN_RUN_DIR is not None:
+    shutil.rmtree(_OWN_RUN_DIR, ignore_errors=True)
