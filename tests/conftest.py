@@ -40,17 +40,15 @@ if _ROOT not in sys.path:
 # tests compile the same XLA program again (each check of the shared contract jits its own
 # update function; notebooks and subprocesses start fresh processes); with the cache each
 # distinct program compiles once per run: the contract tests took 184 s instead of 280 s on
-# two cores, the whole suite 768 s instead of 882 s. The cache keys on the program, the
+# two cores, the whole suite 724-768 s instead of 882 s. The cache keys on the program, the
 # compile options and the backend, so a hit runs the executable a compile would have
 # produced. The directory starts empty (nothing carries over between runs) and the process
 # that made it removes it at the end. A JAX_COMPILATION_CACHE_DIR already set is used as is.
-_OWN_RUN_DIR = None
-if "SECONDORDER_TEST_RUN_DIR" not in os.environ:
-  _OWN_RUN_DIR = tempfile.mkdtemp(prefix="secondorder-tests-")
-  os.environ["SECONDORDER_TEST_RUN_DIR"] = _OWN_RUN_DIR
-  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_OWN_RUN_DIR, "jax-cache")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="secondorder-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -66,7 +64,8 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_unconfigure(config):
-  """The process that made this run's directory removes it at the end."""
+  """The process that made this run's cache directory removes it at the end (the workers
+  inherited it)."""
   del config
-  if _OWN_RUN_DIR is not None:
-    shutil.rmtree(_OWN_RUN_DIR, ignore_errors=True)
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
