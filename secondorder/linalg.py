@@ -262,6 +262,9 @@ def inverse_pth_root(
       raise ValueError(f"p must be > 0 for every matrix, got {p!r}.")
     exponent = (-1.0 / jnp.asarray(p, a.dtype))[..., None]
     return _root_eigh(a, exponent, eps, relative_eps, normalize)
+  if jnp.ndim(p) > 0:
+    raise ValueError(f"p must be one number for method={method!r} (one root per matrix "
+                     f"needs method='eigh'), got shape {jnp.shape(p)}.")
   check_range("p", p, 0.0, None, low_inclusive=False)
   if method == "eigh":
     return _root_eigh(a, jnp.asarray(-1.0 / p, a.dtype), eps, relative_eps, normalize)

@@ -73,6 +73,8 @@ def test_one_root_per_matrix():
     linalg.inverse_pth_root(a, np.array([2.0, 4.0]))
   with pytest.raises(ValueError, match="> 0"):
     linalg.inverse_pth_root(a, np.array([2.0, 0.0, 4.0]))
+  with pytest.raises(ValueError, match="one number for method='newton'"):
+    linalg.inverse_pth_root(a, np.array([2.0, 4.0, 6.0]), method="newton")
 
 
 def test_newton_needs_integer_p():
