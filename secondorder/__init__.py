@@ -9,6 +9,7 @@ The public API is flat::
 
 from secondorder import capture
 from secondorder import curvature
+from secondorder import dimension_numbers
 from secondorder import linalg
 from secondorder.capture import KfacLayers
 from secondorder.capture import LayerStats
@@ -16,6 +17,7 @@ from secondorder.capture import linen_capture
 from secondorder.capture import nnx_capture
 from secondorder.capture import no_layers
 from secondorder.capture import no_stats
+from secondorder.dimension_numbers import MuonDimensionNumbers
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
