@@ -353,3 +353,15 @@ def test_factor_sharding_and_pad_ratio_errors():
   r, _ = ref.update(g, ref.init(params), params, kfac_stats=st)
   u, _ = jax.jit(got.update)(g, got.init(params), params, kfac_stats=st)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), u, r)
+
+
+@pytest.mark.parametrize("hyper", [dict(momentum=0.0), dict(momentum=0.7),
+                                   dict(weight_decay=0.0), dict(kl_clip=1e-2)])
+def test_state_structure_same_with_and_without_inject_hyperparams(hyper):
+  """A Python 0 and an injected 0 give one state structure, so checkpoints load either way."""
+  params = _params()
+  plain = kfac(0.1, layers=SPEC, **hyper).init(params)
+  injected = optax.inject_hyperparams(kfac)(learning_rate=0.1, layers=SPEC, **hyper).init(params)
+  assert (jax.tree.structure(plain) == jax.tree.structure(injected.inner_state))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x.shape, y.shape), plain,
+               injected.inner_state)

@@ -576,8 +576,9 @@ def kfac(
       update_interval=update_interval, kl_clip=kl_clip, learning_rate=learning_rate,
       fallback=fallback, stats_dtype=stats_dtype, pad_ratio=pad_ratio,
       factor_sharding=factor_sharding)]
-  if not (isinstance(momentum, (int, float)) and momentum == 0):
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  # Always present (a zero momentum makes it the identity): the state's structure must not
+  # depend on whether momentum is a Python 0 or an injected array (checkpoints load either way).
+  parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
