@@ -3,7 +3,8 @@
 Accumulating k mini-batch gradients before one optimizer step is usually done by
 `optax.MultiSteps`, which keeps a parameter-sized buffer of summed gradients beside the
 inner optimizer's state. For momentum methods the buffer is redundant: the momentum
-itself can absorb the k gradients one at a time (METHODS.md §8). With
+itself can absorb the k gradients one at a time (Su, 2021; the derivation is on the
+documentation's gradient-accumulation page). With
 χ_{t/k} = 1 when k divides t and 0 otherwise,
 
     m_t = [(β − 1) χ_{(t−1)/k} + 1] m_{t−1} + (1 − β) g_t / k,
@@ -111,7 +112,7 @@ class EveryKAccumulateState(NamedTuple):
   """State of `every_k_accumulate`: two scalar counters and the moments, nothing else.
 
   mini_step: mini-steps taken since the last real update (0 ≤ mini_step < k).
-  count: real updates so far (t/k in METHODS.md §8; the bias-correction exponent).
+  count: real updates so far (t/k in the update rule above; the bias-correction exponent).
   mu: first moment, one array per parameter.
   nu: second moment, one array per parameter (Adam form); `()` in the momentum form.
   """
@@ -268,9 +269,9 @@ def every_k_gate(
   step counter, learning-rate schedule and weight decay count real updates; on the other
   steps it is skipped (``jax.lax.cond``) and zeros are returned.
 
-  Alone after an optimizer, ``optax.chain(optax.adam(lr), every_k_gate(k))`` is the seed's
+  Alone after an optimizer, ``optax.chain(optax.adam(lr), every_k_gate(k))`` is Su's (2021)
   "update the parameters only every k steps" with the moments still updated every
-  mini-step (METHODS.md §8). Wrapped around the post-processing of `every_k_accumulate`
+  mini-step. Wrapped around the post-processing of `every_k_accumulate`
   it makes weight decay and schedules act once per real update, as inside
   ``optax.MultiSteps``.
 
@@ -324,7 +325,7 @@ def beta_tilde(beta: Any, k: Any) -> Any:
   r"""β̃ = 1 − (1 − β) / k: the decay whose k mini-steps roughly make one step of decay β.
 
   β̃ᵏ ≈ 1 − k(1 − β̃) = β and β̃^{i} ≈ 1 for i < k, so an EMA with β̃ over mini-steps
-  approximates an EMA with β over averages of k gradients (METHODS.md §8). Accepts
+  approximates an EMA with β over averages of k gradients (Su, 2021). Accepts
   Python numbers or arrays (k must be fixed, not a schedule).
   """
   if isinstance(beta, numbers.Number):
@@ -345,7 +346,7 @@ def scale_by_adam_beta_tilde(
 ) -> optax.GradientTransformation:
   r"""``optax.scale_by_adam`` with β₁, β₂ replaced by β̃ = 1 − (1 − β)/k.
 
-  The seed's cheap stand-in for accumulation (METHODS.md §8)::
+  Su's (2021) cheap stand-in for accumulation::
 
     m_t = β̃₁ m_{t−1} + (1 − β̃₁) g_t,   v_t = β̃₂ v_{t−1} + (1 − β̃₂) g_t²,
     u_t = m̂_t / (sqrt(v̂_t + eps_root) + eps)   (bias correction in mini-steps t),
