@@ -43,7 +43,7 @@ from flax import nnx
 Params = Any
 Batch = Any
 
-__all__ = ["Problem", "PROBLEMS", "get_problem", "problem_names"]
+__all__ = ["Problem", "PROBLEMS", "get_problem", "problem_names", "pure_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,17 @@ class Problem:
     lr_sweep: optional ``{preset: (points, factor)}``: the learning-rate grid of every
       optimizer on this problem (`points` rates spaced by `factor` around each optimizer's
       centre); None: the preset's grid. The same for every optimizer either way.
+    held_out: False when `eval_loss` is the training objective itself (the sanity problems):
+      tables then show no separate held-out column value.
+    schedule: optional ``total_steps -> (count -> multiplier)``: a shape (peak 1) that
+      multiplies every optimizer's update on this problem (the language model's warm-up +
+      cosine); None: constant.
+    eval_every: held-out loss every this many steps (None: the preset's number of
+      evaluations per run).
+    baseline: the row that ratios and races compare against ("adam"; "adamw" for the
+      language model).
+    weight_dimension_numbers: optional ``params -> pytree of MuonDimensionNumbers | None``
+      (the axes of stacked leaves) for methods that take it.
   """
 
   name: str
@@ -90,7 +101,7 @@ class Problem:
   loss: Callable[[Params, Batch], jax.Array]
   eval_loss: Callable[[Params], jax.Array]
   train_loss: Callable[[Params], jax.Array]
-  target_loss: float
+  target_loss: float | None
   steps: dict
   logits_fn: Callable[[Params, Batch], jax.Array] | None = None
   logits_loss: Callable[[jax.Array, Batch], jax.Array] | None = None
@@ -104,6 +115,11 @@ class Problem:
   stochastic: bool = True
   likelihood: str | None = None
   lr_sweep: dict | None = None
+  held_out: bool = True
+  schedule: Callable[[int], Callable] | None = None
+  eval_every: int | None = None
+  baseline: str = "adam"
+  weight_dimension_numbers: Callable[[Params], Any] | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -253,8 +269,16 @@ class CharTransformer(nnx.Module):
     return self.head(self.ln(x))
 
 
-def _pure_model(make: Callable[[int], nnx.Module]):
-  """(init_params, apply, bind) for an NNX module factory, with params as pure dicts."""
+def pure_model(make: Callable[[int], nnx.Module]):
+  """(init_params, apply, bind) for an NNX module factory, with params as pure dicts.
+
+  Args:
+    make: ``seed -> nnx.Module``.
+
+  Returns:
+    ``init_params(seed) -> params`` (``nnx.to_pure_dict`` of the module's state),
+    ``apply(params, inputs) -> outputs`` and ``bind(params) -> nnx.Module``.
+  """
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(0)))
 
   def init_params(seed: int) -> Params:
@@ -295,7 +319,7 @@ def _autoencoder() -> Problem:
   x_train, _, x_test, _ = _digits()
   sizes = (64, 128, 32, 8, 32, 128, 64)
   make = lambda seed: MLP(sizes, jnp.tanh, rngs=nnx.Rngs(seed))
-  init_params, apply, bind = _pure_model(make)
+  init_params, apply, bind = pure_model(make)
   inputs = lambda b: b[0]
   labels = lambda b: b[0]
   loss = lambda p, b: _bernoulli_logit(apply(p, b[0]), b[0])
@@ -323,7 +347,7 @@ def _autoencoder() -> Problem:
 def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
                 target: float, steps: dict) -> Problem:
   x_train, y_train, x_test, y_test = _digits()
-  init_params, apply, bind = _pure_model(make)
+  init_params, apply, bind = pure_model(make)
   logits_fn = lambda p, b: apply(p, b[0])
   loss = lambda p, b: _softmax_ce(apply(p, b[0]), b[1])
   train, test = _fixed_batch((x_train, y_train)), _fixed_batch((x_test, y_test))
@@ -359,7 +383,7 @@ def _char_transformer(size: str = "full") -> Problem:
   dim, layers = (32, 1) if size == "quick" else (64, 2)
   make = lambda seed: CharTransformer(vocab, context, dim=dim, heads=4, layers=layers,
                                       rngs=nnx.Rngs(seed))
-  init_params, apply, bind = _pure_model(make)
+  init_params, apply, bind = pure_model(make)
 
   def windows(ids: np.ndarray, starts: np.ndarray) -> tuple[jax.Array, jax.Array]:
     idx = starts[:, None] + np.arange(context + 1)[None, :]
@@ -426,7 +450,7 @@ def _quadratic() -> Problem:
       description="ill-conditioned matrix quadratic 16x8, Hessian A (x) B, condition 1e3",
       init_params=init_params, batches=batches, loss=lambda p, b: objective(p),
       eval_loss=objective, train_loss=objective, target_loss=1e-2,
-      steps={"quick": 200, "full": 1000}, kind="synthetic", stochastic=False,
+      steps={"quick": 200, "full": 1000}, kind="synthetic", stochastic=False, held_out=False,
       lr_sweep=_SYNTHETIC_SWEEP)
 
 
@@ -449,7 +473,7 @@ def _rosenbrock() -> Problem:
       name="rosenbrock", description=f"chained Rosenbrock in {n} dimensions, start (-1.2, 1, ...)",
       init_params=init_params, batches=batches, loss=lambda p, b: objective(p),
       eval_loss=objective, train_loss=objective, target_loss=1e-2,
-      steps={"quick": 300, "full": 3000}, kind="synthetic", stochastic=False,
+      steps={"quick": 300, "full": 3000}, kind="synthetic", stochastic=False, held_out=False,
       lr_sweep=_SYNTHETIC_SWEEP)
 
 
