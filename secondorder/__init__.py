@@ -18,6 +18,8 @@ from secondorder.capture import nnx_capture
 from secondorder.capture import no_layers
 from secondorder.capture import no_stats
 from secondorder.dimension_numbers import MuonDimensionNumbers
+from secondorder.curvature.cg import CGResult
+from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag
@@ -47,6 +49,12 @@ from secondorder.transforms.accumulate import beta_tilde
 from secondorder.transforms.accumulate import every_k_accumulate
 from secondorder.transforms.accumulate import every_k_gate
 from secondorder.transforms.accumulate import scale_by_adam_beta_tilde
+from secondorder.transforms.hessian_free import ScaleByHessianFreeState
+from secondorder.transforms.hessian_free import ScaleByNaturalGradientState
+from secondorder.transforms.hessian_free import hessian_free
+from secondorder.transforms.hessian_free import natural_gradient
+from secondorder.transforms.hessian_free import scale_by_hessian_free
+from secondorder.transforms.hessian_free import scale_by_natural_gradient
 from secondorder.transforms.hutchinson import ScaleByHutchinsonState
 from secondorder.transforms.hutchinson import adahessian
 from secondorder.transforms.hutchinson import scale_by_hutchinson

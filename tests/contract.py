@@ -293,6 +293,22 @@ def logits_fn_args(problem: Problem, params: PyTree) -> dict:
   return {"logits_fn": problem.logits_fn}
 
 
+def gauss_newton_args(problem: Problem, params: PyTree) -> dict:
+  """`logits_fn=` and `loss_fn=` (softmax cross-entropy on the problem's labels) for
+  Gauss-Newton methods (Hessian-free); needs a classification problem."""
+  from secondorder.curvature.losses import softmax_cross_entropy  # pylint: disable=g-import-not-at-top
+  return {**logits_fn_args(problem, params),
+          "loss_fn": softmax_cross_entropy(_classification_labels())}
+
+
+@functools.cache
+def _classification_labels():
+  """The labels every classification problem here is trained on (concrete, even when first
+  asked for inside a trace)."""
+  with jax.ensure_compile_time_eval():
+    return _classification_data()[3]
+
+
 # ----------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------

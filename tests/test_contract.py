@@ -14,6 +14,10 @@ from secondorder import capture
 from secondorder.transforms.accumulate import (accumulated_adamw, accumulated_sgd,
                                                every_k_accumulate, every_k_gate,
                                                scale_by_adam_beta_tilde)
+from secondorder.transforms.hessian_free import STATIC_ARGS as HESSIAN_FREE_STATIC_ARGS
+from secondorder.transforms.hessian_free import (hessian_free, natural_gradient,
+                                                 scale_by_hessian_free,
+                                                 scale_by_natural_gradient)
 from secondorder.transforms.hutchinson import adahessian, scale_by_hutchinson
 from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
 from secondorder.transforms.shampoo import STATIC_ARGS as SHAMPOO_STATIC_ARGS
@@ -107,6 +111,27 @@ CASES: list[Case] = [
          _with_lr(lambda: scale_by_kfac_factors(layers=C.dense_layers())),
          extra_args=C.kfac_capture_args, lr=0.3, problems=("dense_softmax",),
          check_problem="dense_softmax", skip=_KFAC_MASK_SKIP),
+    # Hessian-free: Newton-CG (the Hessian of obj_fn) on the regression problems, the
+    # Gauss-Newton matrix of softmax cross-entropy on the classifiers. Natural gradient:
+    # the KL budget is the learning rate of the alias (steps scale as its square root).
+    Case("scale_by_hessian_free", _with_lr(lambda: scale_by_hessian_free(curvature="hessian")),
+         extra_args=C.obj_fn_args, lr=1.0,
+         steps={"quadratic": 5, "matrix_quadratic": 5, "mixed_pytree": 10, "rosenbrock": 100},
+         primitive=(scale_by_hessian_free,
+                    dict(curvature="hessian", initial_damping=0.5, warm_start_decay=0.9,
+                         cg_max_iterations=10), HESSIAN_FREE_STATIC_ARGS)),
+    Case("hessian_free", lambda learning_rate: hessian_free(learning_rate),
+         extra_args=C.gauss_newton_args, lr=1.0, problems=C.CLASSIFICATION_PROBLEMS,
+         steps=20, check_problem="mixed_classifier"),
+    Case("scale_by_natural_gradient",
+         _with_lr(lambda: scale_by_natural_gradient(kl_budget=0.05)),
+         extra_args=C.logits_fn_args, lr=1.0, problems=C.CLASSIFICATION_PROBLEMS, steps=30,
+         check_problem="mixed_classifier",
+         primitive=(scale_by_natural_gradient, dict(kl_budget=0.05, damping=1e-3),
+                    HESSIAN_FREE_STATIC_ARGS)),
+    Case("natural_gradient", lambda learning_rate: natural_gradient(learning_rate),
+         extra_args=C.logits_fn_args, lr=0.05, lr_is_last=False,
+         problems=C.CLASSIFICATION_PROBLEMS, steps=30, check_problem="mixed_classifier"),
     # Gradient accumulation inside the moments (an update every k = 2 calls). Their
     # schedules count real updates, not calls.
     Case("every_k_accumulate",

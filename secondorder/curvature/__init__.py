@@ -4,6 +4,8 @@ Pure functions of a loss, logits or outputs function and the parameters; each ru
 `jax.jit` and `jax.vmap` and never forms a matrix whose side is the number of parameters.
 """
 
+from secondorder.curvature.cg import CGResult
+from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import empirical_fisher_diag
 from secondorder.curvature.estimators import gnb_diag
 from secondorder.curvature.estimators import hutchinson_diag

@@ -12,10 +12,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.sparse.linalg
 from jax.flatten_util import ravel_pytree
 
 from secondorder._validation import check_int, check_range, check_same_structure
+from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import rademacher_like, sample_mean
 
 PyTree = Any
@@ -196,7 +196,7 @@ def newton_decrement(
 ) -> NewtonDecrement:
   """Newton decrement λ = sqrt(gᵀ (A + δ I)⁻¹ g) by conjugate gradient on the damped operator.
 
-  Solves (A + δ I) x = g with `jax.scipy.sparse.linalg.cg` (pytrees, products only), then
+  Solves (A + δ I) x = g with `conjugate_gradient` (pytrees, products only), then
   λ = sqrt(⟨g, x⟩). ½λ² is the decrease a Newton step predicts on the local quadratic model,
   and x is the (damped) Newton direction. CG needs A + δ I positive definite: for a Hessian
   that may be indefinite, use a Gauss-Newton operator or enough damping.
@@ -206,7 +206,7 @@ def newton_decrement(
     grads: the gradient g, a pytree.
     damping: δ >= 0 added to the diagonal.
     tol, atol: CG stopping tolerances (relative and absolute residual norms).
-    maxiter: the most CG iterations (default: CG's own, 10 n).
+    maxiter: the most CG iterations (default 10 n, n the number of parameters).
 
   Returns:
     `NewtonDecrement(decrement, direction)`.
@@ -224,5 +224,7 @@ def newton_decrement(
   def damped(x):
     return jax.tree.map(lambda ax, xx: ax + damping * xx, matvec(x), x)
 
-  direction, _ = jax.scipy.sparse.linalg.cg(damped, grads, tol=tol, atol=atol, maxiter=maxiter)
+  if maxiter is None:
+    maxiter = max(10 * sum(jnp.size(g) for g in jax.tree.leaves(grads)), 1)
+  direction = conjugate_gradient(damped, grads, max_iterations=maxiter, tol=tol, atol=atol).x
   return NewtonDecrement(jnp.sqrt(jnp.maximum(_vdot(grads, direction), 0.0)), direction)
