@@ -8,6 +8,7 @@ The public API is flat::
 """
 
 from secondorder import capture
+from secondorder import closures
 from secondorder import curvature
 from secondorder import dimension_numbers
 from secondorder import linalg
@@ -18,6 +19,11 @@ from secondorder.capture import nnx_capture
 from secondorder.capture import no_layers
 from secondorder.capture import no_stats
 from secondorder.dimension_numbers import MuonDimensionNumbers
+from secondorder.dimension_numbers import dimension_numbers_from_linen
+from secondorder.dimension_numbers import dimension_numbers_from_nnx
+from secondorder.closures import Forward
+from secondorder.closures import linen_forward
+from secondorder.closures import nnx_forward
 from secondorder.curvature.cg import CGResult
 from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import empirical_fisher_diag

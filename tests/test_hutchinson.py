@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from secondorder.dimension_numbers import MuonDimensionNumbers, leaf_axes
 from secondorder.transforms.hutchinson import (
-    adahessian, scale_by_hutchinson, value_grad_and_hessian_diag)
+    adahessian, scale_by_hutchinson, spatial_axes, value_grad_and_hessian_diag)
 
 STEPS = 25
 
@@ -137,7 +138,8 @@ def test_matches_numpy_reference(name):
 
 def test_spatial_averaging_uses_hwio_spatial_axes():
   """The estimate of a (H, W, in, out) kernel is averaged over H and W only, per channel pair;
-  a per-leaf mask turns it off for chosen leaves."""
+  a rank-3 leaf (an attention kernel [d, heads, head_dim] has the rank of a 1-D conv) is
+  left as it is; a per-leaf mask turns the averaging off for chosen leaves."""
   rng = np.random.default_rng(0)
   scale = {"k": rng.uniform(1.0, 9.0, (3, 2, 2, 4)), "t": rng.uniform(1.0, 9.0, (2, 3, 4))}
   loss = lambda p: sum(0.5 * jnp.sum(jnp.asarray(scale[k], jnp.float32) * p[k] ** 2) for k in p)
@@ -150,18 +152,112 @@ def test_spatial_averaging_uses_hwio_spatial_axes():
     _, state = update(grads, tx.init(params), params)
     return {k: np.sqrt(np.asarray(v)) for k, v in state.nu.items()}
 
+  k_averaged = np.broadcast_to(scale["k"].mean((0, 1), keepdims=True), scale["k"].shape)
   d = nu_after_one_step(True)
-  for k, s in scale.items():
-    axes = tuple(range(s.ndim - 2))
-    want = np.broadcast_to(s.mean(axis=axes, keepdims=True), s.shape)
-    np.testing.assert_allclose(d[k], want, rtol=1e-6)
-  d = nu_after_one_step({"k": True, "t": False})
+  np.testing.assert_allclose(d["k"], k_averaged, rtol=1e-6)
   np.testing.assert_allclose(d["t"], scale["t"], rtol=1e-6)
-  np.testing.assert_allclose(d["k"], np.broadcast_to(scale["k"].mean((0, 1), keepdims=True),
-                                                     scale["k"].shape), rtol=1e-6)
+  d = nu_after_one_step({"k": False, "t": True})
+  for k, s in scale.items():
+    np.testing.assert_allclose(d[k], s, rtol=1e-6)
   d = nu_after_one_step(lambda p: jax.tree.map(lambda _: False, p))
   for k, s in scale.items():
     np.testing.assert_allclose(d[k], s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,spec,want", [
+    ((3, 3, 4, 5), None, (0, 1)),                              # 2-D conv
+    ((2, 2, 2, 4, 5), None, (0, 1, 2)),                        # 3-D conv
+    ((4, 2, 3), None, ()),                                     # attention / 1-D conv / stack
+    ((6, 4, 2, 3), MuonDimensionNumbers(1, (2, 3)), ()),       # stacked attention q/k/v
+    ((6, 2, 3, 4), MuonDimensionNumbers((1, 2), 3), ()),       # stacked attention out
+    ((6, 3, 3, 4, 5), MuonDimensionNumbers((1, 2, 3), 4), (1, 2)),   # stacked conv
+    ((3, 3, 4, 5), MuonDimensionNumbers(2, 3), ()),            # taps read as layers
+    ((6, 4, 5), MuonDimensionNumbers(1, 2), ()),               # dense stack
+])
+def test_spatial_axes_rule(shape, spec, want):
+  axes = None if spec is None else leaf_axes(spec, shape)
+  assert spatial_axes(shape, axes) == want
+
+
+def _conv(x, k):
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_scanned_stack_estimate_equals_unrolled_model():
+  """L conv + dense layers stored as [L, 3, 3, c, c] and [L, c, c] leaves and run with
+  lax.scan, against the same layers as 2L separate leaves run in a Python loop: the same
+  probe gives the same z * Hz (float64), and with the stacks' dimension numbers AdaHessian's
+  averaged estimate of layer l is the unrolled layer's (conv averaged over its 3 x 3 taps
+  only, per layer). Without them the 5-D stack is read as a 3-D conv and averaged across
+  its layers, which the last assertion shows."""
+  L, c = 3, 2
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (2, 4, 4, c), jnp.float64)
+    stacked = {"conv": 0.5 * jax.random.normal(keys[1], (L, 3, 3, c, c), jnp.float64),
+               "dense": 0.5 * jax.random.normal(keys[2], (L, c, c), jnp.float64)}
+    unrolled = {f"{name}{l}": stacked[name][l] for name in stacked for l in range(L)}
+
+    def layer(h, conv_k, dense_k):
+      return jnp.tanh(jnp.tanh(_conv(h, conv_k)) @ dense_k)
+
+    def scanned_loss(p):
+      h, _ = jax.lax.scan(lambda h, w: (layer(h, w["conv"], w["dense"]), None), x, p)
+      return jnp.sum(h ** 3)
+
+    def unrolled_loss(p):
+      h = x
+      for l in range(L):
+        h = layer(h, p[f"conv{l}"], p[f"dense{l}"])
+      return jnp.sum(h ** 3)
+
+    z = jax.tree.map(lambda a: jnp.where(jax.random.bernoulli(keys[3], 0.5, a.shape), 1., -1.),
+                     stacked)
+    z_unrolled = {f"{name}{l}": z[name][l] for name in z for l in range(L)}
+    hz = jax.jit(lambda p, v: jax.jvp(jax.grad(scanned_loss), (p,), (v,))[1])(stacked, z)
+    hz_unrolled = jax.jit(lambda p, v: jax.jvp(jax.grad(unrolled_loss), (p,), (v,))[1])(
+        unrolled, z_unrolled)
+    raw = jax.tree.map(jnp.multiply, z, hz)
+    raw_unrolled = jax.tree.map(jnp.multiply, z_unrolled, hz_unrolled)
+    for name in stacked:
+      for l in range(L):
+        np.testing.assert_allclose(raw[name][l], raw_unrolled[f"{name}{l}"], rtol=1e-12,
+                                   atol=1e-14)
+
+    def nu(params, raw_estimate, dims):
+      tx = scale_by_hutchinson(b2=0.0, weight_dimension_numbers=dims)
+      update = jax.jit(lambda p, s, h: tx.update(p, s, p, hessian_diag=h)[1].nu)
+      return update(params, tx.init(params), raw_estimate)
+
+    dims = {"conv": MuonDimensionNumbers((1, 2, 3), 4), "dense": MuonDimensionNumbers(1, 2)}
+    got = nu(stacked, raw, dims)
+    want = nu(unrolled, raw_unrolled, None)
+    for name in stacked:
+      for l in range(L):
+        np.testing.assert_allclose(got[name][l], want[f"{name}{l}"], rtol=1e-12)
+    conv_nu = np.asarray(want["conv0"])
+    assert np.allclose(conv_nu, conv_nu[:1, :1]) and conv_nu.std() > 0  # taps share one value
+    blind = nu(stacked, raw, None)
+    assert not np.allclose(blind["conv"][0], want["conv0"], rtol=1e-3)
+
+
+def test_block_averaging_stays_inside_each_layer():
+  """block_size with dimension numbers averages blocks of each layer's matrix: a [2, 3, 1]
+  stack with blocks of 2 is two layers of 3 entries, never a block spanning both."""
+  d = jnp.arange(1.0, 7.0).reshape(2, 3, 1)
+  tx = scale_by_hutchinson(b2=0.0, block_size=2,
+                           weight_dimension_numbers=MuonDimensionNumbers(1, 2))
+  _, state = tx.update(d, tx.init(d), d, hessian_diag=d)
+  want = np.array([1.5, 1.5, 3.0, 4.5, 4.5, 6.0]).reshape(2, 3, 1)
+  np.testing.assert_allclose(np.sqrt(np.asarray(state.nu)), want, rtol=1e-6)
+
+
+def test_dimension_numbers_that_do_not_fit_name_the_leaf():
+  params = {"stack": jnp.ones((2, 3, 4))}
+  tx = adahessian(weight_dimension_numbers={"stack": MuonDimensionNumbers(1, 3)})
+  with pytest.raises(ValueError, match=r"\['stack'\].*\(2, 3, 4\).*MuonDimensionNumbers"):
+    tx.init(params)
 
 
 def _mlp_problem():

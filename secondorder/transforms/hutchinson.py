@@ -7,7 +7,6 @@ the Hutchinson estimate from a single forward-over-reverse pass.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,8 +16,11 @@ import optax
 
 from secondorder._validation import (check_float_leaves, check_int, check_range,
                                      check_same_structure, require_extra_arg)
-from secondorder.curvature.estimators import hutchinson_diag, rademacher_like
-from secondorder.curvature.products import value_grad_hvp
+from secondorder.curvature.estimators import hutchinson_diag
+from secondorder.dimension_numbers import LeafAxes, WeightDimensionNumbers, resolve_leaf_axes
+from secondorder.transforms._refresh import (check_estimate_is_used, check_int_if_concrete,
+                                             maybe_refresh, one_pass_hutchinson,
+                                             statistics_dtype, tree_all_finite)
 
 _OBJ_FN_EXAMPLE = "obj_fn=lambda p: loss_fn(p, batch)"
 
@@ -43,12 +45,6 @@ class ScaleByHutchinsonState(NamedTuple):
   nu: optax.Updates
 
 
-def _stats_dtype(leaf_dtype, stats_dtype):
-  if stats_dtype is not None:
-    return jnp.dtype(stats_dtype)
-  return jnp.promote_types(leaf_dtype, jnp.float32)
-
-
 def _block_average(d: jax.Array, block_size: int) -> jax.Array:
   """Replaces each run of `block_size` consecutive entries (row-major) by its mean."""
   n = d.size
@@ -62,69 +58,110 @@ def _block_average(d: jax.Array, block_size: int) -> jax.Array:
   return jnp.repeat(sums / counts, block_size)[:n].reshape(d.shape)
 
 
-def _average(d: jax.Array, spatial: bool, block_size: int | None) -> jax.Array:
-  """Spatial averaging for HWIO conv kernels, else block averaging, else identity."""
-  if spatial and d.ndim >= 3:
-    # Flax kernels are (*spatial, in_features, out_features): average over the spatial axes.
-    axes = tuple(range(d.ndim - 2))
-    return jnp.broadcast_to(jnp.mean(d, axis=axes, keepdims=True), d.shape)
-  if block_size is not None:
+def spatial_axes(shape: tuple[int, ...], axes: LeafAxes | None) -> tuple[int, ...]:
+  """The axes AdaHessian averages a leaf's Hessian-diagonal estimate over.
+
+  A leaf is read as a convolution kernel ``[*spatial, in, out]`` (Flax's layout) when, once
+  its batch (stacked-layer) axes are set aside, it has rank 4 or more: a 2-D or 3-D
+  convolution. Its spatial axes are then every remaining axis but the last two. With
+  dimension numbers the leaf must also read as ``(*spatial, in) x out``: one output axis,
+  the last, everything else of the kernel on the reduction side (how a convolution is a
+  matrix to Shampoo and K-FAC). Everything else, in particular rank-3 leaves (an attention
+  kernel ``[d, heads, head_dim]``, a stack ``[L, d_in, d_out]``, a 1-D convolution), has
+  no spatial axes.
+
+  Args:
+    shape: the leaf's shape.
+    axes: the leaf's :class:`~secondorder.dimension_numbers.LeafAxes`, or None (no
+      dimension numbers: no axis is a batch axis).
+
+  Returns:
+    The spatial axes, possibly empty.
+  """
+  if axes is None:
+    return tuple(range(len(shape) - 2)) if len(shape) >= 4 else ()
+  kernel = tuple(a for a in range(len(shape)) if a not in axes.batch)
+  if len(kernel) < 4 or axes.output != (kernel[-1],):
+    return ()
+  return kernel[:-2]
+
+
+def _average(d: jax.Array, spatial: tuple[int, ...], axes: LeafAxes | None,
+             block_size: int | None) -> jax.Array:
+  """Averages over the spatial axes; else over blocks of `block_size` entries of each
+  layer (never across a batch axis); else returns `d`."""
+  if spatial:
+    return jnp.broadcast_to(jnp.mean(d, axis=spatial, keepdims=True), d.shape)
+  if block_size is None:
+    return d
+  if axes is None or not axes.batch:
     return _block_average(d, block_size)
-  return d
+  mats = axes.to_matrices(d)
+  flat = mats.reshape(mats.shape[0], -1)
+  averaged = jax.vmap(lambda row: _block_average(row, block_size))(flat)
+  return axes.from_matrices(averaged.reshape(mats.shape))
 
 
-def _spatial_mask(spatial_averaging, params):
-  """A bool per leaf of params; a mask that is a prefix of params is broadcast."""
+def _averaging_plan(spatial_averaging, weight_dimension_numbers, params
+                    ) -> list[tuple[tuple[int, ...], LeafAxes | None]]:
+  """Per leaf (in `jax.tree.leaves` order): its spatial axes and its dimension numbers.
+
+  `spatial_averaging` is a bool, a pytree of bools that is a prefix of params, or a
+  function of params returning one; a leaf with False has no spatial axes.
+  """
   if callable(spatial_averaging):
     spatial_averaging = spatial_averaging(params)
-  return jax.tree.map(
-      lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), spatial_averaging, params)
+  flags = jax.tree.leaves(jax.tree.map(
+      lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), spatial_averaging, params))
+  leaf_axes_list = resolve_leaf_axes(weight_dimension_numbers, params)
+  return [(spatial_axes(np.shape(leaf), axes) if flag else (), axes)
+          for flag, leaf, axes in zip(flags, jax.tree.leaves(params), leaf_axes_list)]
 
 
-def _check_int_if_concrete(name: str, value: Any, minimum: int) -> None:
-  # optax.inject_hyperparams passes integer hyperparameters as arrays: check Python values only.
-  if isinstance(value, numbers.Number):
-    check_int(name, value, minimum=minimum)
+def _init_state(params, seed, stats_dtype) -> ScaleByHutchinsonState:
+  """Zero moments (float32 or wider, or `stats_dtype`), zero counters, the probe key."""
+  def zeros(x):
+    return jnp.zeros(jnp.shape(x), statistics_dtype(jnp.result_type(x), stats_dtype))
+  return ScaleByHutchinsonState(
+      count=jnp.zeros([], jnp.int32),
+      hessian_count=jnp.zeros([], jnp.int32),
+      nonfinite_count=jnp.zeros([], jnp.int32),
+      key=jax.random.PRNGKey(seed),
+      mu=jax.tree.map(zeros, params),
+      nu=jax.tree.map(zeros, params),
+  )
 
 
-def _every_step(update_interval) -> bool:
-  """True for a concrete interval of 1: then no `lax.cond` is needed. (XLA:CPU also runs
-  convolution gradients inside a conditional far slower than outside, jax-ml/jax#12868.)"""
-  return isinstance(update_interval, numbers.Number) and update_interval == 1
+def _averaged_estimate(raw, nu, plan, block_size):
+  r"""D = avg(|z * Hz|) per leaf, in the dtype of `nu`, following the averaging plan."""
+  leaves, treedef = jax.tree.flatten(raw)
+  out = [_average(jnp.abs(r.astype(v.dtype)), spatial, axes, block_size)
+         for r, v, (spatial, axes) in zip(leaves, jax.tree.leaves(nu), plan)]
+  return jax.tree.unflatten(treedef, out)
 
 
-def _maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_interval,
-                  refresh: bool | None) -> tuple:
-  """`refresh_fn(*carry)` on refresh steps, else `carry`.
-
-  `refresh=None` follows the schedule (steps where `count % update_interval == 0`, under
-  `jax.lax.cond`; no conditional at all for an interval of 1). A Python bool decides on the
-  host instead: the step is traced without a conditional, and the caller compiles one step
-  for refresh steps and one for the others.
-  """
-  if refresh is not None:
-    if not isinstance(refresh, (bool, np.bool_)):
-      raise ValueError(
-          "refresh must be None (follow update_interval) or a Python bool decided on the host "
-          f"(a static argument of the jitted step), got {refresh!r}.")
-    return refresh_fn(*carry) if refresh else carry
-  if _every_step(update_interval):
-    return refresh_fn(*carry)
-  return jax.lax.cond(count % update_interval == 0, refresh_fn, lambda *a: a, *carry)
+def _fold_estimate(d, nu, hessian_count, nonfinite_count, b2):
+  """nu <- b2 nu + (1 - b2) D^2 when D is finite; otherwise keeps nu and counts the skip."""
+  finite = tree_all_finite(d)
+  new_nu = optax.tree.update_moment_per_elem_norm(d, nu, b2, 2)
+  nu = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_nu, nu)
+  # Saturating counters: a wrapped hessian_count would turn the preconditioner off.
+  return (nu, jnp.where(finite, optax.safe_increment(hessian_count), hessian_count),
+          jnp.where(finite, nonfinite_count, optax.safe_increment(nonfinite_count)))
 
 
-def _check_estimate_is_used(name: str, hessian_diag, refresh) -> None:
-  """A ready estimate on a step the caller has declared plain would be dropped silently."""
-  if hessian_diag is not None and isinstance(refresh, (bool, np.bool_)) and not refresh:
-    raise ValueError(
-        f"{name}: hessian_diag= was given with refresh=False, so it would be ignored. Pass "
-        "it on refresh steps only (`refresh=True`), or leave refresh=None to let "
-        "update_interval decide.")
+def _precondition(mu, nu, count, hessian_count, updates, b1, b2, eps, hessian_power):
+  """The bias-corrected m / (sqrt(v)^k + eps), zero until a first finite estimate."""
+  mu_hat = optax.tree.bias_correction(mu, b1, count)
+  # max(n, 1): before any finite refresh nu is zero and the update is masked below.
+  nu_hat = optax.tree.bias_correction(nu, b2, jnp.maximum(hessian_count, 1))
+  have_curvature = hessian_count > 0
 
+  def one(m, v, u):
+    step = m / (jnp.power(jnp.sqrt(v), hessian_power) + eps)
+    return jnp.where(have_curvature, step, 0).astype(jnp.result_type(u))
 
-def _tree_all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  return jax.tree.map(one, mu_hat, nu_hat, updates)
 
 
 def scale_by_hutchinson(
@@ -137,6 +174,7 @@ def scale_by_hutchinson(
     block_size: int | None = None,
     seed: int = 0,
     stats_dtype: Any = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by the AdaHessian preconditioner (Hutchinson Hessian diagonal).
 
@@ -157,6 +195,17 @@ def scale_by_hutchinson(
   skipped (`nu` kept, `nonfinite_count` incremented); until a first finite estimate arrives
   the update is zero.
 
+  Which axes are spatial (see `spatial_axes`): a leaf is a convolution kernel
+  ``[*spatial, in, out]`` when, without its batch axes, it has rank 4 or more (2-D and 3-D
+  convolutions); the estimate is then averaged over the spatial axes, separately for each
+  stacked layer and each (in, out) pair. Batch axes (the stacked layers of `nnx.scan` /
+  `nn.scan`, declared by `weight_dimension_numbers`) are never averaged over, and neither
+  is any axis of a rank-3 leaf, so attention kernels ``[d, heads, head_dim]`` and dense
+  stacks ``[L, d_in, d_out]`` keep their per-entry estimate. A scanned stack of attention or
+  convolution kernels (rank 4 or 5 with its layer axis) needs `weight_dimension_numbers` so
+  that its layer axis is known; `secondorder.dimension_numbers_from_nnx` and
+  `dimension_numbers_from_linen` derive them from the model.
+
   The Hessian enters through `update(..., obj_fn=lambda p: loss(p, batch))`, the loss on the
   current batch. `update(..., refresh=True/False)` (a Python bool, static under `jit`)
   overrides the schedule for that call, so a training loop can compile a refresh step and a
@@ -172,17 +221,24 @@ def scale_by_hutchinson(
     eps: added to the denominator, >= 0.
     hessian_power: the power :math:`k` in [0, 1]; 0 gives momentum SGD, 1 AdaHessian.
     update_interval: compute the Hessian estimate every this many steps (int >= 1).
-    spatial_averaging: True averages :math:`|z \odot Hz|` over the spatial axes of every
-      leaf with 3 or more dimensions (Flax conv kernels are `(*spatial, in, out)`); False
-      never does. A pytree of bools like params (or a function of params returning one)
-      chooses per leaf, e.g. to leave out the 3-D `DenseGeneral` kernels of Flax attention.
-    block_size: if set, leaves that are not spatially averaged have :math:`D` averaged over
-      consecutive blocks of this many entries (row-major order).
+    spatial_averaging: True averages :math:`|z \odot Hz|` over the spatial axes of
+      convolution kernels as described above; False never does. A pytree of bools like
+      params (or a function of params returning one) chooses per leaf.
+    block_size: if set, leaves without spatial axes have :math:`D` averaged over
+      consecutive blocks of this many entries (row-major order, within each stacked layer
+      when the leaf has batch axes).
     seed: seed of the PRNG key for the probes.
     stats_dtype: dtype of `mu` and `nu`; default float32 (float64 for float64 params).
+    weight_dimension_numbers: `optax.contrib.MuonDimensionNumbers` per leaf (a pytree like
+      params, or a function of params returning one, or None): its batch axes are stacked
+      layers, never averaged across.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: for a hyperparameter out of range, or dimension numbers that do not fit a
+      leaf (naming its path, shape and spec).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -201,10 +257,10 @@ def scale_by_hutchinson(
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
   check_range("eps", eps, 0.0)
   check_range("hessian_power", hessian_power, 0.0, 1.0)
-  _check_int_if_concrete("update_interval", update_interval, 1)
+  check_int_if_concrete("update_interval", update_interval, 1)
   if block_size is not None:
     check_int("block_size", block_size, minimum=1)
-  _check_int_if_concrete("seed", seed, 0)
+  check_int_if_concrete("seed", seed, 0)
   if not callable(spatial_averaging) and not all(
       isinstance(flag, (bool, np.bool_)) for flag in jax.tree.leaves(spatial_averaging)):
     raise ValueError(
@@ -213,17 +269,8 @@ def scale_by_hutchinson(
 
   def init_fn(params):
     check_float_leaves("scale_by_hutchinson", params)
-
-    def zeros(x):
-      return jnp.zeros(jnp.shape(x), _stats_dtype(jnp.result_type(x), stats_dtype))
-    return ScaleByHutchinsonState(
-        count=jnp.zeros([], jnp.int32),
-        hessian_count=jnp.zeros([], jnp.int32),
-        nonfinite_count=jnp.zeros([], jnp.int32),
-        key=jax.random.PRNGKey(seed),
-        mu=jax.tree.map(zeros, params),
-        nu=jax.tree.map(zeros, params),
-    )
+    _averaging_plan(spatial_averaging, weight_dimension_numbers, params)  # validates
+    return _init_state(params, seed, stats_dtype)
 
   def update_fn(updates, state, params=None, *, obj_fn=None, hessian_diag=None,
                 refresh=None, **extra_args):
@@ -231,8 +278,8 @@ def scale_by_hutchinson(
     # Shapes are static: a broadcastable mismatch ((1,) for (3,)) is an error, not a free
     # broadcast.
     check_same_structure("updates", state.mu, updates, "the state")
-    _check_estimate_is_used("scale_by_hutchinson", hessian_diag, refresh)
-    mask = _spatial_mask(spatial_averaging, updates)
+    check_estimate_is_used("scale_by_hutchinson", hessian_diag, refresh)
+    plan = _averaging_plan(spatial_averaging, weight_dimension_numbers, updates)
     key, probe_key = jax.random.split(state.key)
 
     def refresh_fn(nu, hessian_count, nonfinite_count):
@@ -245,33 +292,17 @@ def scale_by_hutchinson(
               "scale_by_hutchinson needs params in update(); call it as "
               f"`tx.update(grads, state, params, {_OBJ_FN_EXAMPLE})`.")
         raw = hutchinson_diag(obj_fn, params, probe_key)
-      d = jax.tree.map(
-          lambda r, s, v: _average(jnp.abs(r.astype(v.dtype)), s, block_size),
-          raw, mask, nu)
-      finite = _tree_all_finite(d)
-      new_nu = optax.tree.update_moment_per_elem_norm(d, nu, b2, 2)
-      nu = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_nu, nu)
-      # Saturating counters: a wrapped hessian_count would turn have_curvature off.
-      return (nu, jnp.where(finite, optax.safe_increment(hessian_count), hessian_count),
-              jnp.where(finite, nonfinite_count, optax.safe_increment(nonfinite_count)))
+      d = _averaged_estimate(raw, nu, plan, block_size)
+      return _fold_estimate(d, nu, hessian_count, nonfinite_count, b2)
 
-    nu, hessian_count, nonfinite_count = _maybe_refresh(
+    nu, hessian_count, nonfinite_count = maybe_refresh(
         refresh_fn, (state.nu, state.hessian_count, state.nonfinite_count), state.count,
         update_interval, refresh)
-
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    # max(n, 1): before any finite refresh nu is zero and the update is masked below.
-    nu_hat = optax.tree.bias_correction(nu, b2, jnp.maximum(hessian_count, 1))
-    have_curvature = hessian_count > 0
-
-    def precondition(m, v, u):
-      step = m / (jnp.power(jnp.sqrt(v), hessian_power) + eps)
-      return jnp.where(have_curvature, step, 0).astype(jnp.result_type(u))
-
-    new_updates = jax.tree.map(precondition, mu_hat, nu_hat, updates)
+    new_updates = _precondition(mu, nu, count, hessian_count, updates, b1, b2, eps,
+                                hessian_power)
     return new_updates, ScaleByHutchinsonState(
         count=count, hessian_count=hessian_count, nonfinite_count=nonfinite_count,
         key=key, mu=mu, nu=nu)
@@ -289,8 +320,8 @@ def _find_hutchinson_state(opt_state) -> ScaleByHutchinsonState:
 
 
 def value_grad_and_hessian_diag(
-    obj_fn: Callable[[Any], jax.Array], params: Any, opt_state: Any,
-) -> tuple[jax.Array, Any, Any]:
+    obj_fn: Callable[[Any], Any], params: Any, opt_state: Any, *, has_aux: bool = False,
+) -> tuple:
   r"""Loss, gradient and Hutchinson estimate :math:`z \odot Hz` from one pass.
 
   A forward-over-reverse `jvp(grad(obj_fn))` returns the gradient as its primal output, so
@@ -310,20 +341,25 @@ def value_grad_and_hessian_diag(
   >>> value, grads, hdiag = value_grad_and_hessian_diag(loss, params, state)
   >>> updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
 
+  For a model with batch statistics, `obj_fn` may return `(loss, new_model_state)` with
+  `has_aux=True` (`secondorder.closures.nnx_forward(...).train` /
+  `linen_forward(...).train` composed with the loss): the one pass is then the training
+  step's gradient pass, and the new state comes back as a fourth output.
+
   Args:
-    obj_fn: params -> scalar loss on the current batch.
+    obj_fn: params -> scalar loss on the current batch (or `(loss, aux)` with `has_aux`).
     params: the parameters.
     opt_state: the state of an optimizer that holds one `ScaleByHutchinsonState`.
+    has_aux: whether `obj_fn` returns `(loss, aux)`.
 
   Returns:
-    `(loss, grads, hessian_diag)`, the last a pytree like params.
+    `(loss, grads, hessian_diag)`, the last a pytree like params; with `has_aux`,
+    `(loss, grads, hessian_diag, aux)`.
   """
   hstate = _find_hutchinson_state(opt_state)
   _, probe_key = jax.random.split(hstate.key)
-  # The probe hutchinson_diag(obj_fn, params, probe_key) draws (one sample).
-  probe = rademacher_like(jax.random.split(probe_key, 1)[0], params)
-  value, grads, hz = value_grad_hvp(obj_fn, params, probe)
-  return value, grads, jax.tree.map(jnp.multiply, probe, hz)
+  value, grads, hdiag, aux = one_pass_hutchinson(obj_fn, params, probe_key, has_aux)
+  return (value, grads, hdiag, aux) if has_aux else (value, grads, hdiag)
 
 
 def adahessian(
@@ -339,6 +375,7 @@ def adahessian(
     weight_decay_mask: Any = None,
     seed: int = 0,
     stats_dtype: Any = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaHessian with decoupled weight decay.
 
@@ -375,7 +412,8 @@ def adahessian(
       scale_by_hutchinson(
           b1=b1, b2=b2, eps=eps, hessian_power=hessian_power,
           update_interval=update_interval, spatial_averaging=spatial_averaging,
-          block_size=block_size, seed=seed, stats_dtype=stats_dtype),
+          block_size=block_size, seed=seed, stats_dtype=stats_dtype,
+          weight_dimension_numbers=weight_dimension_numbers),
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )

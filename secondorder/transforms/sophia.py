@@ -16,11 +16,10 @@ import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_same_structure, require_extra_arg)
-from secondorder.curvature.estimators import (gnb_diag, hutchinson_diag, rademacher_like,
-                                              value_grad_and_gnb_diag)
-from secondorder.curvature.products import value_grad_hvp
-from secondorder.transforms.hutchinson import (_check_estimate_is_used, _maybe_refresh,
-                                               _stats_dtype, _tree_all_finite)
+from secondorder.curvature.estimators import gnb_diag, hutchinson_diag, value_grad_and_gnb_diag
+from secondorder.transforms._refresh import (check_estimate_is_used, maybe_refresh,
+                                             one_pass_hutchinson, statistics_dtype,
+                                             tree_all_finite)
 
 _ESTIMATORS = ("hutchinson", "gnb")
 
@@ -216,7 +215,7 @@ def sophia_clip(
     check_float_leaves("sophia_clip", params)
 
     def zeros(x):
-      return jnp.zeros(jnp.shape(x), _stats_dtype(jnp.result_type(x), stats_dtype))
+      return jnp.zeros(jnp.shape(x), statistics_dtype(jnp.result_type(x), stats_dtype))
     return SophiaClipState(
         count=jnp.zeros([], jnp.int32),
         hessian_count=jnp.zeros([], jnp.int32),
@@ -236,7 +235,7 @@ def sophia_clip(
                        "`tx.update(grads, state, params, ...)`.")
     if hessian_diag is not None:
       check_same_structure("hessian_diag", state.hessian, hessian_diag, "the state")
-    _check_estimate_is_used("sophia_clip", hessian_diag, refresh)
+    check_estimate_is_used("sophia_clip", hessian_diag, refresh)
 
     def refresh_fn(hessian, hessian_count, nonfinite_count, estimator_state):
       if hessian_diag is not None:
@@ -249,7 +248,7 @@ def sophia_clip(
         estimate, estimator_state = estimator_tx.update(
             updates, estimator_state, params, **extra_args)
       estimate = jax.tree.map(lambda e, h: e.astype(h.dtype), estimate, hessian)
-      finite = _tree_all_finite(estimate)
+      finite = tree_all_finite(estimate)
       new_hessian = optax.tree.update_moment(estimate, hessian, b2, 1)
       hessian = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_hessian, hessian)
       # Saturating counters (optax.safe_increment), as for `count`.
@@ -257,7 +256,7 @@ def sophia_clip(
               jnp.where(finite, nonfinite_count, optax.safe_increment(nonfinite_count)),
               estimator_state)
 
-    hessian, hessian_count, nonfinite_count, estimator_state = _maybe_refresh(
+    hessian, hessian_count, nonfinite_count, estimator_state = maybe_refresh(
         refresh_fn,
         (state.hessian, state.hessian_count, state.nonfinite_count, state.estimator_state),
         state.count, update_interval, refresh)
@@ -303,8 +302,8 @@ def _find_sophia_state(opt_state, helper: str) -> SophiaClipState:
 
 
 def value_grad_and_hutchinson_estimate(
-    obj_fn: Callable[[Any], jax.Array], params: Any, opt_state: Any,
-) -> tuple[jax.Array, Any, Any]:
+    obj_fn: Callable[[Any], Any], params: Any, opt_state: Any, *, has_aux: bool = False,
+) -> tuple:
   r"""Loss, gradient and Sophia-H's estimate :math:`z \odot Hz` from one pass.
 
   For the refresh steps of a host-scheduled Sophia-H loop: `jvp(grad(obj_fn))` returns the
@@ -316,15 +315,25 @@ def value_grad_and_hutchinson_estimate(
                                                         params, state)
     updates, state = tx.update(grads, state, params, hessian_diag=h, refresh=True)
 
+  With `has_aux=True`, `obj_fn` returns `(loss, aux)` (for a model with batch statistics,
+  the loss composed with `secondorder.closures.nnx_forward(...).train` or
+  `linen_forward(...).train`, aux being the new model state) and `aux` comes back fourth.
+
+  Args:
+    obj_fn: `params -> loss` on the current batch (or `(loss, aux)` with `has_aux`).
+    params: the parameters.
+    opt_state: the state of an optimizer holding one `SophiaClipState` with a built-in
+      estimator.
+    has_aux: whether `obj_fn` returns `(loss, aux)`.
+
   Returns:
-    `(loss, grads, hessian_diag)`, the last two pytrees like params.
+    `(loss, grads, hessian_diag)`, the last two pytrees like params; with `has_aux`,
+    `(loss, grads, hessian_diag, aux)`.
   """
   sstate = _find_sophia_state(opt_state, "value_grad_and_hutchinson_estimate")
-  # The probe hutchinson_diag(obj_fn, params, key) draws with one sample.
-  probe = rademacher_like(jax.random.split(_split_key(sstate.estimator_state)[1], 1)[0],
-                          params)
-  value, grads, hz = value_grad_hvp(obj_fn, params, probe)
-  return value, grads, jax.tree.map(jnp.multiply, probe, hz)
+  value, grads, estimate, aux = one_pass_hutchinson(
+      obj_fn, params, _split_key(sstate.estimator_state)[1], has_aux)
+  return (value, grads, estimate, aux) if has_aux else (value, grads, estimate)
 
 
 def value_grad_and_gnb_estimate(
