@@ -151,7 +151,7 @@ def test_layers_description(setup):
 
 
 class Partly(nn.Module):
-  """A layer norm (not covered), a dense layer applied twice (shared, not covered), one covered."""
+  """A layer norm (not a Kronecker block), a dense layer applied twice (shared), one more."""
 
   @nn.compact
   def __call__(self, x):
@@ -161,20 +161,35 @@ class Partly(nn.Module):
     return nn.Dense(3, use_bias=False)(x)
 
 
-def test_uncovered_layers_are_listed():
+def test_shared_layer_is_one_expand_block_and_the_rest_is_listed():
+  """A layer used twice: Â is the mean of its uses' input moments, Ŝ sums both uses."""
   x = jax.random.normal(jax.random.key(0), (6, 4))
+  y = jnp.arange(6) % 3
   m = Partly()
   params = m.init(jax.random.key(1), x)["params"]
-  cap = capture.linen_capture(m, ce, likelihood="softmax")
+  cap = capture.linen_capture(m, ce, fisher="empirical")
   lay = cap.layers(params, x)
-  assert [l.name for l in lay] == ["Dense_1"] and lay.layers[0].bias is None
-  assert set(lay.uncovered) == {"LayerNorm_0/scale", "LayerNorm_0/bias", "Dense_0/kernel",
-                                "Dense_0/bias"}
-  loss, grads, stats = jax.jit(functools.partial(cap, key=jax.random.key(0)))(
-      params, x, jnp.arange(6) % 3)
-  assert set(stats) == {"Dense_1"} and stats["Dense_1"].a.shape == (4, 4)
-  ref = jax.grad(lambda p: ce(m.apply({"params": p}, x), jnp.arange(6) % 3))(params)
+  assert [l.name for l in lay] == ["Dense_0", "Dense_1"] and lay.layers[1].bias is None
+  assert set(lay.uncovered) == {"LayerNorm_0/scale", "LayerNorm_0/bias"}
+  loss, grads, stats = jax.jit(cap)(params, x, y)
+  ref = jax.grad(lambda p: ce(m.apply({"params": p}, x), y))(params)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), grads, ref)
+
+  def hand(eps):   # the same network written out; eps[i] perturbs the shared layer's use i
+    p = params
+    h0 = nn.LayerNorm().apply({"params": p["LayerNorm_0"]}, x)
+    d = lambda h: h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    h1 = jnp.tanh(d(h0) + eps[0])
+    h2 = jnp.tanh(d(h1) + eps[1])
+    return ce(h2 @ p["Dense_1"]["kernel"], y), (h0, h1)
+
+  eps = [jnp.zeros((6, 4))] * 2
+  g, (h0, h1) = jax.grad(hand, has_aux=True)(eps)
+  rows = [_aug(h0), _aug(h1)]
+  a_ref = sum(r.T @ r / 6 for r in rows) / 2
+  s_ref = 6 * sum(gi.T @ gi for gi in g)
+  np.testing.assert_allclose(stats["Dense_0"].a, a_ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["Dense_0"].s, s_ref, rtol=1e-4, atol=1e-9)
 
 
 class Small(nn.Module):
@@ -234,3 +249,63 @@ def test_capture_argument_errors():
 
 def test_no_layers_helpers():
   assert capture.no_layers().layers == () and capture.no_stats() == {}
+
+
+class _Cell(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(4)(x))
+
+
+class _Cells(nn.Module):
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.remat(_Cell) if self.remat else _Cell
+    for i in range(2):
+      x = cell(name=f"cell{i}")(x)
+    return nn.Dense(3)(x)
+
+
+class _NnxCell(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.l(x))
+
+
+class _NnxCells(nnx.Module):
+
+  def __init__(self, remat, rngs):
+    self.remat = remat
+    self.cells = nnx.List([_NnxCell(rngs) for _ in range(2)])
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    for c in self.cells:
+      x = nnx.remat(lambda c, x: c(x))(c, x) if self.remat else c(x)
+    return self.head(x)
+
+
+def test_remat_around_covered_layers_changes_nothing():
+  """nn.remat / nnx.remat around a layer: same layers, same statistics, no leaked tracer."""
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  y = jnp.arange(5) % 3
+  key = jax.random.key(4)
+  params = _Cells(False).init(jax.random.key(1), x)["params"]
+  got = {}
+  for remat in (False, True):
+    cap = capture.linen_capture(_Cells(remat), ce, likelihood="softmax")
+    assert [l.name for l in cap.layers(params, x)] == ["cell0/Dense_0", "cell1/Dense_0",
+                                                       "Dense_0"]
+    got[remat] = jax.jit(functools.partial(cap, key=key))(params, x, y)
+    net = _NnxCells(remat, nnx.Rngs(0))
+    cap_n = capture.nnx_capture(ce, likelihood="softmax")
+    assert [l.name for l in cap_n.layers(net, x)] == ["cells/0/l", "cells/1/l", "head"]
+    got["nnx", remat] = nnx.jit(lambda m, xx, yy: cap_n(m, xx, yy, key=key))(net, x, y)
+  for a, b in ((got[False], got[True]), (got["nnx", False], got["nnx", True])):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-9), a, b)

@@ -318,14 +318,14 @@ def test_inject_hyperparams_and_damping_schedule():
 
 
 def test_stack_plan_groups_factors_by_size():
-  from secondorder.transforms.kfac import _plan_stacks
+  from secondorder.transforms._kfac_stacks import plan_stacks as _plan_stacks
   layers = (KfacLayer("p", "dense", ("p",), ("pb",), (32, 32)),   # A 33, S 32
             KfacLayer("q", "dense", ("q",), ("qb",), (32, 32)),   # A 33, S 32
             KfacLayer("r", "dense", ("r",), None, (8, 4)))        # A 8, S 4
   exact = _plan_stacks(layers, 1.0)
   assert [(st.size, st.members) for st in exact] == [
-      (33, (("p", 0), ("q", 0))), (32, (("p", 1), ("q", 1))), (8, (("r", 0),)),
-      (4, (("r", 1),))]
+      (33, (("p", 0, 0), ("q", 0, 0))), (32, (("p", 1, 0), ("q", 1, 0))), (8, (("r", 0, 0),)),
+      (4, (("r", 1, 0),))]
   padded = _plan_stacks(layers, 1.25)
   assert [(st.size, st.dims) for st in padded] == [(33, (33, 33, 32, 32)), (8, (8,)), (4, (4,))]
   assert [st.size for st in _plan_stacks(layers, 10.0)] == [33]

@@ -8,8 +8,7 @@ come from `secondorder.capture` through the `kfac_stats` extra argument.
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from secondorder import linalg
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_state_shapes, require_extra_arg)
 from secondorder.capture import KfacLayer, KfacLayers, param_path
+from secondorder.transforms import _kfac_stacks
 from secondorder.transforms._float32 import in_float32
 
 __all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
@@ -95,7 +94,7 @@ def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str,
   out = {}
   for layer in layers:
     for role, path, shape in (("kernel", layer.kernel, layer.kernel_shape),
-                              ("bias", layer.bias, layer.kernel_shape[-1:])):
+                              ("bias", layer.bias, layer.bias_shape)):
       if path is None:
         continue
       if path not in index:
@@ -132,7 +131,7 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
           f"kfac_stats is missing K-FAC layer {layer.name!r} (kernel {'/'.join(layer.kernel)}, "
           f"shape {layer.kernel_shape}); it has {sorted(stats)}.")
     st = stats[layer.name]
-    want_a, want_s = (layer.a_dim, layer.a_dim), (layer.s_dim, layer.s_dim)
+    want_a, want_s = layer.factor_shape(layer.a_dim), layer.factor_shape(layer.s_dim)
     got_a, got_s = tuple(jnp.shape(st[0])), tuple(jnp.shape(st[1]))
     if got_a != want_a or got_s != want_s:
       raise ValueError(
@@ -141,93 +140,168 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
           f"S {want_s}.")
 
 
-# ----------------------------------------------------------------------------- factor stacks
+# ----------------------------------------------------------------------------- steps of update
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stack:
-  """Factors refreshed in one batched call, each padded to `size` with a decoupled diagonal
-  block (1 for the damped inverses, -max|M| for the eigendecompositions)."""
-  size: int
-  members: tuple[tuple[str, int], ...]  # (layer name, 0 for A / 1 for S)
-  dims: tuple[int, ...]  # each member's own size
+def _as_stack(x: jax.Array, layer: KfacLayer, side: int) -> jax.Array:
+  """A layer's factor (or eigendecomposition part) with its stack axis, `[L, ...]`."""
+  return x.reshape((layer.num_stacked,) + x.shape[x.ndim - side:])
 
 
-def _plan_stacks(layers: tuple[KfacLayer, ...], pad_ratio: float | None
-                 ) -> tuple[_Stack, ...]:
-  """Groups every layer's A and S by size: a stack holds the factors no smaller than
-  1/pad_ratio of its largest (pad_ratio 1: equal sizes only; None: every factor alone),
-  largest stacks first."""
-  entries = [(l.name, 0, l.a_dim) for l in layers] + [(l.name, 1, l.s_dim) for l in layers]
-  entries.sort(key=lambda e: -e[2])
-  stacks, current = [], []
-  for entry in entries:
-    if current and (pad_ratio is None or entry[2] * pad_ratio < current[0][2]):
-      stacks.append(current)
-      current = []
-    current.append(entry)
-  if current:
-    stacks.append(current)
-  return tuple(_Stack(size=group[0][2], members=tuple((n, r) for n, r, _ in group),
-                      dims=tuple(d for _, _, d in group)) for group in stacks)
+def _accumulate(state: ScaleByKfacState, stats: dict, layers: tuple[KfacLayer, ...], decay,
+                dtype) -> tuple[dict, dict, jax.Array, jax.Array]:
+  """Running factors: `A ← βA + (1 − β)Â`, likewise S, unless a statistic is not finite.
+
+  Returns:
+    `(a, s, factor_weight, finite)`: the running sums, their total EMA weight, and whether
+    this batch's statistics were accepted.
+  """
+  finite = jnp.array(True)
+  for layer in layers:
+    st = stats[layer.name]
+    finite &= jnp.all(jnp.isfinite(st[0])) & jnp.all(jnp.isfinite(st[1]))
+  b = jnp.asarray(decay, dtype)
+  ema = lambda old, new: jnp.where(finite, b * old + (1 - b) * new.astype(dtype), old)
+  a = {l.name: ema(state.a[l.name], stats[l.name][0]) for l in layers}
+  s = {l.name: ema(state.s[l.name], stats[l.name][1]) for l in layers}
+  weight = jnp.where(finite, b * state.factor_weight + (1 - b), state.factor_weight)
+  return a, s, weight, finite
 
 
-def _stack_shards(sharding) -> int:
-  """Number of pieces the leading (stack) axis is split into by `sharding`."""
-  spec = sharding.spec
-  if not spec or spec[0] is None:
-    return 1
-  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-  return math.prod(sharding.mesh.shape[n] for n in names)
+def _factor_members(a: dict, s: dict, weight: jax.Array, layers) -> dict:
+  """`{(name, 0 for A / 1 for S, i): bias-corrected factor [d, d]}` over every stack index."""
+  out = {}
+  for layer in layers:
+    for role, f, side in ((0, a, 2), (1, s, 2)):
+      mats = _as_stack(f[layer.name], layer, side) / weight
+      for i in range(layer.num_stacked):
+        out[(layer.name, role, i)] = mats[i]
+  return out
 
 
-def _check_factor_sharding(sharding) -> None:
-  if sharding is None:
-    return
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    raise TypeError(
-        "factor_sharding must be a jax.sharding.NamedSharding of the stack axis, e.g. "
-        "NamedSharding(mesh, PartitionSpec(('data', 'model'))), or None; got "
-        f"{type(sharding).__name__}.")
-  if any(entry is not None for entry in tuple(sharding.spec)[1:]):
-    raise ValueError(
-        "factor_sharding shards the stack axis only: its PartitionSpec must name mesh axes "
-        f"in its first entry and nothing after it, got {sharding.spec}.")
+def _pi_damping(mats: dict, lam: jax.Array, layers) -> dict:
+  """Factored Tikhonov damping: `π√λ` for A and `√λ/π` for S, π² = (tr A/dim A)/(tr S/dim S)."""
+  out = {}
+  for layer in layers:
+    for i in range(layer.num_stacked):
+      am, sm = mats[(layer.name, 0, i)], mats[(layer.name, 1, i)]
+      ta, ts = jnp.trace(am) / am.shape[0], jnp.trace(sm) / sm.shape[0]
+      pi = jnp.where((ta > 0) & (ts > 0), jnp.sqrt(ta / jnp.where(ts > 0, ts, 1.0)), 1.0)
+      sl = jnp.sqrt(lam)
+      out[(layer.name, 0, i)], out[(layer.name, 1, i)] = pi * sl, sl / pi
+  return out
 
 
-def _stacked(mats: list[jax.Array], size: int, pad_diagonal: list[jax.Array]) -> jax.Array:
-  """`[n, size, size]`: each matrix in the top-left corner, `pad_diagonal[i]` on the rest of
-  its diagonal (so the padding is a decoupled block with known eigenvalues)."""
-  out = []
-  for m, fill in zip(mats, pad_diagonal):
-    d = m.shape[0]
-    if d < size:
-      pad = jnp.zeros((size, size), m.dtype).at[:d, :d].set(m)
-      idx = jnp.arange(d, size)
-      m = pad.at[idx, idx].set(fill.astype(m.dtype))
-    out.append(m)
-  return jnp.stack(out)
+def _restack(per_member: dict, layer: KfacLayer, role: int, like: jax.Array) -> jax.Array:
+  """The members of one layer's factor back in the state's layout (`like`'s shape)."""
+  return jnp.stack([per_member[(layer.name, role, i)]
+                    for i in range(layer.num_stacked)]).reshape(like.shape)
 
 
-def _spread(x: jax.Array, fill_matrix: jax.Array, sharding) -> jax.Array:
-  """Pads the stack with copies of `fill_matrix` to a multiple of the shards and constrains
-  its stack axis to `sharding`, so each device decomposes its share (nothing when the
-  stack is a single matrix, which cannot be split)."""
-  if sharding is None or x.shape[0] < 2:
-    return x
-  shards = _stack_shards(sharding)
-  extra = (-x.shape[0]) % shards
-  if extra:
-    x = jnp.concatenate([x, jnp.broadcast_to(fill_matrix, (extra,) + x.shape[1:])], axis=0)
-  return jax.lax.with_sharding_constraint(x, sharding)
+def _refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, stacks,
+             damping_mode: str, dtype, sharding) -> tuple[dict, ...]:
+  """New eigendecompositions (exact) or damped inverses (factored) of every factor.
+
+  Returns:
+    `(a_eigvals, a_eigvecs, s_eigvals, s_eigvecs, a_inverse, s_inverse)` in the state's
+    layout; an inverse whose Cholesky failed keeps its previous value.
+  """
+  mats = _factor_members(a, s, weight, layers)
+  out = ({}, {}, {}, {}, {}, {})
+  if damping_mode == "exact":
+    dec = _kfac_stacks.eigh_stacks(mats, stacks, dtype, sharding)
+    vals = {k: v[0] for k, v in dec.items()}
+    vecs = {k: v[1] for k, v in dec.items()}
+    for layer in layers:
+      for role, j, old_vals, old_vecs in ((0, 0, state.a_eigvals, state.a_eigvecs),
+                                          (1, 2, state.s_eigvals, state.s_eigvecs)):
+        out[j][layer.name] = _restack(vals, layer, role, old_vals[layer.name])
+        out[j + 1][layer.name] = _restack(vecs, layer, role, old_vecs[layer.name])
+    return out
+  inv = _kfac_stacks.inverse_stacks(mats, _pi_damping(mats, lam, layers), stacks, dtype,
+                                    sharding)
+  for layer in layers:
+    for role, j, old in ((0, 4, state.a_inverse), (1, 5, state.s_inverse)):
+      new = _restack(inv, layer, role, old[layer.name])
+      out[j][layer.name] = jnp.where(jnp.all(jnp.isfinite(new)), new, old[layer.name])
+  return out
 
 
-def _gather(x: jax.Array, sharding) -> jax.Array:
-  """The decomposed stack, replicated again (one all-gather) before it is unstacked."""
-  if sharding is None or x.shape[0] < 2:
-    return x
-  return jax.lax.with_sharding_constraint(
-      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+def _layer_gradient(layer: KfacLayer, leaves: list, where: dict, dtype) -> jax.Array:
+  """The layer's gradient as `[L, in (+1), out]`: kernel matrices with the bias as last row."""
+  ki, bi = where[layer.name]
+  g = layer.axes.to_matrices(leaves[ki]).astype(dtype)
+  if bi is not None:
+    bias = leaves[bi].reshape(layer.num_stacked, 1, layer.s_dim).astype(dtype)
+    g = jnp.concatenate([g, bias], axis=1)
+  return g
+
+
+def _write_back(layer: KfacLayer, v: jax.Array, leaves: list, new_leaves: list,
+                where: dict) -> None:
+  """Puts the preconditioned `[L, in (+1), out]` back into the kernel's (and bias's) leaves."""
+  ki, bi = where[layer.name]
+  if bi is not None:
+    new_leaves[bi] = v[:, -1].reshape(leaves[bi].shape).astype(leaves[bi].dtype)
+    v = v[:, :-1]
+  new_leaves[ki] = layer.axes.from_matrices(v).astype(leaves[ki].dtype)
+
+
+def _precondition(layer: KfacLayer, g: jax.Array, decomp: tuple[dict, ...], lam,
+                  damping_mode: str) -> jax.Array:
+  """`(A + π√λ)⁻¹ G (S + √λ/π)⁻¹` (factored) or `Q_A[(Q_Aᵀ G Q_S)/(ασᵀ + λ)]Q_Sᵀ` (exact)."""
+  a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
+  mm = lambda x, y: jnp.matmul(x, y, precision=_HIGHEST)
+  t = lambda x: jnp.swapaxes(x, -1, -2)
+  if damping_mode == "factored":
+    return mm(mm(_as_stack(a_inv[layer.name], layer, 2), g), _as_stack(s_inv[layer.name], layer, 2))
+  qa, qs = _as_stack(a_v[layer.name], layer, 2), _as_stack(s_v[layer.name], layer, 2)
+  alpha, sigma = _as_stack(a_w[layer.name], layer, 1), _as_stack(s_w[layer.name], layer, 1)
+  denom = alpha[:, :, None] * sigma[:, None, :] + lam
+  return mm(mm(qa, mm(mm(t(qa), g), qs) / denom), t(qs))
+
+
+def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> jax.Array:
+  """ν = min(1, sqrt(κ / (η² Σ⟨V, G⟩)))."""
+  eta = jnp.asarray(_value_at(learning_rate, count), dtype)
+  denom = eta * eta * kl_sum
+  return jnp.where(denom > kl_clip, jnp.sqrt(kl_clip / jnp.where(denom > 0, denom, 1.0)), 1.0)
+
+
+def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
+  """Zero factors, identity inverses / eigenvectors, and the fallback's state."""
+  zeros = lambda l, d: jnp.zeros(l.factor_shape(d), dtype)
+  eye = lambda l, d: jnp.broadcast_to(jnp.eye(d, dtype=dtype), l.factor_shape(d))
+  vals = lambda l, d: jnp.zeros(l.factor_shape(d)[:-1], dtype)
+  exact = layers if damping_mode == "exact" else ()
+  factored = layers if damping_mode == "factored" else ()
+  return ScaleByKfacState(
+      count=jnp.zeros([], jnp.int32),
+      factor_weight=jnp.zeros([], dtype),
+      a={l.name: zeros(l, l.a_dim) for l in layers},
+      s={l.name: zeros(l, l.s_dim) for l in layers},
+      a_eigvals={l.name: vals(l, l.a_dim) for l in exact},
+      a_eigvecs={l.name: eye(l, l.a_dim) for l in exact},
+      s_eigvals={l.name: vals(l, l.s_dim) for l in exact},
+      s_eigvecs={l.name: eye(l, l.s_dim) for l in exact},
+      a_inverse={l.name: eye(l, l.a_dim) for l in factored},
+      s_inverse={l.name: eye(l, l.s_dim) for l in factored},
+      num_refreshes=jnp.zeros([], jnp.int32),
+      num_skipped=jnp.zeros([], jnp.int32),
+      kl_scale=jnp.ones([], dtype),
+      fallback=fallback.init(without_covered(params)))
+
+
+def _shrink_covered(tree, owned: set):
+  """The tree with each covered leaf shrunk to a one-entry placeholder (for the fallback).
+
+  The fallback's state keeps the params' structure (`optax.tree.map_params`) at no memory
+  cost. Not zero entries: orbax refuses to save zero-size arrays.
+  """
+  if tree is None:
+    return None
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros((1,), x.dtype) if param_path(p) in owned else x, tree)
 
 
 def scale_by_kfac_factors(
@@ -336,52 +410,22 @@ def scale_by_kfac_factors(
           "hyperparameter: pass it in optax.inject_hyperparams(..., "
           "static_args=('pad_ratio',)).") from None
     check_range("pad_ratio", pad_ratio, 1.0, None)
-  _check_factor_sharding(factor_sharding)
+  _kfac_stacks.check_factor_sharding(factor_sharding)
   if pad_ratio is None and factor_sharding is not None:
     pad_ratio = 1.0
-  stacks = _plan_stacks(layer_list, pad_ratio)
+  stacks = _kfac_stacks.plan_stacks(layer_list, pad_ratio)
   if fallback is None:
     # Second moment in float32 at least (g**2 overflows float16 for |g| > 256).
     fallback = in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
                                               bias_correction=True))
-  owned = set()
-  for layer in layer_list:
-    owned.add(layer.kernel)
-    if layer.bias is not None:
-      owned.add(layer.bias)
-
-  def without_covered(tree):
-    # The fallback sees the whole tree with each covered leaf shrunk to a one-entry
-    # placeholder: its state keeps the params' structure (optax.tree.map_params) at no
-    # memory cost. Not zero entries: orbax refuses to save zero-size arrays.
-    if tree is None:
-      return None
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros((1,), x.dtype) if param_path(p) in owned else x, tree)
+  owned = {l.kernel for l in layer_list} | {l.bias for l in layer_list if l.bias is not None}
+  without_covered = functools.partial(_shrink_covered, owned=owned)
 
   def init_fn(params):
     check_float_leaves("scale_by_kfac_factors", params)
     _check_layers_in(params, layer_list, "params", require=False)
-    zeros = lambda n: jnp.zeros((n, n), stats_dtype)
-    exact_layers = layer_list if damping_mode == "exact" else ()
-    factored_layers = layer_list if damping_mode == "factored" else ()
-    eye = lambda n: jnp.eye(n, dtype=stats_dtype)
-    a = {l.name: zeros(l.a_dim) for l in layer_list}
-    s = {l.name: zeros(l.s_dim) for l in layer_list}
-    return ScaleByKfacState(
-        count=jnp.zeros([], jnp.int32),
-        factor_weight=jnp.zeros([], stats_dtype),
-        a=a, s=s,
-        a_eigvals={l.name: jnp.zeros((l.a_dim,), stats_dtype) for l in exact_layers},
-        a_eigvecs={l.name: eye(l.a_dim) for l in exact_layers},
-        s_eigvals={l.name: jnp.zeros((l.s_dim,), stats_dtype) for l in exact_layers},
-        s_eigvecs={l.name: eye(l.s_dim) for l in exact_layers},
-        a_inverse={l.name: eye(l.a_dim) for l in factored_layers},
-        s_inverse={l.name: eye(l.s_dim) for l in factored_layers},
-        num_refreshes=jnp.zeros([], jnp.int32),
-        num_skipped=jnp.zeros([], jnp.int32),
-        kl_scale=jnp.ones([], stats_dtype),
-        fallback=fallback.init(without_covered(params)))
+    return _init_state(params, layer_list, damping_mode, stats_dtype, fallback,
+                       without_covered)
 
   def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
     del extra_args
@@ -393,93 +437,29 @@ def scale_by_kfac_factors(
     where = _check_layers_in(updates, layer_list, "updates")
     check_state_shapes("scale_by_kfac_factors", init_fn, updates, state)
 
-    # Running factors: skip (and count) a batch whose statistics are not finite.
-    finite = jnp.array(True)
-    for layer in layer_list:
-      st = stats[layer.name]
-      finite &= jnp.all(jnp.isfinite(st[0])) & jnp.all(jnp.isfinite(st[1]))
-    b = jnp.asarray(decay, stats_dtype)
-    ema = lambda old, new: jnp.where(finite, b * old + (1 - b) * new.astype(stats_dtype), old)
-    a = {l.name: ema(state.a[l.name], stats[l.name][0]) for l in layer_list}
-    s = {l.name: ema(state.s[l.name], stats[l.name][1]) for l in layer_list}
-    weight = jnp.where(finite, b * state.factor_weight + (1 - b), state.factor_weight)
-
+    a, s, weight, finite = _accumulate(state, stats, layer_list, decay, stats_dtype)
     lam = jnp.asarray(_value_at(damping, state.count), stats_dtype)
-
-    def refresh(_):
-      inv_w = 1.0 / weight
-      mats, consts = {}, {}
-      for layer in layer_list:
-        am, sm = a[layer.name] * inv_w, s[layer.name] * inv_w
-        mats[(layer.name, 0)], mats[(layer.name, 1)] = am, sm
-        if damping_mode == "factored":
-          ta = jnp.trace(am) / am.shape[0]
-          ts = jnp.trace(sm) / sm.shape[0]
-          pi = jnp.where((ta > 0) & (ts > 0), jnp.sqrt(ta / jnp.where(ts > 0, ts, 1.0)), 1.0)
-          sl = jnp.sqrt(lam)
-          consts[(layer.name, 0)], consts[(layer.name, 1)] = pi * sl, sl / pi
-      out = ({}, {}, {}, {}, {}, {})
-      for stack in stacks:
-        group = [mats[m] for m in stack.members]
-        if damping_mode == "exact":
-          # Padding on the diagonal at -max|M|: below every eigenvalue of the PSD factor
-          # and on its scale, so its eigenvalues sort first and decouple cleanly.
-          fills = [-jnp.maximum(jnp.max(jnp.abs(m)), jnp.finfo(stats_dtype).tiny)
-                   for m in group]
-          x = _spread(_stacked(group, stack.size, fills),
-                      -jnp.eye(stack.size, dtype=stats_dtype), factor_sharding)
-          w, v = (_gather(y, factor_sharding) for y in linalg.symmetric_eigh(x))
-          for i, (m, d) in enumerate(zip(stack.members, stack.dims)):
-            j = 0 if m[1] == 0 else 2
-            out[j][m[0]] = jnp.maximum(w[i, stack.size - d:], 0.0).astype(stats_dtype)
-            out[j + 1][m[0]] = v[i, :d, stack.size - d:].astype(stats_dtype)
-        else:
-          eye = jnp.eye(stack.size, dtype=stats_dtype)
-          ones = [jnp.ones([], stats_dtype)] * len(group)
-          x = _spread(_stacked(group, stack.size, ones), eye, factor_sharding)
-          c = jnp.stack([consts[m] for m in stack.members]).astype(stats_dtype)
-          c = jnp.concatenate([c, jnp.ones((x.shape[0] - len(group),), stats_dtype)])
-          inv = _gather(linalg.damped_inverse(x, c, method="cholesky").astype(stats_dtype),
-                        factor_sharding)
-          for i, (m, d) in enumerate(zip(stack.members, stack.dims)):
-            j = 4 if m[1] == 0 else 5
-            old = (state.a_inverse if m[1] == 0 else state.s_inverse)[m[0]]
-            mi = inv[i, :d, :d]
-            out[j][m[0]] = jnp.where(jnp.all(jnp.isfinite(mi)), mi, old)
-      return out
-
-    def keep(_):
-      return (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs,
-              state.a_inverse, state.s_inverse)
-
+    kept = (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs,
+            state.a_inverse, state.s_inverse)
     due = ((state.count % update_interval) == 0) | (state.num_refreshes == 0)
     do_refresh = due & (weight > 0)
     if layer_list:
-      a_w, a_v, s_w, s_v, a_inv, s_inv = jax.lax.cond(do_refresh, refresh, keep, None)
+      decomp = jax.lax.cond(
+          do_refresh,
+          lambda: _refresh(state, a, s, weight, lam, layer_list, stacks, damping_mode,
+                           stats_dtype, factor_sharding),
+          lambda: kept)
     else:
-      a_w, a_v, s_w, s_v, a_inv, s_inv = keep(None)
+      decomp = kept
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     new_leaves = list(leaves)
     kl_sum = jnp.zeros([], stats_dtype)
-    mm = lambda x, y: jnp.matmul(x, y, precision=_HIGHEST)
     for layer in layer_list:
-      ki, bi = where[layer.name]
-      gk = leaves[ki]
-      g = gk.reshape(-1, gk.shape[-1]).astype(stats_dtype)
-      if bi is not None:
-        g = jnp.concatenate([g, leaves[bi].reshape(1, -1).astype(stats_dtype)], axis=0)
-      if damping_mode == "factored":
-        v = mm(mm(a_inv[layer.name], g), s_inv[layer.name])
-      else:
-        qa, qs = a_v[layer.name], s_v[layer.name]
-        denom = a_w[layer.name][:, None] * s_w[layer.name][None, :] + lam
-        v = mm(mm(qa, mm(mm(qa.T, g), qs) / denom), qs.T)
+      g = _layer_gradient(layer, leaves, where, stats_dtype)
+      v = _precondition(layer, g, decomp, lam, damping_mode)
       kl_sum += jnp.sum(v * g)
-      if bi is not None:
-        new_leaves[bi] = v[-1].reshape(leaves[bi].shape).astype(leaves[bi].dtype)
-        v = v[:-1]
-      new_leaves[ki] = v.reshape(gk.shape).astype(gk.dtype)
+      _write_back(layer, v, leaves, new_leaves, where)
 
     fb_updates, fb_state = fallback.update(without_covered(updates), state.fallback,
                                            without_covered(params))
@@ -488,14 +468,12 @@ def scale_by_kfac_factors(
       if i not in covered_idx:
         new_leaves[i] = x.astype(leaves[i].dtype)
 
+    nu = jnp.ones([], stats_dtype)
     if kl_clip is not None and layer_list:
-      eta = jnp.asarray(_value_at(learning_rate, state.count), stats_dtype)
-      denom = eta * eta * kl_sum
-      nu = jnp.where(denom > kl_clip, jnp.sqrt(kl_clip / jnp.where(denom > 0, denom, 1.0)), 1.0)
+      nu = _kl_clip_scale(kl_sum, kl_clip, learning_rate, state.count, stats_dtype)
       new_leaves = [(x * nu).astype(x.dtype) for x in new_leaves]
-    else:
-      nu = jnp.ones([], stats_dtype)
 
+    a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
     new_state = ScaleByKfacState(
         count=optax.safe_increment(state.count),
         factor_weight=weight, a=a, s=s,

@@ -1,0 +1,238 @@
+"""The capture itself: discover the covered layers, then loss, gradients and statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from secondorder._validation import check_choice
+from secondorder.capture import interception, likelihoods
+from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
+from secondorder.capture.types import KfacLayer, KfacLayers, LayerStats, param_path
+from secondorder.dimension_numbers import MuonDimensionNumbers
+
+__all__ = ["Capture", "linen_capture", "nnx_capture"]
+
+
+def _group_calls(calls: Sequence[interception.Call]) -> dict[str, list[interception.Call]]:
+  groups: dict[str, list[interception.Call]] = {}
+  for c in calls:
+    groups.setdefault(c.name, []).append(c)
+  return groups
+
+
+def _why_not(calls: list[interception.Call], shapes: dict) -> str | None:
+  """Why the calls of one layer cannot form a K-FAC block, or None when they can."""
+  first = calls[0]
+  for c in calls:
+    if c.problem:
+      return c.problem
+  if any((c.kind, c.kernel_shape, c.config, c.bias) != (first.kind, first.kernel_shape,
+                                                        first.config, first.bias) for c in calls):
+    return "a layer called with different input layouts"
+  if first.kernel not in shapes:
+    return f"its kernel {'/'.join(first.kernel)} is not a parameter of the model"
+  if shapes[first.kernel] != first.kernel_shape:
+    return (f"its kernel has shape {shapes[first.kernel]} in the parameters but "
+            f"{first.kernel_shape} inside the call")
+  if first.bias is not None and (
+      first.bias not in shapes or shapes[first.bias] != first.kernel_shape[first.reduction_ndim:]):
+    return f"its bias {'/'.join(first.bias)} does not match the kernel"
+  return None
+
+
+def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
+  """The covered layers of the discovered calls, and every other parameter's path.
+
+  A layer called several times in one forward pass (a shared layer, a layer applied at
+  every position) is one block: its uses are extra examples (K-FAC-expand).
+
+  Args:
+    calls: what discovery recorded.
+    params: the parameters the gradients refer to.
+
+  Returns:
+    The `KfacLayers`.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  shapes = {param_path(p): tuple(jnp.shape(v)) for p, v in leaves}
+  covered = []
+  for name, group in _group_calls(calls).items():
+    if _why_not(group, shapes) is not None:
+      continue
+    c = group[0]
+    ndim = len(c.kernel_shape)
+    spec = MuonDimensionNumbers(tuple(range(c.reduction_ndim)),
+                                tuple(range(c.reduction_ndim, ndim)))
+    covered.append(KfacLayer(name, c.kind, c.kernel, c.bias, c.kernel_shape, spec))
+  owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}
+  uncovered = tuple("/".join(param_path(p)) for p, _ in leaves if param_path(p) not in owned)
+  return KfacLayers(tuple(covered), uncovered)
+
+
+def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
+  return {l.name: (jnp.zeros(l.factor_shape(l.a_dim), dtype),
+                   jnp.zeros(l.factor_shape(l.s_dim), dtype), jnp.zeros([], dtype))
+          for l in layers}
+
+
+class Capture:
+  """Loss, gradients and K-FAC statistics in one call; built by `linen_capture`/`nnx_capture`.
+
+  `cap(model_or_params, inputs, targets, key=None)` returns `(loss, grads, kfac_stats)`;
+  `cap.layers(model_or_params, inputs)` returns the static `KfacLayers` the transform is
+  built with.
+
+  Per covered layer, with M the number of examples of the output (`likelihoods`)::
+
+    Â = (1/R) Σ_uses aᵀa / N      (R uses of the layer in the forward pass, N rows each)
+    Ŝ = M Σ_uses Σ_rows ĝ ĝᵀ      (ĝ the back-propagated gradient of the mean loss)
+  """
+
+  def __init__(self, forward, params_of, loss_fn, likelihood, fisher, stats_dtype):
+    check_choice("fisher", fisher, FISHERS)
+    if fisher != "empirical" and likelihood is None:
+      raise ValueError(f"fisher={fisher!r} needs likelihood= one of {list(LIKELIHOODS)}.")
+    if likelihood is not None:
+      check_choice("likelihood", likelihood, LIKELIHOODS)
+    self._forward = forward      # (model_or_params, params, recorder, inputs) -> outputs
+    self._params_of = params_of
+    self.loss_fn = loss_fn
+    self.likelihood = likelihood
+    self.fisher = fisher
+    self.stats_dtype = stats_dtype
+
+  def layers(self, model_or_params, inputs) -> KfacLayers:
+    """The covered layers (and uncovered parameter paths) of the model on these inputs.
+
+    Args:
+      model_or_params: the NNX model, or the linen params.
+      inputs: a batch of inputs (only shapes are used).
+
+    Returns:
+      The `KfacLayers` to build `scale_by_kfac_factors` / `kfac` with.
+    """
+    params = self._params_of(model_or_params)
+    rec = interception.Recorder()
+    jax.eval_shape(lambda p, x: self._forward(model_or_params, p, rec, x), params, inputs)
+    return layers_from_calls(rec.calls, params)
+
+  def _output_cotangents(self, out, vjp_fn, slot_ct, key):
+    """The slots' cotangents carrying Ŝ: from the data labels, sampled labels, or exactly."""
+    if self.fisher == "empirical":
+      return slot_ct
+    if self.fisher == "sampled":
+      y_hat = likelihoods.sample(self.likelihood, key, out)
+      dsampled = jax.grad(lambda z: likelihoods.nll(self.likelihood, z, y_hat))(out)
+      return vjp_fn(dsampled)[1]
+    cots = likelihoods.sqrt_fisher_cotangents(self.likelihood, out).astype(out.dtype)
+    per = jax.vmap(lambda c: vjp_fn(c)[1])(cots)
+    return jax.tree.map(lambda v: v.sum(0), per)
+
+  def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None):
+    """Loss, gradients and per-layer statistics of one batch.
+
+    Args:
+      model_or_params: the NNX model, or the linen params.
+      inputs: the batch's inputs.
+      targets: the batch's targets, passed to `loss_fn`.
+      key: PRNG key for fisher="sampled".
+
+    Returns:
+      `(loss, grads, kfac_stats)`.
+    """
+    if self.fisher == "sampled" and key is None:
+      raise ValueError("fisher='sampled' needs a PRNG key: call cap(model, x, y, key=key).")
+    covered = self.layers(model_or_params, inputs).layers
+    params = self._params_of(model_or_params)
+
+    def fwd(p, slots):
+      return self._forward(model_or_params, p, interception.Recorder(slots), inputs)
+
+    out, vjp_fn = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype))
+    loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
+    grads, slot_ct = vjp_fn(dout)
+    s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key)
+    m = likelihoods.num_examples(out)
+    stats = {}
+    for layer in covered:
+      a, _, uses = slot_ct[layer.name]
+      uses = jnp.maximum(uses, 1)
+      stats[layer.name] = LayerStats(a=a / uses, s=m * s_ct[layer.name][1])
+    return loss, grads, stats
+
+
+def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
+                  likelihood: str | None = None, fisher: str = "sampled",
+                  variables: dict | None = None, stats_dtype=jnp.float32,
+                  **apply_kwargs) -> Capture:
+  """K-FAC capture for a linen module: `cap(params, inputs, targets, key=)`.
+
+  Args:
+    model: the linen module (unmodified).
+    loss_fn: `(outputs, targets) -> scalar`, the mean over the examples.
+    likelihood: "softmax", "bernoulli" or "gaussian"; required unless fisher="empirical".
+    fisher: "sampled" (true Fisher, default), "empirical" or "exact".
+    variables: other collections (e.g. {"batch_stats": ...}) passed to `apply` unchanged.
+    stats_dtype: dtype of the statistics.
+    **apply_kwargs: forwarded to `model.apply`.
+
+  Returns:
+    The `Capture`. `params` is the "params" collection (the dict inside {"params": ...});
+    the gradients and the layer paths refer to it.
+
+  Example::
+
+    cap = linen_capture(model, loss_fn, likelihood="softmax")
+    layers = cap.layers(params, x)
+    loss, grads, stats = jax.jit(cap)(params, x, y, key=key)
+  """
+  extra = dict(variables or {})
+
+  def forward(obj, params, rec, inputs):
+    del obj
+    with interception.recording(rec), interception.linen_intercept():
+      return model.apply({"params": params, **extra}, inputs, **apply_kwargs)
+
+  return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype)
+
+
+def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | None = None,
+                fisher: str = "sampled", stats_dtype=jnp.float32) -> Capture:
+  """K-FAC capture for an NNX module: `cap(model, inputs, targets, key=)`.
+
+  The gradients come back as the `nnx.State` of the model's `nnx.Param`s (what
+  `nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, kfac_stats=stats)` takes);
+  the layer paths refer to that state. Other model state (batch statistics, RNG counters)
+  is read but not written back.
+
+  Args:
+    loss_fn: `(outputs, targets) -> scalar`, the mean over the examples.
+    likelihood: "softmax", "bernoulli" or "gaussian"; required unless fisher="empirical".
+    fisher: "sampled" (true Fisher, default), "empirical" or "exact".
+    stats_dtype: dtype of the statistics.
+
+  Returns:
+    The `Capture`.
+
+  Example::
+
+    cap = nnx_capture(loss_fn, likelihood="softmax")
+    loss, grads, stats = nnx.jit(lambda m, x, y, k: cap(m, x, y, key=k))(model, x, y, key)
+  """
+
+  def params_of(model):
+    return nnx.state(model, nnx.Param)
+
+  def forward(model, params, rec, inputs):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    m = nnx.merge(graphdef, params, rest)
+    with interception.recording(rec), interception.nnx_intercept(m):
+      return m(inputs)
+
+  return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype)

@@ -1,0 +1,194 @@
+"""Where a capture meets the model: method interception for linen and NNX.
+
+During a capture's traced forward pass, calls of the covered layer classes are routed to a
+`Recorder`. In discovery it notes each call (`Call`: path, kind, shapes, configuration, or
+why it cannot be covered); in capture it wraps the call's input and output in the taps of
+`secondorder.capture.taps`. The user's modules are never edited: linen calls go through
+`flax.linen.intercept_methods`; for NNX the covered classes' `__call__` is wrapped for the
+duration of the traced call, and the layers are found by a path attribute set on the
+capture's own copy of the model (it travels with the graph through `nnx.remat`,
+`nnx.scan`, `nnx.vmap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from secondorder.capture import conv, dense, taps
+
+KINDS = {dense.KIND: dense, conv.KIND: conv}
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """What discovery learns about one call of a covered layer class.
+
+  Attributes:
+    name: the layer's path, "/"-joined.
+    kind: "dense" or "conv".
+    kernel, bias: parameter paths (bias None when absent).
+    kernel_shape: the kernel's shape as the call sees it.
+    reduction_ndim: the kernel's number of input axes.
+    config: the kind's hashable input configuration (`dense.describe`, `conv.describe`).
+    problem: why the call cannot be covered, or None.
+  """
+  name: str
+  kind: str
+  kernel: tuple[str, ...]
+  bias: tuple[str, ...] | None
+  kernel_shape: tuple[int, ...]
+  reduction_ndim: int
+  config: Any
+  problem: str | None
+
+
+class Recorder:
+  """Routes the covered layers' calls of one traced forward pass.
+
+  Args:
+    slots: None for discovery; for capture, per covered layer name the zero slots
+      `(a, s, count)` the taps report into.
+  """
+
+  def __init__(self, slots: dict | None = None):
+    self.slots = slots
+    self.calls: list[Call] = []
+
+  def handle(self, name: str, kind: str, described, kernel_path, bias_path,
+             call: Callable[[jax.Array], jax.Array], kernel_shape: Callable[[], tuple], x):
+    """Runs `call(x)` (tapped in capture mode); in discovery records the call."""
+    if self.slots is None:
+      y = call(x)
+      problem = described if isinstance(described, str) else None
+      config, nin = (None, 0) if problem else described
+      self.calls.append(Call(name, kind, kernel_path, bias_path, tuple(kernel_shape()), nin,
+                             config, problem))
+      return y
+    if name not in self.slots or isinstance(described, str):
+      return call(x)
+    slot_a, slot_s, count = self.slots[name]
+    rows = functools.partial(KINDS[kind].input_rows, described[0])
+    x = taps.tap_inputs(x, slot_a, count, rows, bias_path is not None)
+    return taps.tap_outputs(call(x), slot_s)
+
+
+class _Active(threading.local):
+  def __init__(self):
+    self.recorder = None
+
+
+_ACTIVE = _Active()
+
+
+@contextlib.contextmanager
+def recording(rec: Recorder):
+  """Makes `rec` receive the covered layers' calls inside the block."""
+  prev = _ACTIVE.recorder
+  _ACTIVE.recorder = rec
+  try:
+    yield rec
+  finally:
+    _ACTIVE.recorder = prev
+
+
+# ----------------------------------------------------------------------------- linen
+
+
+def _linen_describe(module, x):
+  if type(module) is nn.Dense:
+    return dense.KIND, dense.describe(x, -1, ())
+  if type(module) is nn.DenseGeneral:
+    return dense.KIND, dense.describe(x, module.axis, module.batch_dims)
+  if type(module) is nn.Conv:
+    return conv.KIND, conv.describe(module, x)
+  return None, None
+
+
+def linen_interceptor(next_fun, args, kwargs, context):
+  """`flax.linen.intercept_methods` hook sending covered layers' calls to the recorder."""
+  rec = _ACTIVE.recorder
+  module = context.module
+  if rec is None or context.method_name != "__call__" or not args:
+    return next_fun(*args, **kwargs)
+  kind, described = _linen_describe(module, args[0])
+  if kind is None:
+    return next_fun(*args, **kwargs)
+  path = tuple(str(p) for p in module.path)
+  bias = path + ("bias",) if module.use_bias else None
+  return rec.handle(
+      "/".join(path), kind, described, path + ("kernel",), bias,
+      lambda x: next_fun(x, *args[1:], **kwargs),
+      lambda: jnp.shape(module.get_variable("params", "kernel")), args[0])
+
+
+@contextlib.contextmanager
+def linen_intercept():
+  """Routes linen's covered layers to the active recorder inside the block."""
+  with nn.intercept_methods(linen_interceptor):
+    yield
+
+
+# ----------------------------------------------------------------------------- NNX
+
+_PATH_ATTR = "_secondorder_capture_path"
+
+
+def _nnx_describe(module, x):
+  if type(module) is nnx.Linear:
+    return dense.KIND, dense.describe(x, -1, ())
+  if type(module) is nnx.LinearGeneral:
+    return dense.KIND, dense.describe(x, module.axis, dict(module.batch_axis))
+  if type(module) is nnx.Conv:
+    return conv.KIND, conv.describe(module, x)
+  return None, None
+
+
+_NNX_ORIGINAL = {cls: cls.__call__ for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv)}
+
+
+def _nnx_wrapped(cls):
+  original = _NNX_ORIGINAL[cls]
+
+  @functools.wraps(original)
+  def call(self, x, *args, **kwargs):
+    rec = _ACTIVE.recorder
+    path = getattr(self, _PATH_ATTR, None)
+    if rec is None or path is None or type(self) is not cls:
+      return original(self, x, *args, **kwargs)
+    kind, described = _nnx_describe(self, x)
+    bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
+    return rec.handle("/".join(path), kind, described, path + ("kernel",), bias,
+                      lambda xx: original(self, xx, *args, **kwargs),
+                      lambda: jnp.shape(self.kernel.value), x)
+  return call
+
+
+_NNX_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def nnx_intercept(model):
+  """Marks `model`'s covered layers with their paths and routes their calls inside the block.
+
+  `model` must be the capture's own copy (from `nnx.merge`), never the user's module.
+  """
+  for path, m in nnx.iter_modules(model):
+    if type(m) in _NNX_ORIGINAL:
+      setattr(m, _PATH_ATTR, tuple(str(p) for p in path))
+  with _NNX_LOCK:
+    for cls in _NNX_ORIGINAL:
+      cls.__call__ = _nnx_wrapped(cls)
+    try:
+      yield
+    finally:
+      for cls, fn in _NNX_ORIGINAL.items():
+        cls.__call__ = fn

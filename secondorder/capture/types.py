@@ -1,0 +1,161 @@
+"""What a capture describes and returns: covered layers, their statistics, parameter paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+from secondorder.dimension_numbers import LeafAxes, MuonDimensionNumbers, leaf_axes
+
+__all__ = ["LayerStats", "KfacLayer", "KfacLayers", "no_layers", "no_stats", "param_path"]
+
+
+class LayerStats(NamedTuple):
+  """The factor contributions of one batch for one layer.
+
+  Attributes:
+    a: Â, `[in (+1 with bias), in (+1)]`, the second moment of the layer inputs (with a
+      leading layer axis `[L, ...]` for a stack of L layers).
+    s: Ŝ, `[out, out]`, the per-example second moment of the output gradients (likewise).
+  """
+  a: jax.Array
+  s: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KfacLayer:
+  """Static description of one covered layer (or stack of layers).
+
+  The kernel is read through dimension numbers (`secondorder.dimension_numbers`): its
+  reduction axes (the input side) are flattened into the rows of a matrix, its output axes
+  into the columns, and any other axis is a stack of independent layers, each with its own
+  pair of factors.
+
+  Attributes:
+    name: the layer's path in the model, "/"-joined (e.g. "layers/0", "Dense_0").
+    kind: "dense" or "conv".
+    kernel: path of the kernel in the params tree (tuple of str keys).
+    bias: path of the bias, or None.
+    kernel_shape: the kernel's shape.
+    dimension_numbers: `MuonDimensionNumbers(reduction_axis, output_axis)` of the kernel;
+      None means every axis but the last on the input side and the last on the output side
+      (a dense `[in, out]` kernel, or a convolution's `[*window, in, out]`).
+
+  Example::
+
+    KfacLayer("attn/query", "dense", ("attn", "query", "kernel"), None, (8, 2, 4),
+              MuonDimensionNumbers(0, (1, 2)))   # an [8, 8] matrix: A 8 x 8, S 8 x 8
+  """
+  name: str
+  kind: str
+  kernel: tuple[str, ...]
+  bias: tuple[str, ...] | None
+  kernel_shape: tuple[int, ...]
+  dimension_numbers: MuonDimensionNumbers | None = None
+
+  @property
+  def axes(self) -> LeafAxes:
+    """The kernel's batch (stack), reduction and output axes."""
+    spec = self.dimension_numbers
+    if spec is None:
+      n = len(self.kernel_shape)
+      spec = MuonDimensionNumbers(tuple(range(n - 1)), n - 1)
+    return leaf_axes(spec, self.kernel_shape, "/".join(self.kernel))
+
+  @property
+  def num_stacked(self) -> int:
+    """L, the number of independent layers in the stack (1 for a single layer)."""
+    return self.axes.matrix_shape[0]
+
+  @property
+  def stacked(self) -> bool:
+    """Whether the kernel has a stack axis (its factors then carry a leading `[L]`)."""
+    return bool(self.axes.batch)
+
+  @property
+  def a_dim(self) -> int:
+    """Side of A: the flattened input axes, plus one for the bias."""
+    return self.axes.matrix_shape[1] + (self.bias is not None)
+
+  @property
+  def s_dim(self) -> int:
+    """Side of S: the flattened output axes."""
+    return self.axes.matrix_shape[2]
+
+  @property
+  def bias_shape(self) -> tuple[int, ...]:
+    """The bias's shape: the kernel's stack axes then its output axes."""
+    ax = self.axes
+    return tuple(self.kernel_shape[a] for a in ax.batch + ax.output)
+
+  def factor_shape(self, side: int) -> tuple[int, ...]:
+    """`(side, side)`, or `(L, side, side)` for a stack."""
+    return ((self.num_stacked,) if self.stacked else ()) + (side, side)
+
+
+@dataclasses.dataclass(frozen=True)
+class KfacLayers:
+  """The covered layers of a model and the parameters left to the fallback.
+
+  Attributes:
+    layers: the covered layers.
+    uncovered: "/"-joined paths of every parameter outside them.
+  """
+  layers: tuple[KfacLayer, ...] = ()
+  uncovered: tuple[str, ...] = ()
+
+  def __iter__(self):
+    return iter(self.layers)
+
+  def __len__(self):
+    return len(self.layers)
+
+
+def no_layers() -> KfacLayers:
+  """The layer description of a parameter pytree with no covered layer.
+
+  `scale_by_kfac_factors(layers=no_layers())` preconditions every parameter with the
+  fallback; feed it `kfac_stats=no_stats()`.
+
+  Returns:
+    An empty `KfacLayers`.
+  """
+  return KfacLayers()
+
+
+def no_stats() -> dict[str, LayerStats]:
+  """The (empty) statistics matching `no_layers()`.
+
+  Returns:
+    An empty dict.
+  """
+  return {}
+
+
+def _key_str(k) -> str:
+  if isinstance(k, jax.tree_util.DictKey):
+    return str(k.key)
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return str(k.name)
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def param_path(path) -> tuple[str, ...]:
+  """A jax key path as a tuple of strings (an NNX Variable's trailing `.value` dropped).
+
+  Args:
+    path: a key path from `jax.tree_util.tree_flatten_with_path`.
+
+  Returns:
+    The keys as strings, e.g. `("Dense_0", "kernel")`.
+  """
+  keys = tuple(_key_str(k) for k in path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+    keys = keys[:-1]
+  return keys
