@@ -5,13 +5,18 @@
   python -m benchmarks full                      # longer runs, 3 seeds, 5-point lr sweeps
   python -m benchmarks quick --only digits_mlp,adam,sophia_g --steps 100 --out /tmp/b
   python -m benchmarks full --skip char_transformer,dist_shampoo  # ~45 min on a CPU core
+  python -m benchmarks full --only lm --size gpu  # the language-model race, GPU-sized
 
 `--only` takes a comma-separated list of problem and optimizer names (each restricts its
-kind; Adam always runs, since time and memory are reported as multiples of Adam's); `--skip`
-leaves the named problems and optimizers out. On a CPU, `quick` compiles at XLA's backend
+kind; each problem's baseline always runs, since time and memory are reported as multiples
+of it: Adam, and AdamW on the language model `lm`); `--skip` leaves the named problems and
+optimizers out. `--size` sets the language model's size (`benchmarks.lm.SIZES`; default
+"tiny" in quick, "cpu" in full). On a CPU, `quick` compiles at XLA's backend
 optimisation level 2 (`--cpu-opt-level N` sets it; `full` keeps XLA's default, 3).
 Writes OUT/results.md (the tables), OUT/runs.jsonl (every run of every sweep with its curves,
-then one summary line per row) and OUT/<problem>.png (loss against steps and wall time).
+then one summary line per row), OUT/<problem>.png (training and held-out loss against steps
+and seconds), OUT/speedups.png (every method's speed-up over the baseline) and OUT/log.txt
+(whatever the optimizers' libraries printed or warned, kept off the terminal).
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ def _parse(argv):
                       help="learning rates per optimizer (default: 3 quick, 5 full)")
   parser.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
   parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+  parser.add_argument("--size", default=None,
+                      help="the language model's size: tiny, cpu or gpu (default: tiny in "
+                           "quick, cpu in full)")
   parser.add_argument("--cpu-opt-level", type=int, choices=range(4), default=None,
                       help="XLA backend optimisation level of the compiled steps on a CPU "
                            "(default: 2 quick, XLA's own 3 full)")
@@ -84,30 +92,41 @@ def _names(text: str, flag: str) -> list[str]:
   return names
 
 
-def _select(only: str, skip: str = ""):
+def _select(only: str, skip: str = "", preset: str = "full"):
+  """(problem names, optimizer names) to run: --only/--skip applied, baselines kept."""
   from benchmarks.optimizers import OPTIMIZERS
-  from benchmarks.problems import problem_names
+  from benchmarks.problems import get_problem, problem_names
 
   problems, optimizers = problem_names(), list(OPTIMIZERS)
   names, skipped = _names(only, "--only"), set(_names(skip, "--skip"))
-  if "adam" in skipped:
-    raise SystemExit("--skip: adam is the baseline of every ratio and cannot be skipped")
-  chosen_p = [n for n in problems if n in names] or problems
+  chosen_p = ([n for n in problems if n in names]
+              or [n for n in problems if preset != "quick" or get_problem(n, "quick").in_quick])
+  chosen_p = [n for n in chosen_p if n not in skipped]
+  baselines = list(dict.fromkeys(get_problem(n, "quick").baseline for n in chosen_p))
+  for base in baselines:
+    if base in skipped:
+      raise SystemExit(f"--skip: {base} is the baseline of every ratio and cannot be skipped")
   chosen_o = [n for n in optimizers if n in names] or optimizers
-  if "adam" not in chosen_o:
-    chosen_o.insert(0, "adam")
-  return ([n for n in chosen_p if n not in skipped],
-          [n for n in chosen_o if n not in skipped])
+  for base in reversed(baselines):
+    if base not in chosen_o:
+      chosen_o.insert(0, base)
+  return chosen_p, [n for n in chosen_o if n not in skipped]
 
 
 def _list() -> None:
   from benchmarks.optimizers import OPTIMIZERS, available, sweep_grid
   from benchmarks.problems import PROBLEMS, get_problem
 
-  print("problems:")
+  print("problems (what quick and full run; --only NAME runs a full-only one in quick):")
   for name in PROBLEMS:
-    p = get_problem(name)
-    print(f"  {name:18s} {p.description}  (target {p.target_loss:g}, steps {p.steps})")
+    for preset in ("quick", "full"):
+      p = get_problem(name, preset)
+      if preset == "quick" and not p.in_quick:
+        print(f"  {name:18s} quick: not run")
+        continue
+      goal = (f"race to {p.baseline}'s held-out loss" if p.target_loss is None
+              else f"target {p.target_loss:g}")
+      print(f"  {name:18s} {preset}: {p.description}  ({goal}, {p.steps[preset]} steps)")
   print("optimizers:")
   for name, spec in OPTIMIZERS.items():
     reason = available(spec)
@@ -167,7 +186,7 @@ def main(argv=None) -> int:
   except ImportError:  # tqdm is in the bench extra; without it, no progress bar
     tqdm = _NoProgress
 
-  from benchmarks import report
+  from benchmarks import report, runner
   from benchmarks.optimizers import OPTIMIZERS, available
   from benchmarks.problems import get_problem
   from benchmarks.runner import PRESETS, compiler_options, lr_grid, run_problem
@@ -175,7 +194,7 @@ def main(argv=None) -> int:
   preset = PRESETS[args.command]
   if args.cpu_opt_level is not None:
     preset = dataclasses.replace(preset, cpu_opt_level=args.cpu_opt_level)
-  problem_names, optimizer_names = _select(args.only, args.skip)
+  problem_names, optimizer_names = _select(args.only, args.skip, args.command)
   specs, notes = [], []
   for name in optimizer_names:
     reason = available(OPTIMIZERS[name])
@@ -184,7 +203,8 @@ def main(argv=None) -> int:
     else:
       notes.append(f"{name} skipped: not available here ({reason})")
       print("[skip] " + notes[-1])
-  problems = {name: get_problem(name, args.command) for name in problem_names}
+  problems = {name: get_problem(name, args.size if name == "lm" and args.size
+                                else args.command) for name in problem_names}
   seeds = args.seeds if args.seeds is not None else preset.seeds
   named = {n.strip() for n in args.only.split(",")}
   plan = [(p, [s for s in specs
@@ -193,6 +213,12 @@ def main(argv=None) -> int:
   total = sum(len(lr_grid(problems[p], s, preset, args.sweep)) + max(seeds - 1, 0)
               for p, p_specs in plan for s in p_specs)
   os.makedirs(args.out, exist_ok=True)
+  log_path = os.path.join(args.out, "log.txt")
+  log_file = open(log_path, "w")
+
+  def capture(text: str) -> None:
+    log_file.write(text)
+    log_file.flush()
 
   start = time.perf_counter()
   rows, runs = [], []
@@ -201,33 +227,40 @@ def main(argv=None) -> int:
     for name, prob_specs in plan:
       prob_rows, prob_runs, prob_notes = run_problem(
           problems[name], prob_specs, preset, steps=args.steps, seeds=seeds,
-          sweep_points=args.sweep, progress=bar, log=tqdm.write)
+          sweep_points=args.sweep, progress=bar, log=tqdm.write, capture=capture)
       rows += prob_rows
       runs += prob_runs
       notes += prob_notes
       if prob_rows and not args.no_plots:
         report.plot_problem(os.path.join(args.out, f"{name}.png"), problems[name], prob_rows)
+  if rows and not args.no_plots:
+    report.plot_speedups(os.path.join(args.out, "speedups.png"), rows, problems)
   elapsed = time.perf_counter() - start
+  log_file.close()
 
   argv_text = " ".join(sys.argv[1:] if argv is None else argv)
   header = (f"# secondorder benchmarks: `python -m benchmarks {argv_text}`\n\n"
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
-            f"{_machine()}; total {elapsed:.0f} s. Learning rate: best of a sweep (the same "
-            "grid of multiples of each optimizer's centre, see runs.jsonl) by final training "
-            "loss on seed 0; "
-            "losses are medians over seeds [min, max]; steps/seconds to target use the "
-            "10-step running mean of the minibatch loss; seconds count optimizer steps only"
-            f"{_compile_note(compiler_options(preset))}.\n")
-  table = report.markdown(rows, problems)
+            f"{_machine()}; total {elapsed:.0f} s. Learning rate: best of a bracketed sweep "
+            f"on seed 0 (the same grid of {preset.sweep_points} multiples of each "
+            "optimizer's centre, spaced by sqrt(10) (wider on the sanity problems); while "
+            f"the best is the grid's edge, up to {preset.extend} more rates beyond it; runs.jsonl "
+            "has every run) by final training loss (the race: final held-out loss); "
+            "'runs' counts every run a row spent; losses are medians over seeds [min, max]; "
+            "steps/seconds to target use the 10-step running mean of the minibatch loss; "
+            + runner.TIMING_NOTE.format(rounds=preset.timing_rounds, block=preset.timing_block)
+            + f"{_compile_note(compiler_options(preset))}.\n")
+  table = report.markdown(rows, problems, timing="timing as in the header")
   text = header + "\n" + table
   if notes:
     text += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
   print(text)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(text)
-  report.write_jsonl(os.path.join(args.out, "runs.jsonl"), runs, rows)
-  print(f"wrote {args.out}/results.md, {args.out}/runs.jsonl"
-        + ("" if args.no_plots else f", {args.out}/<problem>.png") + f" in {elapsed:.0f} s")
+  report.write_jsonl(os.path.join(args.out, "runs.jsonl"), runs, rows, problems)
+  print(f"wrote {args.out}/results.md, {args.out}/runs.jsonl, {log_path}"
+        + ("" if args.no_plots else f", {args.out}/<problem>.png, {args.out}/speedups.png")
+        + f" in {elapsed:.0f} s")
   return 0
 
 

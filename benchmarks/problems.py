@@ -9,8 +9,10 @@ a target loss for "steps / seconds to target". Nothing is downloaded at run time
     Bernoulli-logit reconstruction loss (the K-FAC paper's MNIST autoencoder, scaled down).
   * ``digits_mlp`` / ``digits_cnn``: digit classification (10 classes) with an MLP and a
     small CNN on the 8x8 images.
+  * ``lm``: the language-model race (`benchmarks.lm`): a byte-level decoder-only transformer
+    with scanned layers and warm-up + cosine schedules, raced to AdamW's held-out loss.
   * ``char_transformer``: a small decoder-only transformer, character level, trained on the
-    source text of a fixed list of pure-Python standard-library modules.
+    source text of a fixed list of pure-Python standard-library modules (`full` only).
   * ``quadratic``: an ill-conditioned Kronecker-structured matrix quadratic (sanity row).
   * ``rosenbrock``: the chained Rosenbrock function in 8 dimensions (sanity row).
 
@@ -92,6 +94,8 @@ class Problem:
       language model).
     weight_dimension_numbers: optional ``params -> pytree of MuonDimensionNumbers | None``
       (the axes of stacked leaves) for methods that take it.
+    in_quick: False for a problem that `python -m benchmarks quick` leaves out (unless named
+      with --only).
   """
 
   name: str
@@ -120,6 +124,7 @@ class Problem:
   eval_every: int | None = None
   baseline: str = "adam"
   weight_dimension_numbers: Callable[[Params], Any] | None = None
+  in_quick: bool = True
 
 
 # ----------------------------------------------------------------------------- data
@@ -407,7 +412,7 @@ def _char_transformer(size: str = "full") -> Problem:
                    f"context {context}) on Python stdlib source"),
       init_params=init_params, batches=batches, loss=loss,
       eval_loss=lambda p: loss(p, test), train_loss=lambda p: loss(p, train),
-      target_loss=2.8, steps={"quick": 100, "full": 2000},
+      target_loss=2.8, steps={"quick": 100, "full": 2000}, in_quick=False,
       logits_fn=logits_fn, logits_loss=lambda logits, b: _softmax_ce(logits, b[1]),
       apply=apply, make_model=make, bind=bind,
       inputs=lambda b: b[0], labels=lambda b: b[1], output_loss=_softmax_ce,
@@ -477,8 +482,18 @@ def _rosenbrock() -> Problem:
       lr_sweep=_SYNTHETIC_SWEEP)
 
 
+def _lm(size: str = "full") -> Problem:
+  from benchmarks import lm
+
+  return lm.lm_problem(LM_SIZES.get(size, size))
+
+
+# The language model's size per preset (`--size` picks any of `benchmarks.lm.SIZES`).
+LM_SIZES = {"quick": "tiny", "full": "cpu"}
+
 # Registry: name -> factory (problems are built lazily; building one loads its data).
 PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "lm": _lm,
     "autoencoder": _autoencoder,
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
@@ -496,12 +511,17 @@ def problem_names() -> list[str]:
 def get_problem(name: str, size: str = "full") -> Problem:
   """The problem called `name` (one of `problem_names()`).
 
-  `size="quick"` gives the small variant used by `python -m benchmarks quick` (only the
-  transformer differs: 1 layer of width 32 instead of 2 of width 64).
+  `size="quick"` gives the small variants used by `python -m benchmarks quick` (the
+  transformers differ: the character transformer has 1 layer of width 32 instead of 2 of
+  width 64, the language model is `benchmarks.lm.SIZES["tiny"]` instead of "cpu"). The
+  language model also takes any key of `benchmarks.lm.SIZES` ("tiny", "cpu", "gpu").
   """
+  from benchmarks import lm
+
   if name not in PROBLEMS:
     raise ValueError(f"unknown problem {name!r}; choose from {problem_names()}")
-  if size not in ("quick", "full"):
-    raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
+  allowed = ("quick", "full") + (tuple(lm.SIZES) if name == "lm" else ())
+  if size not in allowed:
+    raise ValueError(f"size of problem {name!r} must be one of {allowed}, got {size!r}")
   factory = PROBLEMS[name]
   return factory(size) if "size" in inspect.signature(factory).parameters else factory()

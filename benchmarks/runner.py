@@ -2,20 +2,34 @@
 
 Per (problem, optimizer) the training step is compiled once ahead of time (the learning rate
 is an argument of the compiled step), so the whole sweep and every seed reuse it. For each
-row: a learning-rate sweep on seed 0 (the same grid of multiples of the row's centre for
-every optimizer), the best setting by final training loss, and further seeds at that
-setting. Step times are measured separately after all rows of a problem have trained,
-interleaved across optimizers (rounds of blocks of steps, median over rounds), so the ratios
-to Adam compare like with like on a shared machine.
+row:
+
+* a *bracketed* learning-rate sweep on seed 0: the same grid of multiples of the row's
+  centre for every optimizer; while the best rate is the smallest or the largest tried, one
+  more rate a grid step beyond it is tried, at most `Preset.extend` extra rates (the same
+  rule for every row). A row whose best rate is still on an edge is marked (`RowResult.edge`);
+  `RowResult.runs_spent` counts every run the row took.
+* the best setting by final training loss (by final held-out loss on the race problems,
+  whose `target_loss` is None), then further seeds at that setting.
+
+Every compiled step is called once on a throw-away state before the first clock starts, so no
+"seconds" figure contains compilation or a first call's one-off cost. Step times are
+measured separately after all rows of a problem have trained, interleaved across optimizers
+(rounds of blocks of steps, median over rounds), so the ratios to the baseline compare like
+with like on a shared machine. Whatever a row prints or warns while it builds, compiles and
+trains is captured and handed to `capture` (the run's log), not to the terminal.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import io
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -27,7 +41,7 @@ from benchmarks.optimizers import OptimizerSpec, sweep_grid
 from benchmarks.problems import Problem
 
 __all__ = ["Preset", "PRESETS", "RunResult", "RowResult", "compiler_options", "lr_grid",
-           "run_problem", "state_bytes"]
+           "run_problem", "state_bytes", "bracketed_sweep", "TIMING_NOTE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +59,19 @@ class Preset:
   # (by half on the transformer), with step times within noise of level 3 (README,
   # "Benchmarks").
   cpu_opt_level: int | None = None
+  extend: int = 2          # extra learning rates at most, beyond the grid's winning edge
 
 
 PRESETS = {
     "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3, timing_block=10,
-                    evals=1, cpu_opt_level=2),
-    "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7),
+                    evals=1, cpu_opt_level=2, extend=1),
+    "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7, extend=3),
 }
+
+TIMING_NOTE = ("seconds count optimizer steps only, after one untimed warm-up call of every "
+               "compiled step (no compilation, no first call); step time is the median over "
+               "{rounds} interleaved rounds (each optimizer in turn, a block of at least "
+               "{block} steps and ~20 ms each) after all runs of the problem")
 
 
 @dataclasses.dataclass
@@ -84,6 +104,8 @@ class RowResult:
   compile_s: float
   state_bytes: int
   step_s: float | None = None    # median seconds per step (filled by the timing phase)
+  edge: str | None = None        # "low" / "high": the best rate is still the grid's edge
+  runs_spent: int = 0            # every run of the row: sweep, extensions and seeds
 
 
 def state_bytes(tree) -> int:
@@ -115,13 +137,19 @@ class _Compiled:
     self.problem, self.spec, self.total_steps = problem, spec, total_steps
     self.compiler_options = compiler_options
     self._by_lr: dict[float, tuple[Callable, Callable]] = {}
+    self._warm: set = set()
     self.compile_s = 0.0
 
   def _functions(self, lr_value: float | None):
     problem, spec, n = self.problem, self.spec, self.total_steps
 
     def make(lr):
-      return spec.build(lr_value if spec.static_lr else lr, n, problem)
+      tx = spec.build(lr_value if spec.static_lr else lr, n, problem)
+      if problem.schedule is None:
+        return tx
+      # The problem's schedule shape multiplies the update: a learning-rate schedule for
+      # every method whose learning rate scales its final update.
+      return optax.chain(tx, optax.scale_by_schedule(problem.schedule(n)))
 
     def init(params, lr):
       return make(lr).init(params)
@@ -133,7 +161,8 @@ class _Compiled:
       key = jax.random.fold_in(base_key, t)
       tx = make(lr)
       if spec.value_grad is not None and refresh is not False:
-        loss, grads, extra = spec.value_grad(problem, params, batch, opt_state, key)
+        own_state = opt_state if problem.schedule is None else opt_state[0]
+        loss, grads, extra = spec.value_grad(problem, params, batch, own_state, key)
       else:
         loss, grads = jax.value_and_grad(problem.loss)(params, batch)
         extra = {}
@@ -176,6 +205,21 @@ class _Compiled:
       self._by_lr[key] = (init_c, step_c)
     return self._by_lr[key]
 
+  def warm_up(self, lr: float, step_c: Callable, params, opt_state, batch) -> None:
+    """Calls every executable behind `step_c` once (results dropped) before any clock.
+
+    A first call pays one-off costs (loading the executable, allocating its buffers) that
+    no later step pays; a host-scheduled row has two executables (refresh and plain).
+    """
+    key = lr if self.spec.static_lr else None
+    if key in self._warm:
+      return
+    lr_arr = jnp.asarray(lr, jnp.float32)
+    steps = (0,) if self.spec.host_refresh is None else (0, 1)
+    for t in steps:
+      jax.block_until_ready(step_c(t, params, opt_state, batch, lr_arr, jax.random.key(0)))
+    self._warm.add(key)
+
 
 def compiler_options(preset: Preset) -> dict | None:
   """The XLA options the rows of `preset` compile with on this backend (None: defaults)."""
@@ -192,7 +236,11 @@ def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, s
   init_c, step_c = compiled.get(lr, params, first)
   lr_arr = jnp.asarray(lr, jnp.float32)
   opt_state = init_c(params, lr_arr)
-  eval_at = set(np.linspace(0, steps, n_evals + 1).round().astype(int).tolist())
+  compiled.warm_up(lr, step_c, params, opt_state, first)
+  if problem.eval_every is not None:
+    eval_at = set(range(0, steps, problem.eval_every))
+  else:
+    eval_at = set(np.linspace(0, steps, n_evals + 1).round().astype(int).tolist())
   losses, times, evals = [], [], []
   elapsed, diverged, batch = 0.0, False, first
   loss0 = None
@@ -220,13 +268,15 @@ def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, s
     evals.append((steps, elapsed, final_train, final_eval))
     if not (math.isfinite(final_train) and math.isfinite(final_eval)):
       diverged, final_train, final_eval = True, math.inf, math.inf
-  window = 10 if problem.stochastic else 1
-  smooth = _smoothed(losses, window)
-  hit = np.nonzero(smooth <= problem.target_loss)[0]
-  steps_to_target = int(hit[0]) + 1 if len(hit) and not diverged else None
-  time_to_target = times[hit[0]] if steps_to_target is not None else None
-  if steps_to_target is None and not diverged and final_train <= problem.target_loss:
-    steps_to_target, time_to_target = steps, elapsed  # reached by the last update
+  steps_to_target = time_to_target = None
+  if problem.target_loss is not None:
+    window = 10 if problem.stochastic else 1
+    smooth = _smoothed(losses, window)
+    hit = np.nonzero(smooth <= problem.target_loss)[0]
+    steps_to_target = int(hit[0]) + 1 if len(hit) and not diverged else None
+    time_to_target = times[hit[0]] if steps_to_target is not None else None
+    if steps_to_target is None and not diverged and final_train <= problem.target_loss:
+      steps_to_target, time_to_target = steps, elapsed  # reached by the last update
   result = RunResult(problem.name, compiled.spec.name, float(lr), seed, losses, times, evals,
                      final_train, final_eval, diverged, steps_to_target, time_to_target)
   return result, opt_state, params
@@ -240,7 +290,9 @@ def _time_steps(problem: Problem, rows: list[tuple[RowResult, _Compiled]], prese
   for row, compiled in rows:
     init_c, step_c = compiled.get(row.best_lr, params, batch)
     lr_arr = jnp.asarray(row.best_lr, jnp.float32)
-    prepared.append((row, step_c, init_c(params, lr_arr), lr_arr))
+    state = init_c(params, lr_arr)
+    compiled.warm_up(row.best_lr, step_c, params, state, batch)
+    prepared.append((row, step_c, state, lr_arr))
   key = jax.random.key(0)
   samples: dict[str, list[float]] = {row.optimizer: [] for row, *_ in prepared}
   blocks = {}
@@ -262,22 +314,87 @@ def _time_steps(problem: Problem, rows: list[tuple[RowResult, _Compiled]], prese
     row.step_s = float(np.median(samples[row.optimizer]))
 
 
+def _grid_shape(problem: Problem, preset: Preset) -> tuple[int, float]:
+  """(points, spacing factor) of the initial learning-rate grid on `problem`."""
+  if problem.lr_sweep and preset.name in problem.lr_sweep:
+    return problem.lr_sweep[preset.name]
+  return preset.sweep_points, 10 ** 0.5
+
+
 def lr_grid(problem: Problem, spec: OptimizerSpec, preset: Preset,
             points: int | None = None) -> list[float]:
-  """The learning rates `spec` is swept over on `problem` (same shape for every optimizer)."""
-  default_points, factor = preset.sweep_points, 10 ** 0.5
-  if problem.lr_sweep and preset.name in problem.lr_sweep:
-    default_points, factor = problem.lr_sweep[preset.name]
+  """The initial learning rates `spec` is swept over on `problem` (the same shape for every
+  optimizer; `bracketed_sweep` may extend it by up to `preset.extend` rates)."""
+  default_points, factor = _grid_shape(problem, preset)
   return sweep_grid(spec, points if points is not None else default_points, factor)
+
+
+def bracketed_sweep(grid: list[float], factor: float, extend: int,
+                    train: Callable[[float], float]) -> tuple[dict[float, float], float,
+                                                              str | None]:
+  """Tries `grid`, then extends it on the winner's side until the best rate is interior.
+
+  The rule, the same for every row: after the grid, while the best rate (lowest score) is
+  the smallest (largest) rate tried, try that rate divided (multiplied) by `factor`; stop
+  when the best is interior or after `extend` extra rates.
+
+  Args:
+    grid: the initial rates, spaced by `factor`.
+    factor: the grid's spacing (> 1).
+    extend: the most extra rates to try.
+    train: ``lr -> score`` (lower is better; ``inf`` for a diverged run).
+
+  Returns:
+    ``(scores, best_lr, edge)``: every rate tried with its score in the order tried, the best
+    rate, and "low" / "high" when the best is still the smallest / largest rate tried (only
+    possible once the cap is reached), else None.
+  """
+  scores: dict[float, float] = {}
+  for lr in grid:
+    scores[lr] = train(lr)
+  for _ in range(extend + 1):
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    if len(scores) > 1 and best == min(scores):
+      edge, nxt = "low", min(scores) / factor
+    elif len(scores) > 1 and best == max(scores):
+      edge, nxt = "high", max(scores) * factor
+    else:
+      return scores, best, None
+    if len(scores) - len(grid) >= extend:
+      return scores, best, edge
+    scores[nxt] = train(nxt)
+  raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _captured(capture: Callable[[str], None], label: str):
+  """Sends what the body prints or warns to `capture` (prefixed by `label`), not the screen."""
+  out = io.StringIO()
+  with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+      contextlib.redirect_stderr(out):
+    warnings.simplefilter("always")
+    try:
+      yield
+    finally:
+      lines = out.getvalue().splitlines()
+      lines += [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+      if lines:
+        capture("".join(f"[{label}] {line}\n" for line in lines))
 
 
 def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
                 steps: int | None = None, seeds: int | None = None,
                 sweep_points: int | None = None,
-                progress: Any = None, log: Callable[[str], None] = print):
-  """Trains every optimizer on `problem`; returns (rows, all runs, notes)."""
+                progress: Any = None, log: Callable[[str], None] = print,
+                capture: Callable[[str], None] | None = None):
+  """Trains every optimizer on `problem`; returns (rows, all runs, notes).
+
+  `log` gets the harness's own messages (a row that failed); `capture` gets what the rows'
+  libraries print or warn (default: `log`).
+  """
   n_steps = steps if steps is not None else problem.steps[preset.steps or preset.name]
   n_seeds = seeds if seeds is not None else preset.seeds
+  capture = capture or log
   options = compiler_options(preset)
   evaluate = jax.jit(lambda p: (problem.train_loss(p), problem.eval_loss(p)),
                      compiler_options=options)
@@ -285,6 +402,8 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
   all_runs: list[RunResult] = []
   notes: list[str] = []
   params0, batch0 = problem.init_params(0), next(problem.batches(0))
+  _, factor = _grid_shape(problem, preset)
+  by_eval = problem.target_loss is None  # race problems: tuned on held-out loss
 
   def prepare(spec):
     compiled = _Compiled(problem, spec, n_steps, options)
@@ -298,48 +417,56 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
   pool = concurrent.futures.ThreadPoolExecutor(1) if preset.overlap_compile else None
   pending = pool.submit(prepare, specs[0]) if pool is not None and specs else None
   for i, spec in enumerate(specs):
-    sweep: dict[float, float] = {}
-    best = None
     grid = lr_grid(problem, spec, preset, sweep_points)
+    tried: dict[float, tuple[RunResult, Any]] = {}
+    label = f"{problem.name}/{spec.name}"
     try:
-      if pool is not None:
-        current = pending
-        pending = pool.submit(prepare, specs[i + 1]) if i + 1 < len(specs) else None
-        compiled = current.result()
-      else:
-        compiled = prepare(spec)
-      for lr in grid:
-        if progress is not None:
-          progress.set_postfix_str(f"{problem.name}/{spec.name} lr={lr:.3g}")
-        result, opt_state, _ = _run(problem, compiled, evaluate, lr, 0, n_steps, preset.evals)
-        all_runs.append(result)
-        sweep[lr] = result.final_train
-        if best is None or result.final_train < best[0].final_train:
-          best = (result, opt_state)
-        if progress is not None:
-          progress.update(1)
+      with _captured(capture, label):
+        if pool is not None:
+          current = pending
+          pending = pool.submit(prepare, specs[i + 1]) if i + 1 < len(specs) else None
+          compiled = current.result()
+        else:
+          compiled = prepare(spec)
+
+        def train(lr):
+          if progress is not None:
+            progress.set_postfix_str(f"{label} lr={lr:.3g}")
+          result, opt_state, _ = _run(problem, compiled, evaluate, lr, 0, n_steps,
+                                      preset.evals)
+          all_runs.append(result)
+          tried[lr] = (result, opt_state)
+          if progress is not None:
+            progress.update(1)
+          return result.final_eval if by_eval else result.final_train
+
+        _, best_lr, edge = bracketed_sweep(grid, factor, preset.extend, train)
     except Exception as err:  # a row that fails to build or run is reported, not fatal
-      note = f"{problem.name}/{spec.name} failed: {type(err).__name__}: {str(err)[:300]}"
+      note = f"{label} failed: {type(err).__name__}: {str(err)[:300]}"
       log("[skip] " + note)
       notes.append(note)
       if progress is not None:
-        progress.update(len(grid) - len(sweep) + max(n_seeds - 1, 0))
+        progress.update(max(len(grid) - len(tried), 0) + max(n_seeds - 1, 0))
       continue
-    best_run, best_state = best
+    best_run, best_state = tried[best_lr]
     runs = [best_run]
     for seed in range(1, n_seeds):
       if progress is not None:
-        progress.set_postfix_str(f"{problem.name}/{spec.name} seed={seed}")
-      result, _, _ = _run(problem, compiled, evaluate, best_run.lr, seed, n_steps, preset.evals)
+        progress.set_postfix_str(f"{label} seed={seed}")
+      with _captured(capture, label):
+        result, _, _ = _run(problem, compiled, evaluate, best_lr, seed, n_steps, preset.evals)
       all_runs.append(result)
       runs.append(result)
       if progress is not None:
         progress.update(1)
-    row = RowResult(problem.name, spec.name, spec.family, best_run.lr, sweep, runs,
-                    compiled.compile_s, state_bytes(best_state))
+    sweep = {lr: (r.final_eval if by_eval else r.final_train) for lr, (r, _) in tried.items()}
+    row = RowResult(problem.name, spec.name, spec.family, best_lr, sweep, runs,
+                    compiled.compile_s, state_bytes(best_state), edge=edge,
+                    runs_spent=len(tried) + n_seeds - 1)
     rows.append((row, compiled))
   if pool is not None:
     pool.shutdown()
   if rows:
-    _time_steps(problem, rows, preset)
+    with _captured(capture, problem.name + "/timing"):
+      _time_steps(problem, rows, preset)
   return [row for row, _ in rows], all_runs, notes

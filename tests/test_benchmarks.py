@@ -16,7 +16,8 @@ import pytest
 from benchmarks import __main__ as bench_main
 from benchmarks.optimizers import OPTIMIZERS, OptimizerSpec, available, sweep_grid
 from benchmarks.problems import get_problem, problem_names
-from benchmarks.runner import PRESETS, compiler_options, run_problem, state_bytes
+from benchmarks.runner import (PRESETS, bracketed_sweep, compiler_options, run_problem,
+                               state_bytes)
 
 STEPS = 30
 
@@ -47,13 +48,18 @@ def test_every_sweep_run_recorded(smoke):
   for name in ("adam", "momentum"):
     grid = sweep_grid(OPTIMIZERS[name], 2, problem.lr_sweep["quick"][1])
     mine = [r for r in runs if r["optimizer"] == name]
-    assert sorted(r["lr"] for r in mine) == pytest.approx(sorted(grid))
+    row = next(r for r in rows if r["optimizer"] == name)
+    tried = sorted(r["lr"] for r in mine)
+    # The 2-point grid, plus at most the quick preset's one extension a grid step beyond it.
+    assert len(tried) == row["runs_spent"] <= len(grid) + PRESETS["quick"].extend
+    assert tried == pytest.approx(sorted(float(k) for k in row["sweep"]), rel=1e-3)
+    for lr in grid:
+      assert min(abs(t / lr - 1) for t in tried) < 1e-6
     for r in mine:
       assert len(r["loss"]) == STEPS or r["diverged"]
       assert len(r["time"]) == len(r["loss"])
       assert all(b >= a for a, b in zip(r["time"], r["time"][1:]))
     # The reported setting is the best final training loss of the sweep.
-    row = next(r for r in rows if r["optimizer"] == name)
     finals = {r["lr"]: (r["final_train"] if isinstance(r["final_train"], float) else math.inf)
               for r in mine}
     assert row["best_lr"] == pytest.approx(min(finals, key=finals.get))
@@ -77,13 +83,14 @@ def test_ratios_against_adam(smoke):
   _, _, rows = smoke
   adam = next(r for r in rows if r["optimizer"] == "adam")
   momentum = next(r for r in rows if r["optimizer"] == "momentum")
-  assert adam["step_ratio_adam"] == pytest.approx(1.0)
-  assert adam["state_ratio_adam"] == pytest.approx(1.0)
-  assert momentum["step_s"] > 0 and momentum["step_ratio_adam"] > 0
+  assert adam["baseline"] == momentum["baseline"] == "adam"
+  assert adam["step_ratio"] == pytest.approx(1.0)
+  assert adam["state_ratio"] == pytest.approx(1.0)
+  assert momentum["step_s"] > 0 and momentum["step_ratio"] > 0
   params = get_problem("quadratic").init_params(0)
   expected = (state_bytes(optax.sgd(0.1, momentum=0.9).init(params))
               / state_bytes(optax.adam(0.1).init(params)))
-  assert momentum["state_ratio_adam"] == pytest.approx(expected)
+  assert momentum["state_ratio"] == pytest.approx(expected)
 
 
 def test_png_written(smoke):
@@ -196,8 +203,8 @@ def test_host_scheduled_row_follows_the_in_step_schedule(name):
 
 
 def test_problem_names():
-  assert set(problem_names()) == {"autoencoder", "digits_mlp", "digits_cnn", "char_transformer",
-                                  "quadratic", "rosenbrock"}
+  assert set(problem_names()) == {"lm", "autoencoder", "digits_mlp", "digits_cnn",
+                                  "char_transformer", "quadratic", "rosenbrock"}
 
 
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # its own float64 asks
@@ -255,10 +262,33 @@ def test_only_and_skip_select_rows():
   assert "dist_shampoo" not in optimizers and "adam" in optimizers and "kfac" in optimizers
   problems, optimizers = bench_main._select("digits_mlp,sophia_g,kfac", "kfac")
   assert problems == ["digits_mlp"] and optimizers == ["adam", "sophia_g"]
+  # The language model's baseline is AdamW: it runs whenever the language model does.
+  problems, optimizers = bench_main._select("lm,muon")
+  assert problems == ["lm"] and optimizers == ["adamw", "muon"]
   with pytest.raises(SystemExit, match="--skip: unknown name"):
     bench_main._select("", "not_a_row")
   with pytest.raises(SystemExit, match="baseline"):
     bench_main._select("", "adam")
+  with pytest.raises(SystemExit, match="adamw is the baseline"):
+    bench_main._select("lm", "adamw")
+  # quick leaves out the full-only character transformer unless it is named.
+  assert "char_transformer" not in bench_main._select("", "", "quick")[0]
+  assert "lm" in bench_main._select("", "", "quick")[0]
+  assert bench_main._select("char_transformer", "", "quick")[0] == ["char_transformer"]
+
+
+def test_list_names_what_each_preset_runs(capsys):
+  from benchmarks import lm
+
+  bench_main.main(["list"])
+  out = capsys.readouterr().out
+  assert "char_transformer   quick: not run" in out
+  tiny, cpu = lm.SIZES["tiny"], lm.SIZES["cpu"]
+  quick_line = next(l for l in out.splitlines() if l.startswith("  lm") and "quick:" in l)
+  full_line = next(l for l in out.splitlines() if l.startswith("  lm") and "full:" in l)
+  assert f"d={tiny.dim}," in quick_line and f"{tiny.steps} steps" in quick_line
+  assert f"d={cpu.dim}," in full_line and f"{cpu.steps} steps" in full_line
+  assert "race to adamw's held-out loss" in full_line
 
 
 def test_quick_compiles_at_cpu_opt_level_2_and_says_so(smoke):
@@ -314,3 +344,158 @@ def test_compiler_options_reach_the_compiler(monkeypatch):
                                PRESETS["quick"], steps=2, sweep_points=1, log=lambda s: None)
   assert notes == [] and len(rows) == 2
   assert seen == [compiler_options(PRESETS["quick"])] * 2
+
+
+# ----------------------------------------------------------------------------- issue-22 rules
+
+
+def _scalar_problem(target=None):
+  """f(w) = w^2 / 2: SGD's final loss after n steps is (1 - lr)^(2n) f(w0), least at lr = 1."""
+  from benchmarks.problems import Problem
+
+  objective = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
+
+  def batches(seed):
+    while True:
+      yield ()
+
+  return Problem(
+      name="scalar", description="w^2/2", init_params=lambda seed: {"w": jnp.ones(4)},
+      batches=batches, loss=lambda p, b: objective(p), eval_loss=objective,
+      train_loss=objective, target_loss=target, steps={"quick": 6, "full": 6},
+      kind="synthetic", stochastic=False, held_out=False, lr_sweep={"quick": (3, 10 ** 0.5)})
+
+
+_SGD_LOW = OptimizerSpec("sgd_low", lambda lr, n, p: optax.sgd(lr), 0.01)  # grid .003 .. .03
+
+
+def test_bracketing_extends_the_grid_until_the_best_is_interior():
+  prob = _scalar_problem()
+  preset = dataclasses.replace(PRESETS["quick"], extend=4)
+  (row,), runs, notes = run_problem(prob, [_SGD_LOW], preset, log=lambda s: None)
+  assert notes == []
+  tried = sorted(row.sweep)
+  # The grid .00316, .01, .0316 went up by sqrt(10) until the best (lr 1) was interior.
+  np.testing.assert_allclose(tried, [10 ** (k / 2) for k in range(-5, 2)], rtol=1e-6)
+  assert row.best_lr == pytest.approx(1.0) and row.edge is None
+  assert min(tried) < row.best_lr < max(tried)
+  assert row.runs_spent == len(runs) == 7
+
+
+def test_a_row_that_hits_the_cap_is_marked(tmp_path):
+  from benchmarks import report
+
+  prob = _scalar_problem()
+  preset = dataclasses.replace(PRESETS["quick"], extend=2)
+  rows, runs, _ = run_problem(prob, [_SGD_LOW], preset, log=lambda s: None)
+  (row,) = rows
+  assert len(row.sweep) == 5 and row.runs_spent == 5  # 3 + the cap of 2
+  assert row.edge == "high" and row.best_lr == pytest.approx(max(row.sweep))
+  table = report.markdown(rows, {"scalar": prob})
+  line = next(l for l in table.splitlines() if l.startswith("| sgd_low |"))
+  assert "(edge high)" in line and "| 5 |" in line
+  fig = report.plot_problem(tmp_path / "scalar.png", prob, rows)
+  assert any("edge high" in t.get_text() for t in fig.legends[0].get_texts())
+  # The same rule, read without a training loop: a best on the low edge extends downwards.
+  scores, best, edge = bracketed_sweep([1.0, 10.0, 100.0], 10.0, 3,
+                                       lambda lr: abs(np.log10(lr) + 1.4))
+  assert list(scores) == [1.0, 10.0, 100.0, 0.1, 0.01] and best == 0.1 and edge is None
+
+
+def test_a_slow_first_call_does_not_change_seconds_to_target(monkeypatch):
+  import time
+
+  import benchmarks.runner as runner
+
+  prob = _scalar_problem(target=1e-3)
+  spec = OptimizerSpec("sgd_one", lambda lr, n, p: optax.sgd(lr), 0.5)
+  preset = dataclasses.replace(PRESETS["quick"], timing_rounds=1)
+
+  def seconds(sleep):
+    original = runner._Compiled.get
+
+    def get(self, lr, params, batch):
+      init_c, step_c = original(self, lr, params, batch)
+      calls = []
+
+      def step(*args):
+        if not calls and sleep:
+          time.sleep(sleep)
+        calls.append(1)
+        return step_c(*args)
+
+      return init_c, step
+
+    monkeypatch.setattr(runner._Compiled, "get", get)
+    (row,), _, _ = run_problem(prob, [spec], preset, sweep_points=1, log=lambda s: None)
+    monkeypatch.undo()
+    (run,) = row.runs
+    assert run.steps_to_target is not None
+    return run.time_to_target, run.time[-1]
+
+  quiet, sleepy = seconds(0.0), seconds(0.5)
+  assert sleepy[0] < 0.25 and sleepy[1] < 0.25 and quiet[1] < 0.25
+
+
+def test_peer_prints_and_warnings_go_to_the_log(capsys):
+  import warnings
+
+  def noisy(lr, n, p):
+    print("Preconditioners size: 42")
+    warnings.warn("a peer's warning")
+    return optax.sgd(lr)
+
+  captured = []
+  rows, _, notes = run_problem(_scalar_problem(), [OptimizerSpec("noisy", noisy, 0.1)],
+                               PRESETS["quick"], sweep_points=1, log=lambda s: None,
+                               capture=captured.append)
+  assert notes == [] and len(rows) == 1
+  out = capsys.readouterr()
+  assert "Preconditioners" not in out.out + out.err and "peer's warning" not in out.err
+  text = "".join(captured)
+  assert "[scalar/noisy] Preconditioners size: 42" in text and "a peer's warning" in text
+
+
+def test_one_colour_and_marker_per_optimizer_in_every_figure(tmp_path):
+  from benchmarks import report
+
+  names = list(OPTIMIZERS)
+  styles = [report.style(n) for n in names]
+  assert len({(s["color"], s["marker"]) for s in styles}) == len(names)
+  assert report.style("adam") == report.style("adam")
+  prob = _scalar_problem(target=1e-2)
+  specs = [OPTIMIZERS["adam"], OPTIMIZERS["momentum"], OPTIMIZERS["sgd"]]
+  rows, _, _ = run_problem(prob, specs, dataclasses.replace(PRESETS["quick"], extend=0),
+                           sweep_points=1, log=lambda s: None)
+  figures = [report.plot_problem(tmp_path / "p.png", prob, rows),
+             report.plot_speedups(tmp_path / "s.png", rows, {"scalar": prob})]
+  seen = {}
+  for fig in figures:
+    for text, handle in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles):
+      name = text.get_text().split(" ")[0]
+      colour = matplotlib_colour(handle)
+      seen.setdefault(name, set()).add(colour)
+      assert colour == tuple(report.style(name)["color"])
+  assert set(seen) == {"adam", "momentum", "sgd"}
+  assert all(len(c) == 1 for c in seen.values())
+  # Every line drawn on the loss panels has one of the rows' colours.
+  allowed = {tuple(report.style(n)["color"]) for n in seen}
+  for ax in figures[0].axes:
+    for line in ax.get_lines():
+      if line.get_color() != "k":  # the black target line
+        assert matplotlib_colour(line) in allowed
+
+
+def matplotlib_colour(handle):
+  import matplotlib.colors
+
+  get = getattr(handle, "get_color", None) or handle.get_facecolor
+  return tuple(matplotlib.colors.to_rgba(get()))
+
+
+def test_sanity_tables_do_not_repeat_train_loss_as_held_out(smoke):
+  out, _, _ = smoke
+  text = (out / "results.md").read_text()
+  assert "held-out loss (= objective)" in text
+  line = next(l for l in text.splitlines() if l.startswith("| adam |"))
+  assert line.split("|")[5].strip() == "-"
