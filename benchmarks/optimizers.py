@@ -31,7 +31,7 @@ import jax
 import optax
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "register", "sweep_grid", "available",
-           "dimension_numbers_kwargs"]
+           "dimension_numbers_kwargs", "second_grid"]
 
 EXTRA_ARGS = ("obj_fn", "logits_fn", "kfac_stats")
 
@@ -59,6 +59,10 @@ class OptimizerSpec:
       `update(..., refresh=True)` on steps 0, n, 2n, ... and `update(..., refresh=False)`
       otherwise. `value_grad`, if given, then runs on refresh steps only (the plain steps
       take `jax.value_and_grad` and no extras).
+    second: optional ``(keyword, values)``: a second sensitive hyperparameter, a keyword
+      argument of `build`; ``values[0]`` is the default. In `full`, after the learning-rate
+      sweep the runner tries the other values at the best learning rate (`second_grid`
+      makes every such grid: the default, a tenth of it and ten times it).
   """
 
   name: str
@@ -72,6 +76,7 @@ class OptimizerSpec:
   static_lr: bool = False
   in_quick: Callable[[Any], bool] | None = None
   host_refresh: int | None = None
+  second: tuple[str, tuple[float, ...]] | None = None
 
   def applies_to(self, problem, preset: str = "full") -> bool:
     if preset == "quick" and self.in_quick is not None and not self.in_quick(problem):
@@ -90,6 +95,13 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
   for need in spec.needs:
     if need not in EXTRA_ARGS:
       raise ValueError(f"{spec.name}: unknown extra argument {need!r}; known: {EXTRA_ARGS}")
+  if spec.second is not None:
+    import inspect
+
+    keyword, values = spec.second
+    if keyword not in inspect.signature(spec.build).parameters or len(values) < 2:
+      raise ValueError(f"{spec.name}: second={spec.second!r} must name a keyword of build "
+                       "and give at least two values")
   OPTIMIZERS[spec.name] = spec
   return spec
 
@@ -98,6 +110,19 @@ def sweep_grid(spec: OptimizerSpec, points: int, factor: float = 10 ** 0.5) -> l
   """`points` learning rates spaced by `factor` around `spec.lr` (same grid for every row)."""
   half = (points - 1) / 2
   return [float(spec.lr * factor ** (i - half)) for i in range(points)]
+
+
+def second_grid(keyword: str, default: float) -> tuple[str, tuple[float, ...]]:
+  """The grid of a second hyperparameter, one size for every method: default, /10, x10.
+
+  Args:
+    keyword: `build`'s keyword for it (K-FAC's damping, Sophia's gamma, Shampoo's eps).
+    default: the method's default value (tried first, with the learning-rate sweep).
+
+  Returns:
+    ``(keyword, (default, default / 10, default * 10))`` for `OptimizerSpec.second`.
+  """
+  return keyword, (default, default / 10, default * 10)
 
 
 def available(spec: OptimizerSpec) -> str | None:
@@ -196,18 +221,19 @@ def _sophia_g_value_grad(problem, params, batch, opt_state, key):
 
 register(OptimizerSpec(
     "sophia_h",
-    lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(
-        lr, estimator="hutchinson"),
+    lambda lr, n, p, gamma=0.01: _module("secondorder.transforms.sophia").sophia(
+        lr, estimator="hutchinson", gamma=gamma),
     1e-3, needs=("obj_fn",), family="secondorder",
     note="Sophia-H (Hutchinson estimate every 10 steps; host-scheduled, one-pass refresh)",
-    value_grad=_sophia_h_value_grad, host_refresh=10))
+    value_grad=_sophia_h_value_grad, host_refresh=10, second=second_grid("gamma", 0.01)))
 register(OptimizerSpec(
     "sophia_g",
-    lambda lr, n, p: _module("secondorder.transforms.sophia").sophia(lr, estimator="gnb"),
+    lambda lr, n, p, gamma=0.01: _module("secondorder.transforms.sophia").sophia(
+        lr, estimator="gnb", gamma=gamma),
     1e-3, needs=("logits_fn",), family="secondorder",
     note="Sophia-G (Gauss-Newton-Bartlett estimate every 10 steps; host-scheduled, one-pass "
          "refresh)",
-    value_grad=_sophia_g_value_grad, host_refresh=10))
+    value_grad=_sophia_g_value_grad, host_refresh=10, second=second_grid("gamma", 0.01)))
 
 
 _KFAC_CAPTURES: dict = {}
@@ -240,14 +266,15 @@ def _kfac_value_grad(problem, params, batch, opt_state, key):
   return loss, nnx.to_pure_dict(grads), {"kfac_stats": stats}
 
 
-def _kfac(lr, n, problem):
-  return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1])
+def _kfac(lr, n, problem, damping=0.01):
+  return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1],
+                                                      damping=damping)
 
 
 register(OptimizerSpec(
     "kfac", _kfac, 0.1, needs=("kfac_stats",), family="secondorder",
     note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, KL clipping)",
-    value_grad=_kfac_value_grad))
+    value_grad=_kfac_value_grad, second=second_grid("damping", 0.01)))
 def dimension_numbers_kwargs(make: Callable, problem) -> dict:
   """``{"weight_dimension_numbers": ...}`` when `problem` has them and `make` takes them.
 
@@ -262,18 +289,19 @@ def dimension_numbers_kwargs(make: Callable, problem) -> dict:
   return {"weight_dimension_numbers": dims}
 
 
-def _shampoo(lr, n, problem):
+def _shampoo(lr, n, problem, eps=1e-6):
   # On CPU the roots use the coupled Newton iteration: with jaxlib 0.10.2 the default
   # eigendecompositions (several batched LAPACK calls in one step) deadlock the 2-thread
   # intra-op pool of a 2-core machine (gdb: jax::ParallelBatchMap waiting in both threads).
   method = "newton" if jax.default_backend() == "cpu" else "eigh"
   make = _module("secondorder.transforms.shampoo").shampoo
-  return make(lr, method=method, **dimension_numbers_kwargs(make, problem))
+  return make(lr, method=method, eps=eps, **dimension_numbers_kwargs(make, problem))
 
 
 register(OptimizerSpec(
     "shampoo", _shampoo, 3e-3, family="secondorder",
-    note="Shampoo (blocked, Adam-grafted; coupled-Newton roots on CPU)"))
+    note="Shampoo (blocked, Adam-grafted; coupled-Newton roots on CPU)",
+    second=second_grid("eps", 1e-6)))
 
 
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the
@@ -308,12 +336,13 @@ register(OptimizerSpec(
 
 # ----------------------------------------------------------------------------- peers
 
-def _optax_sophia(lr, n, p):
-  return optax.contrib.sophia(lr)
+def _optax_sophia(lr, n, p, gamma=0.01):
+  return optax.contrib.sophia(lr, gamma=gamma)
 
 
 register(OptimizerSpec(
     "optax_sophia", _optax_sophia, 1e-3, needs=("obj_fn",), family="peer",
+    second=second_grid("gamma", 0.01),
     note="optax.contrib.sophia (Sophia-H, Hutchinson every 10 steps); quick: sanity rows "
          "only (the networks in full, and in benchmarks.sophia_lm beside both Sophias)",
     in_quick=lambda problem: problem.kind == "synthetic"))

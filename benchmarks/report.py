@@ -142,6 +142,8 @@ def row_summary(row, baseline, problem=None) -> dict:
       "problem": row.problem, "optimizer": row.optimizer, "family": row.family,
       "baseline": baseline.optimizer if baseline is not None else None,
       "best_lr": row.best_lr, "edge": row.edge, "runs_spent": row.runs_spent,
+      "second": (None if row.second is None else
+                 {**row.second, "sweep": {f"{k:.4g}": v for k, v in row.second["sweep"].items()}}),
       "seeds": len(runs),
       "final_train": [r.final_train for r in runs],
       "final_eval": [r.final_eval for r in runs],
@@ -164,8 +166,10 @@ def baseline_row(rows, name: str = "adam"):
 
 
 def _lr_cell(row) -> str:
-  text = f"{row.best_lr:.3g}"
-  return text + (f" ({_EDGE_MARK} {row.edge})" if row.edge else "")
+  text = f"{row.best_lr:.3g}" + (f" ({_EDGE_MARK} {row.edge})" if row.edge else "")
+  if row.second is not None:
+    text += f"; {row.second['name']} {row.second['best']:.3g}"
+  return text
 
 
 _EDGE_MARK = "edge"

@@ -60,12 +60,14 @@ class Preset:
   # "Benchmarks").
   cpu_opt_level: int | None = None
   extend: int = 2          # extra learning rates at most, beyond the grid's winning edge
+  second_sweep: bool = False  # try each row's second hyperparameter grid at its best lr
 
 
 PRESETS = {
     "quick": Preset("quick", sweep_points=3, seeds=1, timing_rounds=3, timing_block=10,
                     evals=1, cpu_opt_level=2, extend=1),
-    "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7, extend=3),
+    "full": Preset("full", sweep_points=5, seeds=3, timing_rounds=7, extend=3,
+                   second_sweep=True),
 }
 
 TIMING_NOTE = ("seconds count optimizer steps only, after one untimed warm-up call of every "
@@ -88,6 +90,7 @@ class RunResult:
   diverged: bool
   steps_to_target: int | None
   time_to_target: float | None
+  overrides: dict = dataclasses.field(default_factory=dict)  # second hyperparameter, if set
 
   def as_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -106,6 +109,7 @@ class RowResult:
   step_s: float | None = None    # median seconds per step (filled by the timing phase)
   edge: str | None = None        # "low" / "high": the best rate is still the grid's edge
   runs_spent: int = 0            # every run of the row: sweep, extensions and seeds
+  second: dict | None = None     # {"name", "best", "sweep": {value: score}} when swept
 
 
 def state_bytes(tree) -> int:
@@ -133,8 +137,9 @@ class _Compiled:
   """The jitted init, step and evaluation of one (problem, optimizer)."""
 
   def __init__(self, problem: Problem, spec: OptimizerSpec, total_steps: int,
-               compiler_options: dict | None = None):
+               compiler_options: dict | None = None, overrides: dict | None = None):
     self.problem, self.spec, self.total_steps = problem, spec, total_steps
+    self.overrides = overrides or {}
     self.compiler_options = compiler_options
     self._by_lr: dict[float, tuple[Callable, Callable]] = {}
     self._warm: set = set()
@@ -144,7 +149,7 @@ class _Compiled:
     problem, spec, n = self.problem, self.spec, self.total_steps
 
     def make(lr):
-      tx = spec.build(lr_value if spec.static_lr else lr, n, problem)
+      tx = spec.build(lr_value if spec.static_lr else lr, n, problem, **self.overrides)
       if problem.schedule is None:
         return tx
       # The problem's schedule shape multiplies the update: a learning-rate schedule for
@@ -278,7 +283,8 @@ def _run(problem: Problem, compiled: _Compiled, evaluate: Callable, lr: float, s
     if steps_to_target is None and not diverged and final_train <= problem.target_loss:
       steps_to_target, time_to_target = steps, elapsed  # reached by the last update
   result = RunResult(problem.name, compiled.spec.name, float(lr), seed, losses, times, evals,
-                     final_train, final_eval, diverged, steps_to_target, time_to_target)
+                     final_train, final_eval, diverged, steps_to_target, time_to_target,
+                     dict(compiled.overrides))
   return result, opt_state, params
 
 
@@ -366,6 +372,30 @@ def bracketed_sweep(grid: list[float], factor: float, extend: int,
   raise AssertionError("unreachable")
 
 
+def _second_sweep(spec, best_run, best_state, compiled, prepare, run, all_runs, by_eval,
+                  progress):
+  """Tries the other values of `spec.second` at the best learning rate (seed 0).
+
+  Returns ``(summary, compiled, run, state)`` of the best value (the default on ties).
+  """
+  keyword, values = spec.second
+  score = lambda r: r.final_eval if by_eval else r.final_train
+  best = (score(best_run), values[0], compiled, best_run, best_state)
+  sweep = {values[0]: best[0]}
+  for value in values[1:]:
+    if progress is not None:
+      progress.set_postfix_str(f"{best_run.problem}/{spec.name} {keyword}={value:.3g}")
+    other = prepare(spec, {keyword: value})
+    result, state, _ = run(other)
+    all_runs.append(result)
+    sweep[value] = score(result)
+    if sweep[value] < best[0]:
+      best = (sweep[value], value, other, result, state)
+    if progress is not None:
+      progress.update(1)
+  return {"name": keyword, "best": best[1], "sweep": sweep}, best[2], best[3], best[4]
+
+
 @contextlib.contextmanager
 def _captured(capture: Callable[[str], None], label: str):
   """Sends what the body prints or warns to `capture` (prefixed by `label`), not the screen."""
@@ -405,8 +435,8 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
   _, factor = _grid_shape(problem, preset)
   by_eval = problem.target_loss is None  # race problems: tuned on held-out loss
 
-  def prepare(spec):
-    compiled = _Compiled(problem, spec, n_steps, options)
+  def prepare(spec, overrides=None):
+    compiled = _Compiled(problem, spec, n_steps, options, overrides)
     if not spec.static_lr:
       compiled.get(spec.lr, params0, batch0)
     return compiled
@@ -441,6 +471,13 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
           return result.final_eval if by_eval else result.final_train
 
         _, best_lr, edge = bracketed_sweep(grid, factor, preset.extend, train)
+        best_run, best_state = tried[best_lr]
+        second = None
+        if spec.second is not None and preset.second_sweep:
+          second, compiled, best_run, best_state = _second_sweep(
+              spec, best_run, best_state, compiled, prepare,
+              lambda c: _run(problem, c, evaluate, best_lr, 0, n_steps, preset.evals),
+              all_runs, by_eval, progress)
     except Exception as err:  # a row that fails to build or run is reported, not fatal
       note = f"{label} failed: {type(err).__name__}: {str(err)[:300]}"
       log("[skip] " + note)
@@ -448,7 +485,6 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
       if progress is not None:
         progress.update(max(len(grid) - len(tried), 0) + max(n_seeds - 1, 0))
       continue
-    best_run, best_state = tried[best_lr]
     runs = [best_run]
     for seed in range(1, n_seeds):
       if progress is not None:
@@ -462,7 +498,8 @@ def run_problem(problem: Problem, specs: list[OptimizerSpec], preset: Preset, *,
     sweep = {lr: (r.final_eval if by_eval else r.final_train) for lr, (r, _) in tried.items()}
     row = RowResult(problem.name, spec.name, spec.family, best_lr, sweep, runs,
                     compiled.compile_s, state_bytes(best_state), edge=edge,
-                    runs_spent=len(tried) + n_seeds - 1)
+                    runs_spent=len(tried) + n_seeds - 1
+                    + (len(second["sweep"]) - 1 if second else 0), second=second)
     rows.append((row, compiled))
   if pool is not None:
     pool.shutdown()

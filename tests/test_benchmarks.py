@@ -499,3 +499,28 @@ def test_sanity_tables_do_not_repeat_train_loss_as_held_out(smoke):
   assert "held-out loss (= objective)" in text
   line = next(l for l in text.splitlines() if l.startswith("| adam |"))
   assert line.split("|")[5].strip() == "-"
+
+
+def test_second_hyperparameter_grid_is_tried_at_the_best_rate():
+  from benchmarks.optimizers import register, second_grid
+
+  # Every registered second grid has the same size (default, a tenth, ten times).
+  grids = {n: s.second for n, s in OPTIMIZERS.items() if s.second is not None}
+  assert {"kfac", "sophia_h", "sophia_g", "shampoo"} <= set(grids)
+  assert {len(values) for _, values in grids.values()} == {3}
+  assert second_grid("damping", 0.01) == ("damping", (0.01, 0.001, 0.1))
+  with pytest.raises(ValueError, match="second"):
+    register(OptimizerSpec("bad", lambda lr, n, p: optax.sgd(lr), 0.1, second=("eps", (1, 2))))
+
+  # SGD's loss on w^2/2 falls faster with a larger `scale`: the grid's x10 value wins.
+  spec = OptimizerSpec("sgd_scaled", lambda lr, n, p, scale=0.01: optax.sgd(lr * scale), 0.3,
+                       second=second_grid("scale", 0.01))
+  preset = dataclasses.replace(PRESETS["quick"], extend=0, second_sweep=True, seeds=1)
+  (row,), runs, notes = run_problem(_scalar_problem(), [spec], preset, sweep_points=1,
+                                    log=lambda s: None)
+  assert notes == [] and row.second["name"] == "scale"
+  assert row.second["best"] == pytest.approx(0.1) and len(row.second["sweep"]) == 3
+  assert row.runs_spent == len(runs) == 3
+  assert [r.overrides for r in runs] == [{}, {"scale": 0.001}, {"scale": 0.1}]
+  assert row.runs[0].overrides == {"scale": 0.1}
+  assert row.runs[0].final_train == min(r.final_train for r in runs)
