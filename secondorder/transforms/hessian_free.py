@@ -29,10 +29,10 @@ __all__ = ["ScaleByHessianFreeState", "ScaleByNaturalGradientState", "scale_by_h
 CURVATURES = ("gauss_newton", "hessian", "fisher")
 PRECONDITIONERS = ("none", "squared_gradient", "empirical_fisher")
 
-# Arguments that fix the shape of the CG loop's buffers or choose code paths; name them in
-# `optax.inject_hyperparams(scale_by_hessian_free, static_args=STATIC_ARGS)` (strings and
-# bools are static there anyway).
-STATIC_ARGS = ("cg_max_iterations", "progress_window")
+# Arguments that fix the shape of the CG loop's buffers; name them in
+# `optax.inject_hyperparams(hessian_free, static_args=STATIC_ARGS)` (strings, bools and None
+# are static there anyway).
+STATIC_ARGS = ("cg_max_iterations",)
 
 _LOGITS_EXAMPLE = "logits_fn=lambda p: model.apply(p, x)"
 _LOSS_EXAMPLE = "loss_fn=so.softmax_cross_entropy(y)"
@@ -158,12 +158,12 @@ def _warm_start(direction, decay) -> optax.Updates:
 
 
 def _solve(operator: Callable, grads, damping, warm_start, preconditioner, *,
-           max_iterations: int, tol, progress_tol, progress_window: int) -> CGResult:
-  """CG on (C + λI) p = g from the warm start (C an operator on statistics-dtype trees)."""
+           max_iterations: int, tol, progress_tol) -> CGResult:
+  """CG on (C + λI) p = g from the warm start (C an operator on statistics-dtype trees),
+  with Martens' look-back of max(10, ⌊i/10⌋) iterations for the progress rule."""
   return conjugate_gradient(
       _damped(operator, damping), grads, warm_start, max_iterations=max_iterations, tol=tol,
-      preconditioner=preconditioner, progress_tol=progress_tol,
-      progress_window=progress_window)
+      preconditioner=preconditioner, progress_tol=progress_tol)
 
 
 def _keep_if(ok: jax.Array, new, old):
@@ -252,7 +252,6 @@ def scale_by_hessian_free(
     cg_max_iterations: int = 50,
     cg_tol: float = 1e-6,
     progress_tol: float | None = 5e-4,
-    progress_window: int = 10,
     preconditioner: str = "none",
     preconditioner_power: float = 0.75,
 ) -> optax.GradientTransformationExtraArgs:
@@ -283,7 +282,7 @@ def scale_by_hessian_free(
   CG (`secondorder.curvature.cg.conjugate_gradient`) stops after `cg_max_iterations`, when
   the residual falls below `cg_tol`·‖g‖, or by Martens' relative-progress rule on the
   damped model :math:`\phi(p) = \tfrac12 p^\top(C + \lambda I)p - g^\top p` (`progress_tol`
-  = ε, look-back k = max(`progress_window`, ⌊i/10⌋)). With `preconditioner` set, CG is
+  = ε, look-back k = max(10, ⌊i/10⌋)). With `preconditioner` set, CG is
   preconditioned by :math:`M = (\mathrm{diag} + \lambda)^{0.75}`: "empirical_fisher" takes
   the diagonal of the empirical Fisher from `update(..., fisher_diag=...)`
   (`so.empirical_fisher_diag`), "squared_gradient" uses g ⊙ g instead.
@@ -304,7 +303,6 @@ def scale_by_hessian_free(
     cg_max_iterations: the most CG iterations per step (static int >= 1).
     cg_tol: CG's relative residual tolerance, >= 0.
     progress_tol: ε of the relative-progress stopping rule; None turns it off.
-    progress_window: the least look-back of that rule (static int >= 1).
     preconditioner: "none", "empirical_fisher" or "squared_gradient".
     preconditioner_power: the exponent of M (Martens: 0.75), >= 0.
 
@@ -337,7 +335,6 @@ def scale_by_hessian_free(
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
-  check_int("progress_window", progress_window, minimum=1)
   check_range("preconditioner_power", preconditioner_power, 0.0)
 
   def init_fn(params):
@@ -365,8 +362,7 @@ def scale_by_hessian_free(
     solution = _solve(
         operator, grads, damping, _warm_start(state.direction, warm_start_decay),
         _preconditioner(preconditioner, preconditioner_power, grads, damping, fisher_diag),
-        max_iterations=cg_max_iterations, tol=cg_tol, progress_tol=progress_tol,
-        progress_window=progress_window)
+        max_iterations=cg_max_iterations, tol=cg_tol, progress_tol=progress_tol)
     p = solution.x
     # q(d) at d = −p, undamped: φ(p) − ½λ‖p‖².
     model = (solution.model_value - 0.5 * damping * tree_vdot(p, p)).astype(damping.dtype)
@@ -466,7 +462,6 @@ def scale_by_natural_gradient(
     cg_max_iterations: int = 20,
     cg_tol: float = 1e-6,
     progress_tol: float | None = None,
-    progress_window: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The natural gradient under a KL budget: (F + λI) d = g by CG, step ½η²dᵀFd = δ.
 
@@ -494,7 +489,6 @@ def scale_by_natural_gradient(
     cg_max_iterations: the most CG iterations per step (static int >= 1).
     cg_tol: CG's relative residual tolerance, >= 0.
     progress_tol: ε of Martens' relative-progress rule; None (default) turns it off.
-    progress_window: the least look-back of that rule (static int >= 1).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` needs `logits_fn=`.
@@ -523,7 +517,6 @@ def scale_by_natural_gradient(
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
-  check_int("progress_window", progress_window, minimum=1)
 
   def init_fn(params):
     check_float_leaves("scale_by_natural_gradient", params, complex_ok=False)
@@ -545,7 +538,7 @@ def scale_by_natural_gradient(
     lam = jnp.asarray(damping, dtype)
     solution = _solve(operator, grads, lam, _warm_start(state.direction, warm_start_decay),
                       None, max_iterations=cg_max_iterations, tol=cg_tol,
-                      progress_tol=progress_tol, progress_window=progress_window)
+                      progress_tol=progress_tol)
     d = solution.x
     dd = tree_vdot(d, d).astype(dtype)
     dfd = (tree_vdot(d, solution.ax) - lam * dd).astype(dtype)
