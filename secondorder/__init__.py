@@ -80,3 +80,9 @@ from secondorder.transforms.sophia import value_grad_and_gnb_estimate
 from secondorder.transforms.sophia import value_grad_and_hutchinson_estimate
 
 __version__ = "0.1.0"
+
+# Every public name imported above, so that a name added to the imports is exported (and
+# documented: the API reference is generated from this list). Submodules stay attributes.
+__all__ = tuple(sorted(
+    _name for _name, _value in dict(globals()).items()
+    if not _name.startswith("_") and not isinstance(_value, type(linalg))))

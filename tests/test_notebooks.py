@@ -1,14 +1,16 @@
-"""Executes every notebook in notebooks/ (so none can rot) and checks none is committed with outputs."""
+"""The notebooks are committed without outputs; they are executed by the docs build.
+
+`tests/test_docs.py::test_docs_build` runs every notebook once, inside the Sphinx build
+(myst-nb, a failing cell fails the build), and renders it with its outputs; running them
+again here would double the time they take.
+"""
 
 from __future__ import annotations
 
-import os
 import pathlib
 
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -16,7 +18,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_notebooks_exist():
   names = {p.name for p in NOTEBOOKS}
-  assert {"01_curvature.ipynb", "02_optimizers_in_flax.ipynb"} <= names, names
+  assert {"01_curvature.ipynb", "02_optimizers_in_flax.ipynb",
+          "03_accumulation.ipynb"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -29,15 +32,12 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, monkeypatch):
-  # The kernel inherits the environment: make the checkout importable even when the
-  # package is not installed.
-  pythonpath = os.environ.get("PYTHONPATH", "")
-  monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + pythonpath if pythonpath else ""))
+def test_imports_only_the_installed_package(path):
   nb = nbformat.read(path, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(ROOT)}})
-  client.execute()  # raises CellExecutionError, naming the cell, on any error
-  errors = [out for cell in nb.cells if cell.cell_type == "code"
-            for out in cell.get("outputs", []) if out.get("output_type") == "error"]
-  assert not errors
+  code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+  assert "sys.path" not in code and "PYTHONPATH" not in code, path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_in_the_docs(path):
+  assert (ROOT / "docs" / "notebooks" / path.name).resolve() == path.resolve()

@@ -1,0 +1,69 @@
+"""Sphinx configuration of the secondorder documentation.
+
+Build locally (from the repository root, after ``pip install -e ".[docs]"``)::
+
+  python -m sphinx -W -b html docs docs/_build/html
+
+The pages are MyST Markdown; notebooks (``docs/notebooks`` is a link to the repository's
+``notebooks/``) are executed by myst-nb during the build and rendered with their outputs,
+and the API reference is generated from the docstrings of every name in
+``secondorder.__all__`` (``docs/_ext/public_api.py``).
+"""
+
+import os
+import pathlib
+import sys
+
+DOCS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS / "_ext"))
+
+# Shampoo and K-FAC decompose matrices through OpenBLAS, whose thread pool thrashes on
+# shared cores; the notebooks' kernels inherit this environment.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import secondorder  # noqa: E402  (after the environment above)
+
+project = "secondorder"
+copyright = "the secondorder authors"  # pylint: disable=redefined-builtin
+author = "the secondorder authors"
+release = secondorder.__version__
+version = release
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "public_api",
+]
+
+exclude_patterns = ["_build", "**/.ipynb_checkpoints", "**/.jupyter_cache", "README.md"]
+source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
+root_doc = "index"
+
+# -- MyST ---------------------------------------------------------------------------------
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+
+# -- myst-nb: notebooks run once per build, and a failing cell fails the build --------------
+nb_execution_mode = "cache"
+nb_execution_timeout = 900
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
+
+# -- autodoc / napoleon (Google-style docstrings) ------------------------------------------
+autodoc_typehints = "none"
+autodoc_member_order = "bysource"
+autodoc_default_options = {"undoc-members": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+# -- HTML ---------------------------------------------------------------------------------
+html_theme = "sphinx_book_theme"
+html_title = "secondorder"
+html_theme_options = {
+    "show_toc_level": 2,
+    "home_page_in_toc": True,
+}

@@ -1,0 +1,153 @@
+"""The documentation: the site builds with warnings as errors, and every code block runs.
+
+* `test_docs_build` builds the Sphinx site (`docs/`) with `-W`: a broken reference, a public
+  function or class without a docstring, or a notebook cell that raises fails it. The
+  notebooks run here, once, inside the build (myst-nb); `tests/test_notebooks.py` only checks
+  that they are committed without outputs. The build's API reference must list every name in
+  `secondorder.__all__`.
+* `test_code_blocks_run` executes every Python block of README.md and of every Markdown page
+  under `docs/` (`docs/index.md`, "Code blocks", states the rule): the blocks of one page run
+  in order in one namespace, as one program; all pages run in one fresh Python process with
+  eight simulated CPU devices, so the sharding guide runs as written.
+
+Run as a script (`python tests/test_docs.py PAGE.md ...`) it executes the pages' blocks and
+prints one JSON line of failures, which is what `test_code_blocks_run` does in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import traceback
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+# Fences whose info string is one of these run; any other language (``text``, ``bash``,
+# ``pycon``) is shown, never run.
+_PYTHON = {"python", "py", "python3"}
+_DIRECTIVES = {"{code-block}", "{code}", "{code-cell}", "{sourcecode}"}
+_NO_RUN = "skip-execution"   # `:class: skip-execution` or `:tags: [skip-execution]`
+
+
+def markdown_pages() -> list[pathlib.Path]:
+  """README.md and every Markdown page of the docs, outside build outputs."""
+  pages = [ROOT / "README.md"]
+  for path in sorted(DOCS.rglob("*.md")):
+    if not {"_build", ".jupyter_cache"} & set(path.relative_to(DOCS).parts):
+      pages.append(path)
+  return pages
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+  """The runnable Python blocks of a Markdown page, as (first line number, code).
+
+  A fence runs when its language is Python: plain (```` ```python ````) or through a MyST
+  directive (```` ```{code-block} python ````). A directive's options are read, not run,
+  and a block whose options mention ``skip-execution`` is left out.
+  """
+  from markdown_it import MarkdownIt  # pylint: disable=import-outside-toplevel
+
+  blocks = []
+  for token in MarkdownIt("commonmark").parse(text):
+    if token.type != "fence":
+      continue
+    info = token.info.split()
+    if not info:
+      continue
+    if info[0] in _DIRECTIVES:
+      info = info[1:]
+    elif info[0].startswith("{"):
+      continue   # another directive (math, toctree, ...)
+    if not info or info[0] not in _PYTHON:
+      continue
+    code = token.content.splitlines()
+    options = []
+    while code and (code[0].startswith(":") or code[0].strip() == "---"):
+      options.append(code.pop(0))
+    if any(_NO_RUN in o for o in options):
+      continue
+    blocks.append((token.map[0] + 1 + len(options) + 1, "\n".join(code) + "\n"))
+  return blocks
+
+
+def run_pages(paths: list[str]) -> dict[str, str]:
+  """Runs each page's blocks in order in a fresh namespace; page -> traceback of a failure."""
+  failures = {}
+  for path in paths:
+    page = pathlib.Path(path)
+    name = str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else str(page)
+    module = types.ModuleType("__main__")
+    for line, code in python_blocks(page.read_text(encoding="utf-8")):
+      # The line offset makes a traceback point at the page's own line numbers.
+      padded = "\n" * (line - 1) + code
+      try:
+        exec(compile(padded, str(page.resolve()), "exec"), module.__dict__)  # pylint: disable=exec-used
+      except BaseException:  # pylint: disable=broad-except
+        failures[name] = f"block at line {line}:\n" + traceback.format_exc(limit=-6)
+        break
+  return failures
+
+
+def test_block_extraction():
+  text = "\n".join([
+      "```python", "a = 1", "```",
+      "```bash", "pip install x", "```",
+      "```{code-block} python", ":caption: shown", "b = 2", "```",
+      "```{code-block} python", ":class: skip-execution", "raise SystemExit", "```",
+      "```{math}", "x^2", "```",
+      "```text", "c = 3", "```",
+  ])
+  assert python_blocks(text) == [(2, "a = 1\n"), (9, "b = 2\n")]
+
+
+def test_code_blocks_run(tmp_path):
+  pages = markdown_pages()
+  assert sum(len(python_blocks(p.read_text(encoding="utf-8"))) for p in pages) > 10
+  env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + " --xla_force_host_platform_device_count=8").strip()
+  # The pages run where they may write files (checkpoints), not in the checkout.
+  proc = subprocess.run([sys.executable, __file__, *map(str, pages)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  failures = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert not failures, "\n\n".join(f"{page}: {tb}" for page, tb in failures.items())
+
+
+def test_all_lists_every_public_name():
+  import secondorder  # pylint: disable=import-outside-toplevel
+
+  public = {name for name, value in vars(secondorder).items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+  assert public == set(secondorder.__all__)
+
+
+def test_docs_build(tmp_path):
+  from sphinx.util.inventory import InventoryFile  # pylint: disable=import-outside-toplevel
+  import secondorder  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "html"
+  env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1")
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+       "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+  with open(out / "objects.inv", "rb") as f:
+    inventory = InventoryFile.load(f, "", os.path.join)
+  documented = {name for domain in inventory.values() for name in domain}
+  missing = [n for n in secondorder.__all__ if f"secondorder.{n}" not in documented]
+  assert not missing, f"not in the API reference: {missing}"
+  for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    html = (out / "notebooks" / f"{notebook.stem}.html").read_text(encoding="utf-8")
+    assert "output_area" in html or "cell_output" in html, f"{notebook.name}: no outputs"
+
+
+if __name__ == "__main__":
+  print(json.dumps(run_pages(sys.argv[1:])))
