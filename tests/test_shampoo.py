@@ -322,7 +322,7 @@ def test_root_buckets_share_calls_without_changing_the_update(method):
 
 
 def test_bucket_sides():
-  from secondorder.transforms.shampoo import _bucket_side
+  from secondorder.transforms._blocks import bucket_side as _bucket_side
   assert [_bucket_side(s, 128, 4.0) for s in (1, 2, 8, 9, 32, 33, 128)] == [
       1, 2, 8, 32, 32, 128, 128]
   assert [_bucket_side(s, 100, 2.0) for s in (13, 25, 26, 51)] == [13, 25, 50, 100]

@@ -6,20 +6,15 @@ extra argument); `shampoo` chains it with momentum, weight decay and the learnin
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from secondorder import linalg
 from secondorder._validation import (check_choice, check_float_leaves, check_int, check_range,
                                      check_state_shapes)
+from secondorder.transforms import _blocks
 
 __all__ = ["ShampooState", "shampoo_preconditioner", "shampoo", "GRAFTS", "STATIC_ARGS"]
 
@@ -56,240 +51,6 @@ class ShampooState(NamedTuple):
   graft_state: optax.OptState
   root_failures: jax.Array
   stat_skips: jax.Array
-
-
-# ----------------------------------------------------------------------------- blocking plan
-
-
-@dataclasses.dataclass(frozen=True)
-class _Piece:
-  start: int  # offset of this run of blocks along the dimension
-  count: int  # number of blocks in the run
-  size: int  # size of each block
-
-
-@dataclasses.dataclass(frozen=True)
-class _Combo:
-  """Blocks of one shape: one piece per dimension; `num` blocks stacked along axis 0."""
-  index: tuple[int, ...]  # piece index per dimension
-  pieces: tuple[_Piece, ...]
-  slots: tuple[tuple[int, int], ...]  # per dimension: (group, offset of the first factor)
-
-  @property
-  def num(self) -> int:
-    return math.prod(p.count for p in self.pieces)
-
-  @property
-  def block(self) -> tuple[int, ...]:
-    return tuple(p.size for p in self.pieces)
-
-
-@dataclasses.dataclass(frozen=True)
-class _LeafPlan:
-  shape: tuple[int, ...]
-  diagonal: bool
-  merged: tuple[int, ...] = ()
-  root: float = 0.0
-  pieces_per_dim: tuple[int, ...] = ()
-  combos: tuple[_Combo, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class _RootBucket:
-  """Groups whose roots are computed in one batched call, every factor padded to `side`."""
-  side: int
-  members: tuple[int, ...]  # group indices, in order
-  root: float | None  # the root p shared by the members; None: one per factor (eigh)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  leaves: tuple[_LeafPlan, ...]
-  groups: tuple[tuple[int, float], ...]  # (factor size, root p)
-  group_sizes: tuple[int, ...]  # number of factors per group
-  root_buckets: tuple[_RootBucket, ...] = ()
-
-
-def _merge_small_dims(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
-  """Drops size-1 dimensions and merges adjacent ones while their product stays <= max_size.
-
-  `[3, 3, 16, 32]` with 128 -> `(9, 16, 32)`; `[1, 10]` -> `(10,)`.
-  """
-  merged: list[int] = []
-  for d in shape:
-    if d == 1:
-      continue
-    if merged and merged[-1] * d <= max_size:
-      merged[-1] *= d
-    else:
-      merged.append(d)
-  return tuple(merged)
-
-
-def _pieces(d: int, block_size: int) -> tuple[_Piece, ...]:
-  if d <= block_size:
-    return (_Piece(0, 1, d),)
-  full, rem = divmod(d, block_size)
-  pieces = [_Piece(0, full, block_size)]
-  if rem:
-    pieces.append(_Piece(full * block_size, 1, rem))
-  return tuple(pieces)
-
-
-def _bucket_side(size: int, largest: int, ratio: float | None) -> int:
-  """The smallest of largest, largest/ratio, largest/ratio², ... (rounded up) >= size."""
-  if ratio is None:
-    return size
-  side = largest
-  while True:
-    smaller = math.ceil(side / ratio)
-    if smaller < size or smaller == side:
-      return side
-    side = smaller
-
-
-def _root_buckets(groups: Sequence[tuple[int, float]], ratio: float | None,
-                  mixed_roots: bool) -> tuple[_RootBucket, ...]:
-  if not groups:
-    return ()
-  largest = max(size for size, _ in groups)
-  buckets: dict[tuple[int, float | None], list[int]] = {}
-  for g, (size, p) in enumerate(groups):
-    key = (_bucket_side(size, largest, ratio), None if mixed_roots else p)
-    buckets.setdefault(key, []).append(g)
-  out = []
-  for members in sorted(buckets.values()):
-    roots = {groups[g][1] for g in members}
-    # No padding beyond the largest member (none at all for a bucket of one size).
-    out.append(_RootBucket(side=max(groups[g][0] for g in members), members=tuple(members),
-                           root=roots.pop() if len(roots) == 1 else None))
-  return tuple(out)
-
-
-@functools.lru_cache(maxsize=256)
-def _make_plan(shapes: tuple[tuple[int, ...], ...], block_size: int, merge: bool,
-               max_dim: int, precondition_1d: bool, exponent_override: float | None,
-               bucket_ratio: float | None = None, mixed_roots: bool = True) -> _Plan:
-  group_index: dict[tuple[int, float], int] = {}
-  group_sizes: list[int] = []
-  pending = []
-  for shape in shapes:
-    size = math.prod(shape)
-    merged = _merge_small_dims(shape, block_size) if merge else tuple(d for d in shape)
-    if size > 0 and not merged:
-      merged = (1,)  # a scalar, or all dimensions 1
-    # Vectors and scalars (by their own rank, not after merging) go diagonal unless asked.
-    diagonal = (size == 0 or (len(shape) <= 1 and not precondition_1d)
-                or max(merged) > max_dim)
-    if diagonal:
-      pending.append(_LeafPlan(shape=shape, diagonal=True))
-      continue
-    root = float(exponent_override) if exponent_override is not None else 2.0 * len(merged)
-    per_dim = [_pieces(d, block_size) for d in merged]
-    combos = []
-    for index in itertools.product(*(range(len(p)) for p in per_dim)):
-      pieces = tuple(per_dim[i][j] for i, j in enumerate(index))
-      num = math.prod(p.count for p in pieces)
-      slots = []
-      for piece in pieces:
-        key = (piece.size, root)
-        if key not in group_index:
-          group_index[key] = len(group_sizes)
-          group_sizes.append(0)
-        g = group_index[key]
-        slots.append((g, group_sizes[g]))
-        group_sizes[g] += num
-      combos.append(_Combo(index=index, pieces=pieces, slots=tuple(slots)))
-    pending.append(_LeafPlan(shape=shape, diagonal=False, merged=merged, root=root,
-                             pieces_per_dim=tuple(len(p) for p in per_dim),
-                             combos=tuple(combos)))
-  # Sort groups by (size, root) so the state layout does not depend on leaf order details.
-  order = sorted(group_index, key=lambda k: k)
-  remap = {group_index[k]: i for i, k in enumerate(order)}
-  leaves = []
-  for lp in pending:
-    if lp.diagonal:
-      leaves.append(lp)
-      continue
-    combos = tuple(dataclasses.replace(c, slots=tuple((remap[g], o) for g, o in c.slots))
-                   for c in lp.combos)
-    leaves.append(dataclasses.replace(lp, combos=combos))
-  return _Plan(leaves=tuple(leaves), groups=tuple(order),
-               group_sizes=tuple(group_sizes[group_index[k]] for k in order),
-               root_buckets=_root_buckets(order, bucket_ratio, mixed_roots))
-
-
-def _pad_factors(x: jax.Array, side: int, fill: bool) -> jax.Array:
-  """Pads a stack of factors `[n, s, s]` to `[n, side, side]` block-diagonally.
-
-  The padded matrix has the factor's eigenvalues plus extra ones (zero, or with `fill` the
-  largest diagonal entry, which lies between λ_max/s and λ_max so that an iteration's
-  conditioning stays that of the factor), and λ_max is unchanged. So the leading s×s block
-  of its inverse root is the factor's root, damping included.
-  """
-  s = x.shape[-1]
-  if s == side:
-    return x
-  out = jnp.pad(x, ((0, 0), (0, side - s), (0, side - s)))
-  if fill:
-    top = jnp.max(jnp.diagonal(x, axis1=1, axis2=2), axis=1)
-    out = out + top[:, None, None] * np.diag((np.arange(side) >= s).astype(x.dtype))
-  return out
-
-
-def _to_blocks(x: jax.Array, combo: _Combo) -> jax.Array:
-  """The blocks of `x` (in merged shape) that `combo` covers, stacked: `[num, *block]`."""
-  starts = [p.start for p in combo.pieces]
-  limits = [p.start + p.count * p.size for p in combo.pieces]
-  sub = jax.lax.slice(x, starts, limits)
-  k = len(combo.pieces)
-  sub = sub.reshape([v for p in combo.pieces for v in (p.count, p.size)])
-  sub = sub.transpose(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
-  return sub.reshape((combo.num,) + combo.block)
-
-
-def _from_blocks(parts: Sequence[jax.Array], lp: _LeafPlan) -> jax.Array:
-  """Inverse of `_to_blocks` over all combos of a leaf: the array in merged shape."""
-  k = len(lp.merged)
-  pieces = {}
-  for combo, blocks in zip(lp.combos, parts):
-    counts = [p.count for p in combo.pieces]
-    sub = blocks.reshape(counts + list(combo.block))
-    perm = [v for i in range(k) for v in (i, k + i)]
-    sub = sub.transpose(perm).reshape([p.count * p.size for p in combo.pieces])
-    pieces[combo.index] = sub
-
-  def assemble(prefix: tuple[int, ...]) -> jax.Array:
-    if len(prefix) == k:
-      return pieces[prefix]
-    parts = [assemble(prefix + (j,)) for j in range(lp.pieces_per_dim[len(prefix)])]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=len(prefix))
-
-  return assemble(())
-
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _factor_stats(blocks: jax.Array, dim: int) -> jax.Array:
-  """`G_(i) G_(i)^T` for every block: contraction over all block axes but `dim`. [num, s, s]."""
-  x = jnp.moveaxis(blocks, dim + 1, 1)
-  x = x.reshape(x.shape[0], x.shape[1], -1)
-  return jnp.matmul(x, jnp.swapaxes(x, 1, 2), precision=_HIGHEST)
-
-
-def _precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
-  """Contracts every block axis i with its (symmetric) factor root: `[num, *block]`."""
-  x = blocks
-  for root in roots:
-    # Contract axis 1 with the root; the new axis goes last, so after all the axes have
-    # been visited the original order is back.
-    x = jnp.einsum("na...,nab->n...b", x, root, precision=_HIGHEST)
-  return x
-
-
-def _block_norms(blocks: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=tuple(range(1, blocks.ndim))))
 
 
 # ----------------------------------------------------------------------------- grafting
@@ -495,11 +256,13 @@ def shampoo_preconditioner(
   graft_tx = _graft_transform(graft, graft_b1, graft_b2, graft_eps)
   stat_dtype = jnp.dtype(statistics_dtype)
 
-  def plan_for(leaves) -> _Plan:
+  def plan_for(leaves) -> _blocks.Plan:
     shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
-    return _make_plan(shapes, block_size, bool(merge_small_dims), max_preconditioner_dim,
-                      bool(precondition_1d), exponent_override, root_bucket_ratio,
-                      method == "eigh")
+    return _blocks.make_plan(shapes, block_size=block_size, merge=bool(merge_small_dims),
+                             max_dim=max_preconditioner_dim,
+                             precondition_1d=bool(precondition_1d),
+                             exponent_override=exponent_override,
+                             bucket_ratio=root_bucket_ratio, mixed_roots=method == "eigh")
 
   def init_fn(params):
     check_float_leaves("shampoo_preconditioner", params, complex_ok=False)
@@ -561,22 +324,15 @@ def shampoo_preconditioner(
     else:
       graft_state, graft_leaves = state.graft_state, grads
 
-    blocks = [None if lp.diagonal else [_to_blocks(g.reshape(lp.merged), c) for c in lp.combos]
+    blocks = [None if lp.diagonal else _blocks.leaf_blocks(g, lp)
               for lp, g in zip(plan.leaves, grads)]
 
     @jax.named_scope("statistics")
     def accumulate(old_stats):
       """Every factor's new contribution, gathered per group in slot order, added in."""
-      contribs: list[list[jax.Array]] = [[] for _ in plan.groups]
-      for lp, leaf_blocks in zip(plan.leaves, blocks):
-        if lp.diagonal:
-          continue
-        for combo, b in zip(lp.combos, leaf_blocks):
-          for dim, (group, _) in enumerate(combo.slots):
-            contribs[group].append(_factor_stats(b, dim))
+      contribs = _blocks.factor_stats_per_group(plan, blocks)
       new_stats, skip = [], jnp.asarray(False)
-      for old, parts in zip(old_stats, contribs):
-        c = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+      for old, c in zip(old_stats, contribs):
         finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
         new = b2 * old + weight * c
         new_stats.append(jnp.where(finite[:, None, None], new, old))
@@ -595,28 +351,9 @@ def shampoo_preconditioner(
     # Roots, every `update_interval` steps from `start_preconditioning_step` on.
     @jax.named_scope("roots")
     def refresh(stats, preconds):
-      out, failures = list(preconds), jnp.zeros([], jnp.int32)
-      for bucket in plan.root_buckets:
-        # One batched root per bucket: its groups' factors padded to one side, each with
-        # its own root p (eigh) or all with the bucket's (Newton).
-        mats = [_pad_factors(stats[g] * stats_debias, bucket.side, fill=method == "newton")
-                for g in bucket.members]
-        a = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
-        if bucket.root is not None:
-          p = bucket.root
-        else:
-          p = np.concatenate([np.full(plan.group_sizes[g], plan.groups[g][1], np.float32)
-                              for g in bucket.members])
-        res = linalg.inverse_pth_root(a, p, eps=eps, method=method, max_iters=newton_max_iters)
-        ok = res.error <= root_tolerance  # the error is infinite for a non-finite root
-        failures = failures + jnp.sum(~ok).astype(jnp.int32)
-        offset = 0
-        for g in bucket.members:
-          size, n = plan.groups[g][0], plan.group_sizes[g]
-          root = res.root[offset:offset + n, :size, :size].astype(out[g].dtype)
-          out[g] = jnp.where(ok[offset:offset + n, None, None], root, out[g])
-          offset += n
-      return tuple(out), failures
+      return _blocks.inverse_roots(plan, [x * stats_debias for x in stats], preconds, eps=eps,
+                                   method=method, max_iters=newton_max_iters,
+                                   tolerance=root_tolerance)
 
     def keep(stats, preconds):
       del stats
@@ -652,18 +389,16 @@ def shampoo_preconditioner(
         out_leaves.append(out)
         continue
       pre_blocks = []
-      graft_blocks = ([_to_blocks(gu.reshape(lp.merged), c) for c in lp.combos]
-                      if graft_tx is not None else None)
+      graft_blocks = _blocks.leaf_blocks(gu, lp) if graft_tx is not None else None
       for ci, (combo, b) in enumerate(zip(lp.combos, lb)):
-        roots = [preconds[group][off:off + combo.num] for group, off in combo.slots]
-        u = _precondition_blocks(b, roots)
+        u = _blocks.contract_blocks(b, _blocks.combo_factors(preconds, lp, combo))
         if graft_tx is not None:
-          u_norm = _block_norms(u)
-          g_norm = _block_norms(graft_blocks[ci])
+          u_norm = _blocks.block_norms(u)
+          g_norm = _blocks.block_norms(graft_blocks[ci])
           scale = jnp.where(u_norm > 0, g_norm / jnp.where(u_norm > 0, u_norm, 1.0), 0.0)
           u = u * scale.reshape((-1,) + (1,) * (u.ndim - 1))
         pre_blocks.append(u)
-      out = _from_blocks(pre_blocks, lp).reshape(lp.shape)
+      out = _blocks.leaf_from_blocks(pre_blocks, lp)
       out_leaves.append(jnp.where(active, out, gu))
 
     out_leaves = [o.astype(x.dtype) for o, x in zip(out_leaves, leaves)]
