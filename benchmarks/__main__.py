@@ -127,6 +127,8 @@ def _list() -> None:
       goal = (f"race to {p.baseline}'s held-out loss" if p.target_loss is None
               else f"target {p.target_loss:g}")
       print(f"  {name:18s} {preset}: {p.description}  ({goal}, {p.steps[preset]} steps)")
+      rows = [n for n, spec in OPTIMIZERS.items() if _runs_on(spec, p, preset, set())]
+      print(f"  {'':18s}   rows: {', '.join(rows)}")
   print("optimizers:")
   for name, spec in OPTIMIZERS.items():
     reason = available(spec)
@@ -137,6 +139,15 @@ def _list() -> None:
     grid = ", ".join(f"{lr:.2g}" for lr in sweep_grid(spec, 3))  # the quick grid
     print(f"  {name:20s} [{spec.family:11s}] needs {needs:10s} lr {grid:22s} {state}"
           f"  {spec.note}")
+
+
+def _runs_on(spec, problem, preset: str, named: set) -> bool:
+  """Whether row `spec` runs on `problem` in `preset` (rows named with --only always apply)."""
+  if spec.name == problem.baseline:
+    return True
+  if preset == "quick" and problem.quick_rows is not None and spec.name not in named:
+    return spec.name in problem.quick_rows and spec.applies_to(problem, "full")
+  return spec.applies_to(problem, "full" if spec.name in named else preset)
 
 
 class _NoProgress:
@@ -207,8 +218,7 @@ def main(argv=None) -> int:
                                 else args.command) for name in problem_names}
   seeds = args.seeds if args.seeds is not None else preset.seeds
   named = {n.strip() for n in args.only.split(",")}
-  plan = [(p, [s for s in specs
-               if s.applies_to(problems[p], "full" if s.name in named else args.command)])
+  plan = [(p, [s for s in specs if _runs_on(s, problems[p], args.command, named)])
           for p in problem_names]
   total = sum(len(lr_grid(problems[p], s, preset, args.sweep)) + max(seeds - 1, 0)
               for p, p_specs in plan for s in p_specs)

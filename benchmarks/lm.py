@@ -55,10 +55,14 @@ import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
-__all__ = ["LMConfig", "SIZES", "ByteCorpus", "Block", "DecoderLM", "schedule", "lm_problem",
+__all__ = ["LMConfig", "SIZES", "QUICK_ROWS", "ByteCorpus", "Block", "DecoderLM", "schedule", "lm_problem",
            "weight_dimension_numbers", "VOCAB"]
 
 VOCAB = 256  # bytes
+
+# The rows `python -m benchmarks quick` races (the full preset runs every row): the baseline,
+# one Kronecker, one diagonal and one Fisher method of the library, and Muon.
+QUICK_ROWS = ("adamw", "shampoo", "sophia_g", "kfac", "muon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +366,7 @@ def lm_problem(size: str | LMConfig = "cpu", corpus: ByteCorpus | None = None):
       apply=apply, make_model=make, bind=bind, inputs=lambda b: b[0], labels=lambda b: b[1],
       output_loss=_softmax_ce, kind="language_model", likelihood="softmax",
       schedule=lambda n: schedule(config, n), eval_every=config.eval_every, baseline="adamw",
-      weight_dimension_numbers=weight_dimension_numbers)
+      weight_dimension_numbers=weight_dimension_numbers, quick_rows=QUICK_ROWS)
 
 
 def _main(argv=None) -> int:

@@ -96,6 +96,8 @@ class Problem:
       (the axes of stacked leaves) for methods that take it.
     in_quick: False for a problem that `python -m benchmarks quick` leaves out (unless named
       with --only).
+    quick_rows: optional optimizer names: the only rows `quick` runs on this problem (the
+      baseline among them); None: every row that applies.
   """
 
   name: str
@@ -125,6 +127,7 @@ class Problem:
   baseline: str = "adam"
   weight_dimension_numbers: Callable[[Params], Any] | None = None
   in_quick: bool = True
+  quick_rows: tuple[str, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- data
