@@ -1,0 +1,541 @@
+"""SOAP: Adam run in the slowly rotating eigenbasis of Shampoo's Kronecker factors.
+
+`scale_by_soap` is the primitive; `soap` chains it with decoupled weight decay and the
+learning rate. Both sit on the block plan Shampoo uses (`secondorder.transforms._blocks`):
+the same blocking, stacking of same-sized factors into batched decompositions, dimension
+numbers for scan-stacked layers, and sharding of the stacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from secondorder import linalg
+from secondorder._validation import (check_float_leaves, check_int, check_range,
+                                     check_state_shapes)
+from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
+from secondorder.transforms import _blocks
+
+__all__ = ["ScaleBySoapState", "scale_by_soap", "soap", "STATIC_ARGS"]
+
+# Arguments that fix the structure of the state. Left at their defaults (None) they stay
+# static under `optax.inject_hyperparams`; set explicitly, name them in
+# `optax.inject_hyperparams(soap, static_args=STATIC_ARGS)`.
+STATIC_ARGS = ("block_size", "max_precond_dim")
+
+_DEFAULT_MAX_PRECOND_DIM = 10000
+_HIGHEST = jax.lax.Precision.HIGHEST
+# SOAP takes no matrix roots: one nominal exponent puts every factor of one side into one
+# stack of the plan (one batched eigendecomposition or QR per side).
+_NO_ROOT = 1.0
+
+
+class ScaleBySoapState(NamedTuple):
+  """State of `scale_by_soap`.
+
+  Attributes:
+    count: calls so far (int32). The first call only collects statistics.
+    factors: the Kronecker factors L, R, ... of every block, one stack ``[n, s, s]`` per
+      factor side s (the plan's groups, sorted by side), in ``statistics_dtype``.
+    bases: their eigenbases in use, stacked like ``factors`` (columns in the order of
+      decreasing estimated eigenvalue).
+    mu: Adam's first moment, per leaf: for a preconditioned leaf one ``[n, *block]`` stack
+      per block shape, in the rotated coordinates; for a diagonal leaf the leaf's shape.
+    nu: Adam's second moment, laid out like ``mu``.
+    refresh_failures: eigenbases that came out non-finite and were not installed (the
+      previous basis stayed in use).
+    stat_skips: steps on which some factor kept its previous value because the gradient's
+      contribution was not finite.
+  """
+
+  count: jax.Array
+  factors: tuple[jax.Array, ...]
+  bases: tuple[jax.Array, ...]
+  mu: tuple[jax.Array, ...]
+  nu: tuple[jax.Array, ...]
+  refresh_failures: jax.Array
+  stat_skips: jax.Array
+
+
+# ----------------------------------------------------------------------------- block math
+
+
+def rotate(blocks: jax.Array, bases: Sequence[jax.Array], back: bool = False) -> jax.Array:
+  r"""Rotates a stack of blocks into (or, with ``back``, out of) their eigenbases.
+
+  Forward, every block axis i is contracted with its basis :math:`Q_i`,
+  :math:`G' = G \times_1 Q_1^\top \cdots \times_k Q_k^\top` (:math:`Q_L^\top G Q_R` for a
+  matrix); back applies :math:`Q_i` instead, the inverse rotation.
+
+  Args:
+    blocks: ``[n, *block]``.
+    bases: per block axis, ``[n, s, s]`` orthogonal matrices.
+    back: rotate back to the original coordinates.
+
+  Returns:
+    ``[n, *block]``.
+  """
+  if back:
+    bases = [jnp.swapaxes(q, 1, 2) for q in bases]
+  return _blocks.contract_blocks(blocks, bases)
+
+
+def adam_direction(rotated: Sequence[jax.Array], mu: Sequence[jax.Array],
+                   nu: Sequence[jax.Array], b1, b2, eps, k: jax.Array):
+  r"""Adam's moments and bias-corrected direction for every stack (rotated coordinates).
+
+  .. math::
+    m \leftarrow b_1 m + (1 - b_1) G',\quad v \leftarrow b_2 v + (1 - b_2) G'^2,\quad
+    N' = \frac{\sqrt{1 - b_2^k}}{1 - b_1^k} \cdot \frac{m}{\sqrt{v} + \epsilon}
+
+  (epsilon added before the bias correction, as the authors' implementation does).
+
+  Args:
+    rotated: the rotated gradients (any list of arrays).
+    mu: first moments, like ``rotated``.
+    nu: second moments, like ``rotated``.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to sqrt(v).
+    k: the Adam step, from 1.
+
+  Returns:
+    ``(directions, mu, nu)`` as lists.
+  """
+  mu = optax.tree.update_moment(list(rotated), list(mu), b1, 1)
+  nu = optax.tree.update_moment_per_elem_norm(list(rotated), list(nu), b2, 2)
+  kf = k.astype(mu[0].dtype) if mu else k
+  scale = jnp.sqrt(1 - b2 ** kf) / (1 - b1 ** kf)
+  directions = [scale * m / (jnp.sqrt(v) + eps) for m, v in zip(mu, nu)]
+  return directions, mu, nu
+
+
+def eigenbases(factors: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigenvectors of a stack of factors, columns by decreasing eigenvalue.
+
+  One batched call (`secondorder.linalg.symmetric_eigh`, one matrix at a time on CPU for
+  large sides).
+
+  Args:
+    factors: ``[n, s, s]`` symmetric.
+
+  Returns:
+    ``(bases, ok)``: ``[n, s, s]`` and ``[n]`` (False where the result is not finite).
+  """
+  _, vecs = linalg.symmetric_eigh(factors)
+  bases = vecs[..., ::-1]
+  return bases, jnp.all(jnp.isfinite(bases), axis=(1, 2))
+
+
+def _qr(a: jax.Array) -> jax.Array:
+  """The Q of ``a [n, s, s]``; on CPU one matrix at a time for large sides (see
+  `secondorder.linalg.CPU_ONE_AT_A_TIME`: batched LAPACK calls can hang there)."""
+  qr = lambda x: jnp.linalg.qr(x)[0]
+  if a.shape[0] <= 1 or a.shape[-1] < linalg.CPU_ONE_AT_A_TIME:
+    return qr(a)
+  return jax.lax.platform_dependent(a, cpu=lambda x: jax.lax.map(qr, x), default=qr)
+
+
+def power_iteration_bases(factors: jax.Array, bases: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""One step of power iteration and QR towards each factor's eigenbasis.
+
+  The columns of the basis in use are sorted by their estimated eigenvalues
+  :math:`\operatorname{diag}(Q^\top H Q)`, largest first, and :math:`Q \leftarrow
+  \operatorname{qr}(H Q_{sorted})`. A basis that comes out non-finite is not installed.
+
+  Args:
+    factors: ``[n, s, s]``.
+    bases: the bases in use, ``[n, s, s]``.
+
+  Returns:
+    ``(bases, order, ok)``: the new bases (the old ones where not ok), the column order
+    ``[n, s]`` applied (to be applied to the second moment too; the identity where not
+    ok) and ``ok [n]``.
+  """
+  estimates = jnp.einsum("nij,nik,nkj->nj", bases, factors, bases, precision=_HIGHEST)
+  order = jnp.argsort(-estimates, axis=-1, stable=True)
+  ordered = jnp.take_along_axis(bases, order[:, None, :], axis=2)
+  new = _qr(jnp.matmul(factors, ordered, precision=_HIGHEST))
+  ok = jnp.all(jnp.isfinite(new), axis=(1, 2)) & jnp.all(jnp.isfinite(factors), axis=(1, 2))
+  identity = jnp.broadcast_to(jnp.arange(order.shape[-1]), order.shape)
+  return (jnp.where(ok[:, None, None], new, bases), jnp.where(ok[:, None], order, identity),
+          ok)
+
+
+def permute_axes(x: jax.Array, orders: Sequence[jax.Array]) -> jax.Array:
+  """Reorders every block axis i of ``x [n, *block]`` by ``orders[i] [n, s_i]``."""
+  for i, order in enumerate(orders):
+    shape = [order.shape[0]] + [1] * (x.ndim - 1)
+    shape[1 + i] = order.shape[1]
+    x = jnp.take_along_axis(x, order.reshape(shape), axis=1 + i)
+  return x
+
+
+# ----------------------------------------------------------------------------- plan steps
+
+
+def _plan_for(leaves, axes, block_size: int, max_dim: int, merge: bool) -> _blocks.Plan:
+  shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
+  return _blocks.make_plan(shapes, tuple(axes), block_size=block_size, merge=merge,
+                           max_dim=max_dim, exponent_override=_NO_ROOT)
+
+
+def _moment_shapes(plan: _blocks.Plan) -> list[tuple[int, ...]]:
+  """The shape of every moment array: per leaf, one per block shape (or the leaf's)."""
+  out = []
+  for lp in plan.leaves:
+    if lp.diagonal:
+      out.append(lp.shape)
+    else:
+      out.extend((lp.factors(c),) + c.block for c in lp.combos)
+  return out
+
+
+def _split_gradients(plan: _blocks.Plan, grads: Sequence[jax.Array]):
+  """Per leaf its block stacks (None for a diagonal leaf), and the flat list of arrays
+  laid out like the moments."""
+  blocks, flat = [], []
+  for lp, g in zip(plan.leaves, grads):
+    if lp.diagonal:
+      blocks.append(None)
+      flat.append(g)
+    else:
+      b = _blocks.leaf_blocks(g, lp)
+      blocks.append(b)
+      flat.extend(b)
+  return blocks, flat
+
+
+def _combo_slots(plan: _blocks.Plan):
+  """Per moment array, ``(leaf plan, combo)`` (combo None for a diagonal leaf)."""
+  out = []
+  for lp in plan.leaves:
+    if lp.diagonal:
+      out.append((lp, None))
+    else:
+      out.extend((lp, c) for c in lp.combos)
+  return out
+
+
+def accumulate_factors(plan: _blocks.Plan, blocks, factors: Sequence[jax.Array], beta
+                       ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  r"""Moves every factor towards its block's Gram matrix: :math:`H \leftarrow \beta H +
+  (1 - \beta) G_{(i)} G_{(i)}^\top`.
+
+  A factor whose contribution is not finite keeps its value.
+
+  Args:
+    plan: the plan.
+    blocks: per leaf, its block stacks (None for a diagonal leaf).
+    factors: one ``[n, s, s]`` stack per group.
+    beta: the factors' decay.
+
+  Returns:
+    ``(factors, skipped)``: the new stacks and whether any factor was left unchanged.
+  """
+  contribs = _blocks.factor_stats_per_group(plan, blocks)
+  out, skipped = [], jnp.asarray(False)
+  for old, c in zip(factors, contribs):
+    finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
+    out.append(jnp.where(finite[:, None, None], beta * old + (1 - beta) * c, old))
+    skipped = skipped | ~jnp.all(finite)
+  return tuple(out), skipped
+
+
+def precondition(plan: _blocks.Plan, flat_grads, bases, mu, nu, b1, b2, eps, k):
+  """Rotates every block's gradient into its eigenbasis, takes Adam's step there and
+  rotates the direction back; diagonal leaves take Adam's step as they are.
+
+  Returns:
+    ``(directions, mu, nu)``, laid out like the moments.
+  """
+  slots = _combo_slots(plan)
+  rotated = [g if c is None else rotate(g, _blocks.combo_factors(bases, lp, c))
+             for g, (lp, c) in zip(flat_grads, slots)]
+  directions, mu, nu = adam_direction(rotated, mu, nu, b1, b2, eps, k)
+  directions = [d if c is None else rotate(d, _blocks.combo_factors(bases, lp, c), back=True)
+                for d, (lp, c) in zip(directions, slots)]
+  return directions, mu, nu
+
+
+def _first_bases(plan, factors, bases, mu, nu):
+  """The first refresh: an eigendecomposition of every factor (the moments are still 0)."""
+  new, failures = [], jnp.zeros([], jnp.int32)
+  for f, old in zip(factors, bases):
+    q, ok = eigenbases(f)
+    new.append(jnp.where(ok[:, None, None], q, old))
+    failures = failures + jnp.sum(~ok).astype(jnp.int32)
+  return tuple(new), tuple(mu), tuple(nu), failures
+
+
+def _refreshed_bases(plan, factors, bases, mu, nu):
+  """A later refresh: power iteration + QR for every factor; the second moment permuted
+  like the basis' columns and the first moment carried over to the new basis."""
+  new, orders, failures = [], [], jnp.zeros([], jnp.int32)
+  for f, old in zip(factors, bases):
+    q, order, ok = power_iteration_bases(f, old)
+    new.append(q)
+    orders.append(order)
+    failures = failures + jnp.sum(~ok).astype(jnp.int32)
+  mu_out, nu_out = [], []
+  for m, v, (lp, c) in zip(mu, nu, _combo_slots(plan)):
+    if c is None:
+      mu_out.append(m)
+      nu_out.append(v)
+      continue
+    old_q = _blocks.combo_factors(bases, lp, c)
+    new_q = _blocks.combo_factors(new, lp, c)
+    mu_out.append(rotate(rotate(m, old_q, back=True), new_q))
+    nu_out.append(permute_axes(v, _blocks.combo_factors(orders, lp, c)))
+  return tuple(new), tuple(mu_out), tuple(nu_out), failures
+
+
+def refresh(plan, due, first, factors, bases, mu, nu):
+  """The basis refresh inside `lax.switch`: eigh on the first call, power iteration + QR
+  when ``due``, nothing otherwise (a skipped step does not pay for it).
+
+  Returns:
+    ``(bases, mu, nu, failures)``.
+  """
+  if not plan.groups:
+    return tuple(bases), tuple(mu), tuple(nu), jnp.zeros([], jnp.int32)
+
+  def keep(factors, bases, mu, nu):
+    del factors
+    return tuple(bases), tuple(mu), tuple(nu), jnp.zeros([], jnp.int32)
+
+  branch = jnp.where(first, 1, jnp.where(due, 2, 0))
+  branches = [keep, lambda *a: _first_bases(plan, *a), lambda *a: _refreshed_bases(plan, *a)]
+  return jax.lax.switch(branch, branches, tuple(factors), tuple(bases), tuple(mu), tuple(nu))
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def _static_int(name: str, value: Any) -> int:
+  """A structural number; a concrete array is accepted, a traced one explained."""
+  if hasattr(value, "shape"):
+    try:
+      value = int(value)
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError(
+          f"{name} fixes the shape of the SOAP state and cannot be an injected "
+          "hyperparameter: leave it at None or use optax.inject_hyperparams(..., "
+          "static_args=secondorder.transforms.soap.STATIC_ARGS).") from None
+  check_int(name, value, minimum=1)
+  return value
+
+
+def scale_by_soap(
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float | None = None,
+    eps: float = 1e-8,
+    precondition_frequency: int = 10,
+    max_precond_dim: int | None = None,
+    block_size: int | None = None,
+    *,
+    merge_small_dims: bool = False,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    statistics_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SOAP's direction: Adam in the eigenbasis of Shampoo's factors, block by block.
+
+  For every block G (a matrix, or a tensor with one factor per dimension):
+
+  .. math::
+    L \leftarrow \beta L + (1-\beta) G G^\top,\quad R \leftarrow \beta R + (1-\beta) G^\top G,
+    \qquad G' = Q_L^\top G Q_R,
+
+  .. math::
+    m \leftarrow b_1 m + (1-b_1) G',\quad v \leftarrow b_2 v + (1-b_2) G'^{\odot 2},\quad
+    u = \frac{\sqrt{1-b_2^k}}{1-b_1^k}\; Q_L \frac{m}{\sqrt{v}+\epsilon} Q_R^\top .
+
+  The eigenbases Q_L, Q_R come from an eigendecomposition on the first call, which only
+  collects statistics (its update is zero, so no step uses its own gradient in its
+  rotation; k counts the calls after it). Every ``precondition_frequency`` steps each
+  basis moves by one step of power iteration and QR, :math:`Q \leftarrow
+  \operatorname{qr}(H Q)`, its columns first sorted by the estimated eigenvalues
+  :math:`\operatorname{diag}(Q^\top H Q)` and v's entries permuted to match; m is kept in
+  the rotated coordinates and carried over to the new basis. This is the order of
+  operations of the authors' implementation.
+
+  Blocking, stacking and dimension numbers are Shampoo's plan: dimensions above
+  ``block_size`` are split into blocks (each with its own factors), factors of one side
+  are decomposed in one batched call, and a leaf with ``weight_dimension_numbers`` is read
+  as independent ``[reduction, output]`` matrices (the layers of a scan-stacked parameter).
+  Vectors and scalars, and leaves with a dimension above ``max_precond_dim``, take Adam's
+  step unrotated (with the same skipped first step). A basis that comes out non-finite is
+  not installed (the previous one stays, ``refresh_failures`` counts it); a non-finite
+  contribution to a factor is skipped (``stat_skips``).
+
+  Args:
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    shampoo_beta: the factors' decay β; None (or a negative number) uses ``b2``.
+    eps: added to sqrt(v) in the rotated coordinates.
+    precondition_frequency: steps between basis refreshes (an injected array is fine).
+    max_precond_dim: a leaf with a (merged) dimension above it is not rotated; None:
+      10000.
+    block_size: the largest factor side, larger dimensions are blocked; None: no blocking
+      below ``max_precond_dim``.
+    merge_small_dims: drop size-1 dimensions and merge small adjacent ones (product up to
+      ``block_size``) before blocking.
+    weight_dimension_numbers: per leaf `optax.contrib.MuonDimensionNumbers` (a pytree, or
+      a callable of the params), see `secondorder.dimension_numbers`; None reads every
+      leaf as one tensor of its own shape.
+    statistics_dtype: dtype of the factors, bases and moments (float32 whatever the
+      params' dtype by default).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its update needs no extra argument and
+    returns updates in the gradients' dtypes.
+
+  Example:
+    >>> import optax, jax.numpy as jnp
+    >>> tx = optax.chain(scale_by_soap(precondition_frequency=10),
+    ...                  optax.scale_by_learning_rate(3e-3))
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade, "SOAP: Improving
+    and Stabilizing Shampoo using Adam", ICLR 2025.
+  """
+  max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
+                     else _static_int("max_precond_dim", max_precond_dim))
+  block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
+  if not hasattr(precondition_frequency, "shape"):
+    check_int("precondition_frequency", precondition_frequency, minimum=1)
+  check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
+  check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
+  check_range("shampoo_beta", shampoo_beta, None, 1.0)
+  check_range("eps", eps, 0.0, None)
+  stat_dtype = jnp.dtype(statistics_dtype)
+  merge = bool(merge_small_dims)
+
+  def plan_for(tree):
+    leaves = jax.tree.leaves(tree)
+    axes = resolve_leaf_axes(weight_dimension_numbers, tree)
+    return _plan_for(leaves, axes, block_size, max_precond_dim, merge)
+
+  def init_fn(params):
+    check_float_leaves("scale_by_soap", params, complex_ok=False)
+    plan = plan_for(params)
+    eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
+    zero = jnp.zeros([], jnp.int32)
+    moments = tuple(jnp.zeros(s, stat_dtype) for s in _moment_shapes(plan))
+    return ScaleBySoapState(
+        count=zero,
+        factors=tuple(jnp.zeros((n, s, s), stat_dtype)
+                      for (s, _), n in zip(plan.groups, plan.group_sizes)),
+        bases=tuple(eye(n, s) for (s, _), n in zip(plan.groups, plan.group_sizes)),
+        mu=moments, nu=moments, refresh_failures=zero, stat_skips=zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    check_state_shapes("scale_by_soap", init_fn, updates, state)
+    leaves, treedef = jax.tree.flatten(updates)
+    plan = plan_for(updates if params is None else params)
+    grads = [g.astype(stat_dtype) for g in leaves]
+    b1_, b2_, eps_ = (jnp.asarray(x, stat_dtype) for x in (b1, b2, eps))
+    beta = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, stat_dtype)
+    beta = jnp.where(beta < 0, b2_, beta)
+    first = state.count == 0
+    k = jnp.maximum(state.count, 1)  # the Adam step (calls after the first)
+    due = (state.count % jnp.asarray(precondition_frequency, jnp.int32)) == 0
+
+    blocks, flat = _split_gradients(plan, grads)
+    with jax.named_scope("statistics"):
+      factors, skipped = accumulate_factors(plan, blocks, state.factors, beta)
+    with jax.named_scope("precondition"):
+      directions, mu, nu = precondition(plan, flat, state.bases, state.mu, state.nu,
+                                        b1_, b2_, eps_, k)
+    # The first call collects statistics only: moments untouched, a zero update.
+    mu = [jnp.where(first, old, new) for old, new in zip(state.mu, mu)]
+    nu = [jnp.where(first, old, new) for old, new in zip(state.nu, nu)]
+    directions = [jnp.where(first, jnp.zeros_like(d), d) for d in directions]
+    with jax.named_scope("refresh"):
+      bases, mu, nu, failures = refresh(plan, due, first, factors, state.bases, mu, nu)
+
+    out, i = [], 0
+    for lp, g in zip(plan.leaves, leaves):
+      if lp.diagonal:
+        out.append(directions[i].astype(g.dtype))
+        i += 1
+      else:
+        parts = directions[i:i + len(lp.combos)]
+        i += len(lp.combos)
+        out.append(_blocks.leaf_from_blocks(parts, lp).astype(g.dtype))
+    new_state = ScaleBySoapState(
+        count=optax.safe_increment(state.count), factors=tuple(factors), bases=tuple(bases),
+        mu=tuple(mu), nu=tuple(nu),
+        # Saturating counters (like optax.safe_increment): they never wrap negative.
+        refresh_failures=state.refresh_failures + jnp.minimum(
+            failures, jnp.iinfo(jnp.int32).max - state.refresh_failures),
+        stat_skips=jnp.where(skipped, optax.safe_increment(state.stat_skips),
+                             state.stat_skips))
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int | None = None,
+    block_size: int | None = None,
+    *,
+    merge_small_dims: bool = False,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    statistics_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SOAP with decoupled weight decay and a learning rate (a float or a schedule).
+
+  .. math::
+    \theta_{t+1} = \theta_t - \eta_t \left(u_t + \lambda \theta_t\right)
+
+  with :math:`u_t` the direction of `scale_by_soap` (zero on the first step, which only
+  collects statistics; the weight decay applies from the first step on).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim, block_size,
+      merge_small_dims, weight_dimension_numbers, statistics_dtype: see `scale_by_soap`.
+    weight_decay: decoupled weight decay λ (AdamW-style).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = soap(3e-3)
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
+  """
+  check_range("weight_decay", weight_decay, 0.0, None)
+  return optax.chain(
+      scale_by_soap(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+                    precondition_frequency=precondition_frequency,
+                    max_precond_dim=max_precond_dim, block_size=block_size,
+                    merge_small_dims=merge_small_dims,
+                    weight_dimension_numbers=weight_dimension_numbers,
+                    statistics_dtype=statistics_dtype),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate))
