@@ -126,3 +126,171 @@ def test_multi_axis_update_is_the_matrix_update():
       got = np.asarray(_with_bias_row(upd[name]["kernel"], upd[name]["bias"], rows))
       assert upd[name]["kernel"].shape == grads[name]["kernel"].shape
       np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- transformers
+# A tiny decoder (vocabulary V, width D, L blocks of attention and MLP, T tokens) with a
+# tied head (`attend`), in NNX (blocks built by nnx.vmap, run by nnx.scan) and linen
+# (nn.scan), each beside the same model unrolled into separate blocks.
+
+V, D, L, T, HEADS = 11, 8, 2, 4, 2
+F64 = dict(param_dtype=jnp.float64)
+
+
+class NnxBlock(nnx.Module):
+
+  def __init__(self, rngs):
+    self.ln1 = nnx.LayerNorm(D, rngs=rngs, **F64)
+    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs, **F64)
+    self.ln2 = nnx.RMSNorm(D, rngs=rngs, **F64)
+    self.up = nnx.Linear(D, 2 * D, rngs=rngs, **F64)
+    self.down = nnx.Linear(2 * D, D, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + self.attn(self.ln1(x), mask=mask)
+    return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class NnxDecoder(nnx.Module):
+  """Blocks stacked by nnx.vmap and run by nnx.scan (optionally under nnx.remat), or a list."""
+
+  def __init__(self, rngs, *, scan=True, remat=False):
+    self.scan, self.remat = scan, remat
+    self.embed = nnx.Embed(V, D, rngs=rngs, **F64)
+    if scan:
+      @nnx.split_rngs(splits=L)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return NnxBlock(rngs)
+      self.blocks = make(rngs)
+    else:
+      self.blocks = nnx.List([NnxBlock(rngs) for _ in range(L)])
+    self.ln = nnx.LayerNorm(D, rngs=rngs, **F64)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    if self.scan:
+      body = lambda x, blk: (blk(x), None)
+      body = nnx.remat(body) if self.remat else body
+      x, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)
+    else:
+      for blk in self.blocks:
+        x = blk(x)
+    return self.embed.attend(self.ln(x))
+
+
+class LinenBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(HEADS, **F64)(nn.LayerNorm(**F64)(x), mask=mask)
+    h = nn.Dense(2 * D, **F64)(nn.RMSNorm(**F64)(x))
+    return x + nn.Dense(D, **F64)(jax.nn.gelu(h)), None
+
+
+class LinenDecoder(nn.Module):
+  scan: bool = True
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(V, D, **F64)
+    x = embed(tokens)
+    block = nn.remat(LinenBlock) if self.remat else LinenBlock
+    if self.scan:
+      x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=L)(name="blocks")(x, None)
+    else:
+      for i in range(L):
+        x, _ = block(name=f"block{i}")(x, None)
+    return embed.attend(nn.LayerNorm(**F64)(x))
+
+
+def _ce(z, y):
+  return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+
+def _tokens():
+  toks = jax.random.randint(jax.random.key(0), (2, T + 1), 0, V)
+  return toks[:, :-1], toks[:, 1:]
+
+
+def _unstack(tree, i):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _kfac_steps(layers, params, batches):
+  """Two K-FAC steps (exact damping, refresh every step) on captured (grads, stats)."""
+  tx = scale_by_kfac_factors(layers=layers, damping=1e-2, damping_mode="exact", decay=0.5,
+                             update_interval=1, stats_dtype=jnp.float64)
+  state = tx.init(params)
+  out = []
+  for grads, stats in batches:
+    upd, state = tx.update(grads, state, params, kfac_stats=stats)
+    out.append(upd)
+  return out
+
+
+def _nnx_run(model, tokens, targets):
+  cap = capture.nnx_capture(_ce, likelihood="softmax", stats_dtype=jnp.float64)
+  layers = cap.layers(model, tokens)
+  step = nnx.jit(lambda m, x, y, k: cap(m, x, y, key=k))
+  batches = []
+  for k in range(2):
+    _, grads, stats = step(model, tokens, targets, jax.random.key(k))
+    batches.append((grads, stats))
+  params = nnx.state(model, nnx.Param)
+  updates = jax.jit(lambda p, b: _kfac_steps(layers, p, b))(params, batches)
+  return layers, [u.to_pure_dict() for u in updates]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_nnx_scanned_layers_update_like_the_unrolled_model(remat):
+  """nnx.vmap-built blocks under nnx.scan: one factor pair per block, the unrolled updates."""
+  with jax.enable_x64(True):
+    tokens, targets = _tokens()
+    scanned = NnxDecoder(nnx.Rngs(0), remat=remat)
+    unrolled = NnxDecoder(nnx.Rngs(0), scan=False)
+    pure = nnx.state(scanned, nnx.Param).to_pure_dict()
+    pure_u = dict(pure, blocks={i: _unstack(pure["blocks"], i) for i in range(L)})
+    state_u = nnx.state(unrolled, nnx.Param)
+    nnx.replace_by_pure_dict(state_u, pure_u)
+    nnx.update(unrolled, state_u)
+
+    layers, got = _nnx_run(scanned, tokens, targets)
+    assert {l.name: l.factor_shape(l.s_dim) for l in layers} == {
+        "blocks/attn/query": (L, D, D), "blocks/attn/key": (L, D, D),
+        "blocks/attn/value": (L, D, D), "blocks/attn/out": (L, D, D),
+        "blocks/up": (L, 2 * D, 2 * D), "blocks/down": (L, D, D)}
+    _, want = _nnx_run(unrolled, tokens, targets)
+    for g, w in zip(got, want):
+      w = dict(w, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *[w["blocks"][i] for i in range(L)]))
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g, w)
+
+
+def _linen_run(model, params, tokens, targets):
+  cap = capture.linen_capture(model, _ce, likelihood="softmax", stats_dtype=jnp.float64)
+  layers = cap.layers(params, tokens)
+  step = jax.jit(lambda p, x, y, k: cap(p, x, y, key=k))
+  batches = [step(params, tokens, targets, jax.random.key(k))[1:] for k in range(2)]
+  return layers, jax.jit(lambda p, b: _kfac_steps(layers, p, b))(params, batches)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_linen_scanned_layers_update_like_the_unrolled_model(remat):
+  """nn.scan over blocks (optionally nn.remat): one factor pair per block, unrolled updates."""
+  with jax.enable_x64(True):
+    tokens, targets = _tokens()
+    scanned = LinenDecoder(remat=remat)
+    params = scanned.init(jax.random.key(1), tokens)["params"]
+    unrolled_params = {k: v for k, v in params.items() if k != "blocks"}
+    unrolled_params.update({f"block{i}": _unstack(params["blocks"], i) for i in range(L)})
+    layers, got = _linen_run(scanned, params, tokens, targets)
+    assert all(l.stacked and l.num_stacked == L for l in layers) and len(layers) == 6
+    _, want = _linen_run(LinenDecoder(scan=False), unrolled_params, tokens, targets)
+    for g, w in zip(got, want):
+      w = dict({k: v for k, v in w.items() if not k.startswith("block")},
+               blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *[w[f"block{i}"] for i in range(L)]))
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g, w)

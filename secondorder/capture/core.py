@@ -37,13 +37,27 @@ def _why_not(calls: list[interception.Call], shapes: dict) -> str | None:
     return "a layer called with different input layouts"
   if first.kernel not in shapes:
     return f"its kernel {'/'.join(first.kernel)} is not a parameter of the model"
-  if shapes[first.kernel] != first.kernel_shape:
+  stack = _stack_shape(shapes[first.kernel], first.kernel_shape)
+  if stack is None:
     return (f"its kernel has shape {shapes[first.kernel]} in the parameters but "
             f"{first.kernel_shape} inside the call")
   if first.bias is not None and (
-      first.bias not in shapes or shapes[first.bias] != first.kernel_shape[first.reduction_ndim:]):
+      first.bias not in shapes
+      or shapes[first.bias] != stack + first.kernel_shape[first.reduction_ndim:]):
     return f"its bias {'/'.join(first.bias)} does not match the kernel"
   return None
+
+
+def _stack_shape(param_shape: tuple, call_shape: tuple) -> tuple | None:
+  """The leading stack axes of a kernel whose calls see `call_shape` (`()` when unstacked).
+
+  A layer stacked by `nnx.vmap` / `nnx.scan` / `nn.scan` / `nn.vmap` holds `[L, *call_shape]`
+  and every call sees one slice; None when the shapes do not relate that way.
+  """
+  k = len(param_shape) - len(call_shape)
+  if k < 0 or tuple(param_shape[k:]) != tuple(call_shape):
+    return None
+  return tuple(param_shape[:k])
 
 
 def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
@@ -66,18 +80,21 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
     if _why_not(group, shapes) is not None:
       continue
     c = group[0]
-    ndim = len(c.kernel_shape)
-    spec = MuonDimensionNumbers(tuple(range(c.reduction_ndim)),
-                                tuple(range(c.reduction_ndim, ndim)))
-    covered.append(KfacLayer(name, c.kind, c.kernel, c.bias, c.kernel_shape, spec))
+    k = len(shapes[c.kernel]) - len(c.kernel_shape)
+    ndim = len(shapes[c.kernel])
+    spec = MuonDimensionNumbers(tuple(range(k, k + c.reduction_ndim)),
+                                tuple(range(k + c.reduction_ndim, ndim)))
+    covered.append(KfacLayer(name, c.kind, c.kernel, c.bias, shapes[c.kernel], spec))
   owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}
   uncovered = tuple("/".join(param_path(p)) for p, _ in leaves if param_path(p) not in owned)
   return KfacLayers(tuple(covered), uncovered)
 
 
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
-  return {l.name: (jnp.zeros(l.factor_shape(l.a_dim), dtype),
-                   jnp.zeros(l.factor_shape(l.s_dim), dtype), jnp.zeros([], dtype))
+  """Per covered layer (keyed by its module path) zero slots `(A, S, uses)` for the taps."""
+  return {l.kernel[:-1]: (jnp.zeros(l.factor_shape(l.a_dim), dtype),
+                          jnp.zeros(l.factor_shape(l.s_dim), dtype),
+                          jnp.zeros(l.factor_shape(0)[:-2], dtype))
           for l in layers}
 
 
@@ -100,7 +117,7 @@ class Capture:
       raise ValueError(f"fisher={fisher!r} needs likelihood= one of {list(LIKELIHOODS)}.")
     if likelihood is not None:
       check_choice("likelihood", likelihood, LIKELIHOODS)
-    self._forward = forward      # (model_or_params, params, recorder, inputs) -> outputs
+    self._forward = forward      # (model_or_params, params, slots, recorder, inputs) -> outputs
     self._params_of = params_of
     self.loss_fn = loss_fn
     self.likelihood = likelihood
@@ -119,7 +136,7 @@ class Capture:
     """
     params = self._params_of(model_or_params)
     rec = interception.Recorder()
-    jax.eval_shape(lambda p, x: self._forward(model_or_params, p, rec, x), params, inputs)
+    jax.eval_shape(lambda p, x: self._forward(model_or_params, p, {}, rec, x), params, inputs)
     return layers_from_calls(rec.calls, params)
 
   def _output_cotangents(self, out, vjp_fn, slot_ct, key):
@@ -152,7 +169,8 @@ class Capture:
     params = self._params_of(model_or_params)
 
     def fwd(p, slots):
-      return self._forward(model_or_params, p, interception.Recorder(slots), inputs)
+      return self._forward(model_or_params, p, slots, interception.Recorder(capture=True),
+                           inputs)
 
     out, vjp_fn = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype))
     loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
@@ -161,9 +179,9 @@ class Capture:
     m = likelihoods.num_examples(out)
     stats = {}
     for layer in covered:
-      a, _, uses = slot_ct[layer.name]
-      uses = jnp.maximum(uses, 1)
-      stats[layer.name] = LayerStats(a=a / uses, s=m * s_ct[layer.name][1])
+      a, _, uses = slot_ct[layer.kernel[:-1]]
+      uses = jnp.maximum(uses, 1)[..., None, None]
+      stats[layer.name] = LayerStats(a=a / uses, s=m * s_ct[layer.kernel[:-1]][1])
     return loss, grads, stats
 
 
@@ -194,8 +212,9 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
   """
   extra = dict(variables or {})
 
-  def forward(obj, params, rec, inputs):
+  def forward(obj, params, slots, rec, inputs):
     del obj
+    params = interception.linen_place_slots(params, slots)
     with interception.recording(rec), interception.linen_intercept():
       return model.apply({"params": params, **extra}, inputs, **apply_kwargs)
 
@@ -229,9 +248,10 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
   def params_of(model):
     return nnx.state(model, nnx.Param)
 
-  def forward(model, params, rec, inputs):
+  def forward(model, params, slots, rec, inputs):
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     m = nnx.merge(graphdef, params, rest)
+    interception.nnx_place_slots(m, slots)
     with interception.recording(rec), interception.nnx_intercept(m):
       return m(inputs)
 

@@ -51,33 +51,38 @@ class Call:
   problem: str | None
 
 
+SLOT_NAMES = ("_secondorder_kfac_a", "_secondorder_kfac_s", "_secondorder_kfac_uses")
+
+
 class Recorder:
   """Routes the covered layers' calls of one traced forward pass.
 
   Args:
-    slots: None for discovery; for capture, per covered layer name the zero slots
-      `(a, s, count)` the taps report into.
+    capture: False for discovery (record every call); True to tap the layers that carry
+      slots (`SLOT_NAMES`, placed beside their parameters by the capture).
   """
 
-  def __init__(self, slots: dict | None = None):
-    self.slots = slots
+  def __init__(self, capture: bool = False):
+    self.capture = capture
     self.calls: list[Call] = []
 
   def handle(self, name: str, kind: str, described, kernel_path, bias_path,
-             call: Callable[[jax.Array], jax.Array], kernel_shape: Callable[[], tuple], x):
-    """Runs `call(x)` (tapped in capture mode); in discovery records the call."""
-    if self.slots is None:
+             call: Callable[[jax.Array], jax.Array], kernel_shape: Callable[[], tuple],
+             slots: Callable[[], tuple | None], x):
+    """Runs `call(x)`: tapped in capture mode, recorded in discovery."""
+    if not self.capture:
       y = call(x)
       problem = described if isinstance(described, str) else None
       config, nin = (None, 0) if problem else described
       self.calls.append(Call(name, kind, kernel_path, bias_path, tuple(kernel_shape()), nin,
                              config, problem))
       return y
-    if name not in self.slots or isinstance(described, str):
+    found = None if isinstance(described, str) else slots()
+    if found is None:
       return call(x)
-    slot_a, slot_s, count = self.slots[name]
+    slot_a, slot_s, uses = found
     rows = functools.partial(KINDS[kind].input_rows, described[0])
-    x = taps.tap_inputs(x, slot_a, count, rows, bias_path is not None)
+    x = taps.tap_inputs(x, slot_a, uses, rows, bias_path is not None)
     return taps.tap_outputs(call(x), slot_s)
 
 
@@ -124,10 +129,16 @@ def linen_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   path = tuple(str(p) for p in module.path)
   bias = path + ("bias",) if module.use_bias else None
+
+  def slots():
+    if not module.has_variable("params", SLOT_NAMES[0]):
+      return None
+    return tuple(module.get_variable("params", n) for n in SLOT_NAMES)
+
   return rec.handle(
       "/".join(path), kind, described, path + ("kernel",), bias,
       lambda x: next_fun(x, *args[1:], **kwargs),
-      lambda: jnp.shape(module.get_variable("params", "kernel")), args[0])
+      lambda: jnp.shape(module.get_variable("params", "kernel")), slots, args[0])
 
 
 @contextlib.contextmanager
@@ -166,13 +177,43 @@ def _nnx_wrapped(cls):
       return original(self, x, *args, **kwargs)
     kind, described = _nnx_describe(self, x)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
+
+    def slots():
+      if getattr(self, SLOT_NAMES[0], None) is None:
+        return None
+      return tuple(getattr(self, n).value for n in SLOT_NAMES)
+
     return rec.handle("/".join(path), kind, described, path + ("kernel",), bias,
                       lambda xx: original(self, xx, *args, **kwargs),
-                      lambda: jnp.shape(self.kernel.value), x)
+                      lambda: jnp.shape(self.kernel.value), slots, x)
   return call
 
 
 _NNX_LOCK = threading.RLock()
+
+
+class KfacSlot(nnx.Param):
+  """A capture's zero slot placed beside a layer's parameters (so stacked layers slice it)."""
+
+
+def nnx_place_slots(model, slots: dict) -> None:
+  """Sets each covered layer's slots (`{module path: (a, s, uses)}`) on the capture's copy."""
+  modules = {tuple(str(p) for p in path): m for path, m in nnx.iter_modules(model)}
+  for path, values in slots.items():
+    for n, v in zip(SLOT_NAMES, values):
+      setattr(modules[path], n, KfacSlot(v))
+
+
+def linen_place_slots(params, slots: dict):
+  """`params` with each covered layer's slots added beside its kernel (a new dict tree)."""
+  out = dict(params)
+  for path, values in slots.items():
+    node = out
+    for key in path:
+      node[key] = dict(node[key])
+      node = node[key]
+    node.update(zip(SLOT_NAMES, values))
+  return out
 
 
 @contextlib.contextmanager

@@ -91,8 +91,8 @@ class KfacLayer:
     return tuple(self.kernel_shape[a] for a in ax.batch + ax.output)
 
   def factor_shape(self, side: int) -> tuple[int, ...]:
-    """`(side, side)`, or `(L, side, side)` for a stack."""
-    return ((self.num_stacked,) if self.stacked else ()) + (side, side)
+    """`(side, side)`, or `(*stack axes, side, side)` for a stack (e.g. `(L, side, side)`)."""
+    return tuple(self.kernel_shape[a] for a in self.axes.batch) + (side, side)
 
 
 @dataclasses.dataclass(frozen=True)
