@@ -116,6 +116,31 @@ def mixed_pytree() -> Problem:
   return Problem("mixed_pytree", _mixed_params(), loss, 0.0, 1e-6)
 
 
+def stacked_dimension_numbers(params: PyTree) -> PyTree:
+  """`weight_dimension_numbers` of `stacked_layers` (a function of params, so that it also
+  fits the partial trees `optax.masked` passes): every 3-D leaf is `[L, m, n]`, L layers."""
+  from secondorder.dimension_numbers import MuonDimensionNumbers  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: MuonDimensionNumbers(1, 2) if jnp.ndim(x) == 3 else None,
+                      params)
+
+
+def stacked_layers() -> Problem:
+  """Three scan-stacked layers `[3, 4, 3]` (one leaf, read with `stacked_dimension_numbers`)
+  and a bias: ½ Σ_l ‖A_l (W_l − W*_l) B_l‖²_F with a different Kronecker quadratic per layer."""
+  keys = jax.random.split(jax.random.key(4), 7)
+  left = jnp.stack([jnp.asarray(_spd(keys[l], 4, 0.5), jnp.float32) for l in range(3)])
+  right = jnp.stack([jnp.asarray(_spd(keys[3 + l], 3, 0.5), jnp.float32) for l in range(3)])
+  w_star = jax.random.normal(keys[6], (3, 4, 3), jnp.float32)
+  b_star = jnp.linspace(-1.0, 1.0, 3, dtype=jnp.float32)
+
+  def loss(p):
+    r = left @ (p["stack"].astype(jnp.float32) - w_star) @ right
+    return 0.5 * jnp.sum(r * r) + 0.5 * jnp.sum((p["b"].astype(jnp.float32) - b_star) ** 2)
+
+  params = {"stack": jnp.zeros((3, 4, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+  return Problem("stacked_layers", params, loss, 0.0, 1e-6)
+
+
 def rosenbrock() -> Problem:
   """(1 − x)² + 100 (y − x²)² from the classic start (−1.2, 1)."""
 
@@ -261,6 +286,7 @@ _PROBLEM_BUILDERS = {
     "softmax_regression": softmax_regression,
     "mixed_classifier": mixed_classifier,
     "dense_softmax": dense_softmax,
+    "stacked_layers": stacked_layers,
 }
 
 
