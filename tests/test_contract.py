@@ -67,14 +67,14 @@ CASES: list[Case] = [
          lr=_ADAHESSIAN_LR, steps=_ADAHESSIAN_STEPS, primitive=(scale_by_hutchinson, dict(b1=0.9, b2=0.999, eps=1e-4, hessian_power=1.0))),
     Case("adahessian", lambda learning_rate: adahessian(learning_rate), extra_args=C.obj_fn_args,
          lr=_ADAHESSIAN_LR, steps=_ADAHESSIAN_STEPS),
-    # Sophia. Its clipped steps oscillate at a constant rate near a minimum: a cosine decay
-    # (as in the paper) shows convergence on the quadratics.
     # AdaHessian with dimension numbers: 3-D leaves are stacks of layers.
     Case("adahessian_stacked",
          lambda learning_rate: adahessian(
              learning_rate, weight_dimension_numbers=C.stacked_dimension_numbers),
          extra_args=C.obj_fn_args, lr=0.3, problems=("stacked_layers",),
          steps={"stacked_layers": 400}),   # the checks: mixed_pytree's [2, 2, 2] leaf
+    # Sophia. Its clipped steps oscillate at a constant rate near a minimum: a cosine decay
+    # (as in the paper) shows convergence on the quadratics.
     Case("sophia_clip_hutchinson", _with_lr(sophia_clip), extra_args=C.obj_fn_args, lr=0.05,
          steps=_SOPHIA_STEPS, converge_lr=_cosine(0.2, 400, rosenbrock=0.05),
          primitive=(sophia_clip, dict(b1=0.965, b2=0.99, gamma=0.01, eps=1e-12))),
