@@ -222,7 +222,8 @@ def _preconditioner(kind: str, power, grads, damping, fisher_diag):
 
 
 def _reduction_ratio(loss, candidate_loss, model_reduction) -> jax.Array:
-  """ρ = (L(θ + d) − L(θ)) / q(d); 0 when the model predicts no decrease (q(d) >= 0)."""
+  """ρ = (L(θ + d) − L(θ)) / q(d); 0 when the model predicts no decrease (q(d) >= 0), so
+  that λ grows until C + λI is positive definite along the directions CG explores."""
   predicted = model_reduction < 0
   return jnp.where(predicted, (candidate_loss - loss) / jnp.where(predicted, model_reduction,
                                                                   -1.0), 0.0)
@@ -231,7 +232,9 @@ def _reduction_ratio(loss, candidate_loss, model_reduction) -> jax.Array:
 def _levenberg_marquardt(damping, rho, adapt: bool, increase, decrease, ok, informative):
   """λ ← increase·λ when ρ < ¼ (or the step failed), λ ← decrease·λ when ρ > ¾.
 
-  `informative` is False when the model predicted no decrease (a zero step): λ is kept.
+  `informative` is False at a stationary point (g = 0), where the step is zero whatever λ:
+  λ is kept. A step that predicts no decrease although g ≠ 0 (CG met negative curvature
+  at once) has ρ = 0 and raises λ.
   """
   if not adapt:
     return damping
@@ -273,8 +276,9 @@ def scale_by_hessian_free(
     output loss `loss_fn`, positive semi-definite for a convex `loss_fn`; L = loss_fn ∘
     logits_fn. Needs `update(..., logits_fn=..., loss_fn=...)`.
   * `curvature="hessian"`: C = ∇²L with L = `obj_fn` (Newton-CG; for convex or small
-    problems: a direction of negative curvature ends CG early, and a step that does not
-    decrease the model leaves λ to grow). Needs `update(..., obj_fn=...)`.
+    problems: a direction of negative curvature ends CG early, and a step whose model
+    predicts no decrease counts as ρ = 0, so λ grows until C + λI is positive definite
+    where CG looks). Needs `update(..., obj_fn=...)`.
   * `curvature="fisher"`: C the true Fisher of the categorical distribution over the last
     axis of `logits_fn(θ)` (equal to the Gauss-Newton matrix for softmax cross-entropy);
     L = loss_fn ∘ logits_fn. Needs `logits_fn=` and `loss_fn=`.
@@ -372,7 +376,7 @@ def scale_by_hessian_free(
     rho = jnp.where(ok, _reduction_ratio(loss, candidate_loss, model), 0.0).astype(
         damping.dtype)
     new_damping = _levenberg_marquardt(damping, rho, adapt_damping, damping_increase,
-                                       damping_decrease, ok, model < 0)
+                                       damping_decrease, ok, tree_vdot(grads, grads) > 0)
     direction = _keep_if(ok, p, state.direction)
     step = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), p)
     return _as_updates(step, updates), ScaleByHessianFreeState(
