@@ -1,8 +1,9 @@
 """A ``public-api`` directive: the API reference of a module, generated from its ``__all__``.
 
+In a reStructuredText page (the directive emits reStructuredText, which autodoc needs),
 ``.. public-api:: secondorder`` documents every name in ``secondorder.__all__``, grouped by
 the module that defines it, with an autosummary table and the full docstring of each; a
-name added to ``__all__`` appears in the reference without editing any page. A public name
+name added to ``__all__`` appears in the reference without editing any page. A public
 function or class without a docstring is a build warning (an error under ``sphinx-build -W``).
 
 Option ``:skip-toplevel:`` leaves out names that ``secondorder`` itself exports, so a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import types
 
 from docutils import nodes
@@ -24,8 +26,9 @@ from sphinx.util.nodes import nested_parse_with_titles
 
 logger = logging.getLogger(__name__)
 
-# Section titles for the modules that define public names; the order is the page's order.
-# A module not listed here gets its dotted name as the title, after these.
+# Section titles, matched against the defining module by the longest dotted prefix; the
+# order is the page's order. A module no prefix matches gets its dotted name as the title,
+# after these.
 SECTIONS = {
     "secondorder.transforms.hutchinson": "AdaHessian (Hutchinson diagonal)",
     "secondorder.transforms.sophia": "Sophia",
@@ -35,13 +38,24 @@ SECTIONS = {
     "secondorder.capture": "Layer statistics for K-FAC",
     "secondorder.transforms.hessian_free": "Hessian-free and natural gradient",
     "secondorder.transforms.accumulate": "Gradient accumulation in the moments",
+    "secondorder.closures": "Model closures",
     "secondorder.curvature.products": "Curvature products",
     "secondorder.curvature.estimators": "Diagonal estimators",
     "secondorder.curvature.losses": "Output-space losses",
     "secondorder.curvature.spectrum": "Spectrum",
+    "secondorder.curvature.cg": "Conjugate gradient",
     "secondorder.linalg": "Matrix functions",
     "secondorder.dimension_numbers": "Dimension numbers",
 }
+
+
+def section_title(module_name: str) -> str:
+  """The title of the section for names defined in ``module_name``."""
+  parts = module_name.split(".")
+  for i in range(len(parts), 0, -1):
+    if ".".join(parts[:i]) in SECTIONS:
+      return SECTIONS[".".join(parts[:i])]
+  return module_name
 
 
 def public_names(module: types.ModuleType) -> list[str]:
@@ -77,11 +91,16 @@ def _has_docstring(name: str, obj, module: types.ModuleType) -> bool:
   return bool(doc)
 
 
-def _defining_module(obj, fallback: str) -> str:
-  """The module that defines an object (its own ``__module__``), else ``fallback``."""
-  if _kind(obj) == "autodata":
-    return fallback
-  return getattr(obj, "__module__", None) or fallback
+def _defining_module(name: str, obj, package: str) -> str:
+  """The module of ``package`` that defines (or, for a re-exported object, holds) ``obj``."""
+  module = getattr(obj, "__module__", None) if _kind(obj) != "autodata" else None
+  if module and (module == package or module.startswith(package + ".")):
+    return module
+  for modname, mod in sorted(sys.modules.items()):
+    if (modname.startswith(package + ".") and mod is not None
+        and getattr(mod, name, None) is obj):
+      return modname
+  return package
 
 
 class PublicApi(SphinxDirective):
@@ -95,6 +114,7 @@ class PublicApi(SphinxDirective):
     module = importlib.import_module(modname)
     toplevel = importlib.import_module(modname.split(".")[0])
     toplevel_objects = {id(getattr(toplevel, n)) for n in public_names(toplevel)}
+    package = modname.split(".")[0]
     groups: dict[str, list[tuple[str, object]]] = {}
     for name in public_names(module):
       obj = getattr(module, name)
@@ -105,20 +125,21 @@ class PublicApi(SphinxDirective):
       if not _has_docstring(name, obj, module):
         logger.warning("public name %s.%s has no docstring", modname, name,
                        location=self.get_location())
-      groups.setdefault(_defining_module(obj, modname), []).append((name, obj))
+      title = section_title(_defining_module(name, obj, package))
+      groups.setdefault(title, []).append((name, obj))
 
-    order = list(SECTIONS) + sorted(set(groups) - set(SECTIONS))
+    titles = list(dict.fromkeys(SECTIONS.values()))
+    order = titles + sorted(set(groups) - set(titles))
     lines = []
-    for defining in order:
-      if defining not in groups:
+    for title in order:
+      if title not in groups:
         continue
-      title = SECTIONS.get(defining, defining) if "skip-toplevel" not in self.options else None
-      if title:
+      if "skip-toplevel" not in self.options:
         lines += [title, "-" * len(title), ""]
       lines += [".. autosummary::", ""]
-      lines += [f"   {modname}.{name}" for name, _ in groups[defining]]
+      lines += [f"   {modname}.{name}" for name, _ in groups[title]]
       lines.append("")
-      for name, obj in groups[defining]:
+      for name, obj in groups[title]:
         lines += [f".. {_kind(obj)}:: {modname}.{name}", ""]
     content = StringList(lines, source=f"<public-api {modname}>")
     node = nodes.section() if "skip-toplevel" not in self.options else nodes.container()
