@@ -288,7 +288,7 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
       continue
     path = tuple(str(p) for p in path)
     for name, (layer_shape, layout) in _nnx_kernel_layouts(node).items():
-      shape = tuple(getattr(node, name).value.shape)
+      shape = tuple(np.shape(getattr(node, name).get_value()))
       specs[path + (name,)] = _stacked_spec(shape, layer_shape, layout, stack_axis,
                                             "/".join(path + (name,)))
     if _nnx_vector_layer(node):
