@@ -352,6 +352,84 @@ def test_bad_hyperparameters_raise():
     shampoo(1e-3, b1=1.0)
 
 
+# ----------------------------------------------------------------- stacked layers (dimension numbers)
+
+MDN = optax.contrib.MuonDimensionNumbers
+
+
+def _run_float64(tx, grads_seq, params):
+  """The updates of `tx` over a sequence of gradient pytrees, jitted once, in float64."""
+  update = jax.jit(tx.update)
+  state, out = tx.init(params), []
+  for g in grads_seq:
+    u, state = update(g, state, params)
+    out.append(u)
+  return out, state
+
+
+def _random_trees(shapes: dict, steps: int, seed: int):
+  rng = np.random.RandomState(seed)
+  return [{k: jnp.asarray(rng.randn(*s)) for k, s in shapes.items()} for _ in range(steps)]
+
+
+def test_stacked_layers_and_attention_kernel_equal_separate_matrices():
+  # float64, 10 steps, roots at steps 1, 4, 7, 10, block size 4, in one tree read through
+  # dimension numbers, against the same matrices as separate leaves:
+  #   a: 2 stacked [4, 3] layers, MuonDimensionNumbers(1, 2)  -> leaves a0, a1 (unblocked);
+  #   c: 2 stacked [6, 3] layers                             -> c0, c1 (6 > 4: blocked);
+  #   k: attention [d=6, heads=2, head_dim=3], reduction 0, output (1, 2) -> a [6, 6] leaf;
+  #   b: a bias read by its rank (None).
+  with jax.enable_x64(True):
+    kw = dict(block_size=4, update_interval=3, beta2=0.9, eps=EPS,
+              start_preconditioning_step=1, statistics_dtype=jnp.float64)
+    specs = {"a": MDN(1, 2), "c": MDN(1, 2), "k": MDN(0, (1, 2)), "b": None}
+    stacked = shampoo_preconditioner(weight_dimension_numbers=specs, **kw)
+    separate = shampoo_preconditioner(**kw)
+    trees = _random_trees({"a": (2, 4, 3), "c": (2, 6, 3), "k": (6, 2, 3), "b": (3,)}, 10,
+                          seed=11)
+    split = [{"a0": t["a"][0], "a1": t["a"][1], "c0": t["c"][0], "c1": t["c"][1],
+              "k": t["k"].reshape(6, 6), "b": t["b"]} for t in trees]
+    u_stacked, st = _run_float64(stacked, trees, trees[0])
+    u_split, su = _run_float64(separate, split, split[0])
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12)
+    for a, b in zip(u_stacked, u_split):
+      for name in ("a", "c"):
+        for i in range(2):
+          close(a[name][i], b[f"{name}{i}"])
+      close(a["k"].reshape(6, 6), b["k"])
+      close(a["b"], b["b"])
+    # Every factor belongs to one layer: the stacks of the separate leaves, no 2x2 factor
+    # over the layer axis.
+    assert sorted(x.shape for x in st.stats) == sorted(x.shape for x in su.stats)
+    assert int(st.root_failures) == 0
+
+
+def test_bad_dimension_numbers_name_the_leaf():
+  params = {"layers": {"kernel": jnp.zeros((2, 3, 4))}}
+  for spec, what in [(MDN(1, 3), "does not exist"), (MDN(1, 1), "overlap")]:
+    tx = shampoo(1e-3, weight_dimension_numbers={"layers": {"kernel": spec}})
+    with pytest.raises(ValueError, match=what) as err:
+      tx.init(params)
+    msg = str(err.value)
+    assert "['layers']['kernel']" in msg and "(2, 3, 4)" in msg and repr(spec) in msg
+  with pytest.raises(ValueError, match="structure of the params"):
+    shampoo_preconditioner(weight_dimension_numbers={"other": MDN(0, 1)}).init(params)
+
+
+def test_scanned_model_costs_the_root_calls_of_the_unrolled_one():
+  # Four [8, 12] layers stacked in one leaf with dimension numbers: one batched call per
+  # factor side (8 and 12), as for four separate leaves; read by its rank the stack adds a
+  # 4x4 factor and its call. (The traced update; benchmarks/shampoo_bench.py --scan counts
+  # the compiled HLO of a scanned transformer.)
+  kw = dict(block_size=16, update_interval=1, merge_small_dims=False)
+  stacked = {"w": jnp.zeros((4, 8, 12))}
+  unrolled = {f"w{i}": jnp.zeros((8, 12)) for i in range(4)}
+  n_stacked = _eigh_calls(shampoo_preconditioner(weight_dimension_numbers={"w": MDN(1, 2)},
+                                                 **kw), stacked)
+  assert n_stacked == _eigh_calls(shampoo_preconditioner(**kw), unrolled) == 2
+  assert _eigh_calls(shampoo_preconditioner(**kw), stacked) == 3
+
+
 # ----------------------------------------------------------------- inject_hyperparams, Newton
 # (the shared contract for `shampoo` and `shampoo_preconditioner` runs in tests/test_contract.py)
 
@@ -371,6 +449,17 @@ def test_inject_hyperparams_with_static_args(statistics_interval):
   with pytest.raises(ValueError, match="static_args"):
     bad = optax.inject_hyperparams(shampoo_preconditioner)(block_size=4)
     jax.jit(bad.update)(jnp.ones((6, 3)), bad.init(params), params)
+
+
+@pytest.mark.parametrize("graft_b1", [None, 0.0, 0.9])
+def test_graft_state_structure_does_not_depend_on_injection(graft_b1):
+  params = jnp.zeros((4, 3))
+  plain = shampoo_preconditioner(graft_b1=graft_b1)
+  injected = optax.inject_hyperparams(shampoo_preconditioner)(graft_b1=graft_b1)
+  sp, si = plain.init(params), injected.init(params)
+  assert jax.tree.structure(si.inner_state) == jax.tree.structure(sp)
+  kind = "ScaleByRmsWithCountState" if graft_b1 is None else "ScaleByAdamState"
+  assert type(sp.graft_state).__name__ == kind
 
 
 # The coupled-Newton roots, SGD grafting and full factors for vectors, on the problems where
