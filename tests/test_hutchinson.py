@@ -405,3 +405,16 @@ def test_estimate_on_a_plain_step_is_an_error(refresh):
   params = jnp.ones(3)
   with pytest.raises(ValueError, match="hessian_diag= was given with refresh=False"):
     tx.update(params, tx.init(params), params, hessian_diag=jnp.ones(3), refresh=refresh)
+
+
+def test_one_pass_helper_returns_the_aux_of_the_gradient_pass():
+  """has_aux=True: value, gradient and z * Hz as without it, plus obj_fn's aux."""
+  params, loss = _mlp_problem()
+  tx = adahessian(0.05)
+  state = tx.init(params)
+  want = value_grad_and_hessian_diag(loss, params, state)
+  got = jax.jit(lambda p, s: value_grad_and_hessian_diag(
+      lambda q: (loss(q), {"seen": q["b1"] + 1.0}), p, s, has_aux=True))(params, state)
+  for a, b in zip(jax.tree.leaves(got[:3]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[3]["seen"], params["b1"] + 1.0)

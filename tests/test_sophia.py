@@ -429,3 +429,26 @@ def test_estimate_on_a_plain_step_is_an_error():
   h = jax.tree.map(jnp.ones_like, params)
   with pytest.raises(ValueError, match="hessian_diag= was given with refresh=False"):
     tx.update(params, tx.init(params), params, hessian_diag=h, refresh=False)
+
+
+def test_one_pass_helper_returns_the_aux_of_the_gradient_pass():
+  """has_aux=True: the same loss, gradient and estimate as without, and obj_fn's aux (a
+  model's new state, here a running mean of the activations) from the same single pass."""
+  from secondorder.transforms.sophia import value_grad_and_hutchinson_estimate
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  params = {"w": jnp.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.2]]), "b": jnp.array([0.1, -0.1])}
+
+  def with_aux(p):
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    return jnp.mean(h ** 2), {"running_mean": 0.9 * jnp.ones(2) + 0.1 * h.mean(axis=0)}
+
+  tx = sophia(1e-2)
+  state = tx.init(params)
+  value, grads, h = value_grad_and_hutchinson_estimate(lambda p: with_aux(p)[0], params, state)
+  got = jax.jit(lambda p, s: value_grad_and_hutchinson_estimate(with_aux, p, s, has_aux=True))(
+      params, state)
+  np.testing.assert_allclose(got[0], value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[1:3]), jax.tree.leaves((grads, h))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[3]["running_mean"], with_aux(params)[1]["running_mean"],
+                             rtol=1e-6)
