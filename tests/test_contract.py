@@ -22,6 +22,8 @@ from secondorder.transforms.hutchinson import adahessian, scale_by_hutchinson
 from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
 from secondorder.transforms.shampoo import STATIC_ARGS as SHAMPOO_STATIC_ARGS
 from secondorder.transforms.shampoo import shampoo, shampoo_preconditioner
+from secondorder.transforms.soap import STATIC_ARGS as SOAP_STATIC_ARGS
+from secondorder.transforms.soap import scale_by_soap, soap
 from secondorder.transforms.sophia import sophia, sophia_clip
 from tests import contract as C
 from tests.contract import Case
@@ -99,6 +101,16 @@ CASES: list[Case] = [
                                                   root_bucket_ratio=4.0),
          lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
          steps={**C.DEFAULT_STEPS, "rosenbrock": 2000}),
+    # SOAP: the first step only collects statistics; bases refreshed every other step.
+    # Adam's usual b2 (the paper's 0.95 keeps a constant rate oscillating near a minimum).
+    Case("scale_by_soap",
+         _with_lr(lambda: scale_by_soap(b1=0.9, b2=0.999, precondition_frequency=2)),
+         lr=0.05,
+         primitive=(scale_by_soap, dict(b1=0.9, b2=0.99, eps=1e-8, precondition_frequency=2,
+                                        block_size=4), SOAP_STATIC_ARGS)),
+    Case("soap", lambda learning_rate: soap(learning_rate, b1=0.9, b2=0.999, weight_decay=0.0,
+                                            precondition_frequency=2),
+         lr=0.05),
     # K-FAC on plain pytrees: every parameter on the diagonal fallback (RMS scaling, no
     # momentum in the primitive).
     Case("scale_by_kfac_factors",

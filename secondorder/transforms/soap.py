@@ -428,9 +428,15 @@ def scale_by_soap(
 
   def init_fn(params):
     check_float_leaves("scale_by_soap", params, complex_ok=False)
+    zero = jnp.zeros([], jnp.int32)
+    if not jax.tree.leaves(params):
+      # No parameters, or optax.tree.map_params' placeholder: the fields whose layout
+      # depends on the shapes become one empty array, a prefix of any real layout.
+      none = jnp.zeros((0,), stat_dtype)
+      return ScaleBySoapState(count=zero, factors=none, bases=none, mu=none, nu=none,
+                              refresh_failures=zero, stat_skips=zero)
     plan = plan_for(params)
     eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
-    zero = jnp.zeros([], jnp.int32)
     moments = tuple(jnp.zeros(s, stat_dtype) for s in _moment_shapes(plan))
     return ScaleBySoapState(
         count=zero,
@@ -474,9 +480,11 @@ def scale_by_soap(
         parts = directions[i:i + len(lp.combos)]
         i += len(lp.combos)
         out.append(_blocks.leaf_from_blocks(parts, lp).astype(g.dtype))
+    factors, bases, mu, nu = tuple(factors), tuple(bases), tuple(mu), tuple(nu)
+    if not leaves:  # keep the placeholder layout of an empty tree
+      factors, bases, mu, nu = state.factors, state.bases, state.mu, state.nu
     new_state = ScaleBySoapState(
-        count=optax.safe_increment(state.count), factors=tuple(factors), bases=tuple(bases),
-        mu=tuple(mu), nu=tuple(nu),
+        count=optax.safe_increment(state.count), factors=factors, bases=bases, mu=mu, nu=nu,
         # Saturating counters (like optax.safe_increment): they never wrap negative.
         refresh_failures=state.refresh_failures + jnp.minimum(
             failures, jnp.iinfo(jnp.int32).max - state.refresh_failures),
