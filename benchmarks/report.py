@@ -282,11 +282,12 @@ _MARKERS = "osD^vP*Xh<>p8d"
 
 
 def _palette() -> list:
+  """24 colours: tab10, then Dark2, then tab20's light shades (distinct neighbours first)."""
   import matplotlib
 
-  cmap = matplotlib.colormaps["tab20"]
-  # tab20 comes in dark/light pairs: all dark ones first, then the light ones.
-  return [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
+  tab10, dark2, tab20 = (matplotlib.colormaps[n] for n in ("tab10", "Dark2", "tab20"))
+  return ([tab10(i) for i in range(10)] + [dark2(i) for i in range(8)]
+          + [tab20(i) for i in (1, 3, 5, 9, 13, 17)])
 
 
 def style(name: str) -> dict:
@@ -449,10 +450,13 @@ def plot_speedups(path, rows: list, problems: dict):
   for h, label in zip(*axes[0].get_legend_handles_labels()):
     handles.setdefault(label, h)
   fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8)
-  title = "Speed-up to target over each problem's baseline"
+  fig.suptitle("Speed-up to target over each problem's baseline", fontsize=10)
   if missing:
-    title += "\nnever reached the target: " + ", ".join(missing)
-  fig.suptitle(title, fontsize=10)
-  fig.savefig(path, dpi=100)
+    import textwrap
+
+    fig.text(0.01, 0.0, textwrap.fill("never reached the target (not drawn): "
+                                      + ", ".join(missing), 200),
+             fontsize=7, va="top", ha="left")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
   return fig
