@@ -71,6 +71,9 @@ from secondorder.transforms.kfac import scale_by_kfac_factors
 from secondorder.transforms.shampoo import ShampooState
 from secondorder.transforms.shampoo import shampoo
 from secondorder.transforms.shampoo import shampoo_preconditioner
+from secondorder.transforms.soap import ScaleBySoapState
+from secondorder.transforms.soap import scale_by_soap
+from secondorder.transforms.soap import soap
 from secondorder.transforms.sophia import SophiaClipState
 from secondorder.transforms.sophia import gnb_estimator
 from secondorder.transforms.sophia import hutchinson_estimator
