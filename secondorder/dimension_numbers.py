@@ -265,8 +265,9 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
     on_unknown: "raise" (default) or "none" (leave unknown parameters to the defaults).
 
   Returns:
-    A pytree like `nnx.state(model, wrt)` with a `MuonDimensionNumbers` or None per leaf,
-    for any method's `weight_dimension_numbers`.
+    A pytree like `nnx.state(model, wrt)` (an `nnx.State` whose variables hold a
+    `MuonDimensionNumbers` or None), for any method's `weight_dimension_numbers` when the
+    optimized params are that state; `nnx.to_pure_dict` of it matches pure-dict params.
 
   Raises:
     ValueError: naming the path and shapes, when a kernel does not fit its layer with the
@@ -277,7 +278,7 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
     >>> import secondorder as so
     >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
     >>> dims = so.dimension_numbers_from_nnx(model)
-    >>> dims["kernel"]
+    >>> dims["kernel"].get_value()
     MuonDimensionNumbers(reduction_axis=0, output_axis=1)
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
