@@ -358,7 +358,12 @@ class Case:
     check_problem: the problem the non-convergence checks run on.
     primitive: optional (factory, kwargs) or (factory, kwargs, static_args): checks that
       `optax.inject_hyperparams(factory, static_args)(**kwargs)` (numbers, defaults
-      included, become injected arrays) gives the same updates as `factory(**kwargs)`.
+      included, become injected arrays) gives the same updates as `factory(**kwargs)`,
+      and a state of the same structure.
+    alias: optional (factory, kwargs): the alias itself under
+      `optax.inject_hyperparams(factory)(**kwargs)` without `static_args` (every default
+      injected, so no `**kwargs` in its signature and no state-shaping number left as a
+      default) gives the updates and the state structure of `factory(**kwargs)`.
     lr_is_last: the learning rate only scales the final update (state evolution does not
       depend on it) and a schedule is evaluated at the call count, so a schedule's updates
       are the constant-lr ones times schedule/lr.
@@ -377,6 +382,7 @@ class Case:
   problems: tuple[str, ...] = REGRESSION_PROBLEMS
   check_problem: str = "mixed_pytree"
   primitive: tuple | None = None
+  alias: tuple | None = None
   lr_is_last: bool = True
   converge_lr: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -646,18 +652,28 @@ def check_inject_hyperparams(case: Case) -> None:
   u_zero, _ = fn_inj(g1, s_inj, params)
   assert not _nonzero(u_zero), "learning_rate injected as 0 still moves the params"
 
+  factories = []
   if case.primitive is not None:
     factory, kwargs, *static = case.primitive
+    factories.append((factory, kwargs, static[0] if static else ()))
+  if case.alias is not None:
+    factories.append((*case.alias, ()))
+  for factory, kwargs, static in factories:
     plain = factory(**kwargs)
-    inj = optax.inject_hyperparams(factory, static_args=static[0] if static else ())(**kwargs)
+    inj = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
     f_plain = make_update_fn(case, plain, problem)
     f_inj = make_update_fn(case, inj, problem)
     sp, si = plain.init(params), inj.init(params)
+    # Checkpoints load either way: numbers and injected arrays give one state structure.
+    assert jax.tree.structure(si.inner_state) == jax.tree.structure(sp), (
+        f"inject_hyperparams({factory.__name__}) changes the state structure:\n"
+        f"{jax.tree.structure(si.inner_state)}\nvs\n{jax.tree.structure(sp)}")
     for g in (g1, g2):
       up, sp = f_plain(g, sp, params)
       ui, si = f_inj(g, si, params)
       assert_trees_close(up, ui, rtol=1e-5, atol=1e-7,
                          msg=f"inject_hyperparams({factory.__name__}) vs plain")
+    assert jax.tree.structure(si.inner_state) == jax.tree.structure(sp)
 
 
 def check_multisteps(case: Case) -> None:

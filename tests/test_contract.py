@@ -96,11 +96,17 @@ CASES: list[Case] = [
          converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400),
                       "rosenbrock": optax.cosine_decay_schedule(0.03, 3000)},
          primitive=(shampoo_preconditioner, dict(beta2=0.999, eps=1e-6), SHAMPOO_STATIC_ARGS)),
-    # The alias with padded root buckets, so that the contract covers that path too.
-    Case("shampoo", lambda learning_rate: shampoo(learning_rate, update_interval=2,
-                                                  root_bucket_ratio=4.0),
-         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2},
-         steps={**C.DEFAULT_STEPS, "rosenbrock": 2000}),
+    # The alias with padded root buckets, so that the contract covers that path too, and 3-D
+    # leaves read as stacks of layers (mixed_pytree's [2, 2, 2] under every check); the
+    # alias itself under inject_hyperparams.
+    Case("shampoo", lambda learning_rate: shampoo(
+             learning_rate, update_interval=2, root_bucket_ratio=4.0,
+             weight_dimension_numbers=C.stacked_dimension_numbers),
+         lr={"quadratic": 0.1, "matrix_quadratic": 0.1, "mixed_pytree": 0.1, "rosenbrock": 0.2,
+             "stacked_layers": 0.1},
+         problems=C.REGRESSION_PROBLEMS + ("stacked_layers",),
+         steps={**C.DEFAULT_STEPS, "rosenbrock": 2000, "stacked_layers": 300},
+         alias=(shampoo, dict(learning_rate=0.1, update_interval=2))),
     # SOAP: the first step only collects statistics; bases refreshed every other step.
     # Adam's usual b2 (the paper's 0.95 keeps a constant rate oscillating near a minimum).
     Case("scale_by_soap",
