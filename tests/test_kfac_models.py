@@ -213,84 +213,90 @@ def _ce(z, y):
 
 
 def _tokens():
-  toks = jax.random.randint(jax.random.key(0), (2, T + 1), 0, V)
-  return toks[:, :-1], toks[:, 1:]
+  toks = np.random.default_rng(0).integers(0, V, (2, T + 1))
+  return jnp.asarray(toks[:, :-1]), jnp.asarray(toks[:, 1:])
 
 
 def _unstack(tree, i):
-  return jax.tree.map(lambda a: a[i], tree)
+  return jax.tree.map(lambda a: np.asarray(a)[i], tree)
 
 
-def _kfac_steps(layers, params, batches):
-  """Two K-FAC steps (exact damping, refresh every step) on captured (grads, stats)."""
-  tx = scale_by_kfac_factors(layers=layers, damping=1e-2, damping_mode="exact", decay=0.5,
-                             update_interval=1, stats_dtype=jnp.float64)
-  state = tx.init(params)
-  out = []
-  for grads, stats in batches:
-    upd, state = tx.update(grads, state, params, kfac_stats=stats)
-    out.append(upd)
-  return out
+def _kfac_step(layers, params, grads, stats):
+  """One K-FAC step on captured (grads, stats), equal-size factors decomposed together."""
+  tx = scale_by_kfac_factors(layers=layers, damping=1e-2, damping_mode="exact",
+                             update_interval=1, pad_ratio=1.0, stats_dtype=jnp.float64)
+  return tx.update(grads, tx.init(params), params, kfac_stats=stats)[0]
 
 
-def _nnx_run(model, tokens, targets):
-  cap = capture.nnx_capture(_ce, likelihood="softmax", stats_dtype=jnp.float64)
+def _stack_blocks(blocks):
+  return jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+
+
+def _assert_trees_close(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), got, want)
+
+
+def _nnx_update(model, tokens, targets):
+  cap = capture.nnx_capture(_ce, fisher="empirical", stats_dtype=jnp.float64)
   layers = cap.layers(model, tokens)
-  step = nnx.jit(lambda m, x, y, k: cap(m, x, y, key=k))
-  batches = []
-  for k in range(2):
-    _, grads, stats = step(model, tokens, targets, jax.random.key(k))
-    batches.append((grads, stats))
-  params = nnx.state(model, nnx.Param)
-  updates = jax.jit(lambda p, b: _kfac_steps(layers, p, b))(params, batches)
-  return layers, [u.to_pure_dict() for u in updates]
+
+  @nnx.jit
+  def step(m):
+    _, grads, stats = cap(m, tokens, targets)
+    return _kfac_step(layers, nnx.state(m, nnx.Param), grads, stats)
+
+  return layers, step(model).to_pure_dict()
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_nnx_scanned_layers_update_like_the_unrolled_model(remat):
-  """nnx.vmap-built blocks under nnx.scan: one factor pair per block, the unrolled updates."""
+def test_nnx_scanned_layers_update_like_the_unrolled_model():
+  """nnx.vmap-built blocks under nnx.scan (with and without nnx.remat): one factor pair per
+  block, and the same K-FAC update as the model unrolled into separate blocks."""
   with jax.enable_x64(True):
     tokens, targets = _tokens()
-    scanned = NnxDecoder(nnx.Rngs(0), remat=remat)
-    unrolled = NnxDecoder(nnx.Rngs(0), scan=False)
-    pure = nnx.state(scanned, nnx.Param).to_pure_dict()
-    pure_u = dict(pure, blocks={i: _unstack(pure["blocks"], i) for i in range(L)})
+    # Built under nnx.jit: one compiled program instead of one per initialiser op.
+    unrolled = nnx.jit(lambda: NnxDecoder(nnx.Rngs(0), scan=False))()
+    pure = nnx.state(nnx.jit(lambda: NnxDecoder(nnx.Rngs(0)))(), nnx.Param).to_pure_dict()
     state_u = nnx.state(unrolled, nnx.Param)
-    nnx.replace_by_pure_dict(state_u, pure_u)
+    nnx.replace_by_pure_dict(state_u, dict(pure, blocks={i: _unstack(pure["blocks"], i)
+                                                         for i in range(L)}))
     nnx.update(unrolled, state_u)
+    _, want = _nnx_update(unrolled, tokens, targets)
+    want = dict(want, blocks=_stack_blocks([want["blocks"][i] for i in range(L)]))
+    for remat in (False, True):
+      scanned = nnx.jit(lambda: NnxDecoder(nnx.Rngs(0), remat=remat))()
+      layers, got = _nnx_update(scanned, tokens, targets)
+      assert {l.name: l.factor_shape(l.s_dim) for l in layers} == {
+          "blocks/attn/query": (L, D, D), "blocks/attn/key": (L, D, D),
+          "blocks/attn/value": (L, D, D), "blocks/attn/out": (L, D, D),
+          "blocks/up": (L, 2 * D, 2 * D), "blocks/down": (L, D, D)}
+      _assert_trees_close(got, want)
 
-    layers, got = _nnx_run(scanned, tokens, targets)
-    assert {l.name: l.factor_shape(l.s_dim) for l in layers} == {
-        "blocks/attn/query": (L, D, D), "blocks/attn/key": (L, D, D),
-        "blocks/attn/value": (L, D, D), "blocks/attn/out": (L, D, D),
-        "blocks/up": (L, 2 * D, 2 * D), "blocks/down": (L, D, D)}
-    _, want = _nnx_run(unrolled, tokens, targets)
-    for g, w in zip(got, want):
-      w = dict(w, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *[w["blocks"][i] for i in range(L)]))
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g, w)
 
-
-def _linen_run(model, params, tokens, targets):
-  cap = capture.linen_capture(model, _ce, likelihood="softmax", stats_dtype=jnp.float64)
+def _linen_update(model, params, tokens, targets):
+  cap = capture.linen_capture(model, _ce, fisher="empirical", stats_dtype=jnp.float64)
   layers = cap.layers(params, tokens)
-  step = jax.jit(lambda p, x, y, k: cap(p, x, y, key=k))
-  batches = [step(params, tokens, targets, jax.random.key(k))[1:] for k in range(2)]
-  return layers, jax.jit(lambda p, b: _kfac_steps(layers, p, b))(params, batches)
+
+  @jax.jit
+  def step(p):
+    _, grads, stats = cap(p, tokens, targets)
+    return _kfac_step(layers, p, grads, stats)
+
+  return layers, step(params)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_linen_scanned_layers_update_like_the_unrolled_model(remat):
-  """nn.scan over blocks (optionally nn.remat): one factor pair per block, unrolled updates."""
+def test_linen_scanned_layers_update_like_the_unrolled_model():
+  """nn.scan over blocks (with and without nn.remat): one factor pair per block, and the
+  same K-FAC update as the model unrolled into separate blocks."""
   with jax.enable_x64(True):
     tokens, targets = _tokens()
-    scanned = LinenDecoder(remat=remat)
-    params = scanned.init(jax.random.key(1), tokens)["params"]
-    unrolled_params = {k: v for k, v in params.items() if k != "blocks"}
-    unrolled_params.update({f"block{i}": _unstack(params["blocks"], i) for i in range(L)})
-    layers, got = _linen_run(scanned, params, tokens, targets)
-    assert all(l.stacked and l.num_stacked == L for l in layers) and len(layers) == 6
-    _, want = _linen_run(LinenDecoder(scan=False), unrolled_params, tokens, targets)
-    for g, w in zip(got, want):
-      w = dict({k: v for k, v in w.items() if not k.startswith("block")},
-               blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *[w[f"block{i}"] for i in range(L)]))
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), g, w)
+    params = jax.jit(LinenDecoder().init)(jax.random.key(1), tokens)["params"]
+    unrolled = {k: v for k, v in params.items() if k != "blocks"}
+    unrolled.update({f"block{i}": _unstack(params["blocks"], i) for i in range(L)})
+    _, want = _linen_update(LinenDecoder(scan=False), unrolled, tokens, targets)
+    want = dict({k: v for k, v in want.items() if not k.startswith("block")},
+                blocks=_stack_blocks([want[f"block{i}"] for i in range(L)]))
+    for remat in (False, True):
+      layers, got = _linen_update(LinenDecoder(remat=remat), params, tokens, targets)
+      assert len(layers) == 6 and all(l.factor_shape(1) == (L, 1, 1) for l in layers)
+      _assert_trees_close(got, want)
