@@ -5,6 +5,7 @@ character transformer.
     python3 -m benchmarks.shampoo_bench --problems digits_mlp --steps 300 --no-ds
     python3 -m benchmarks.shampoo_bench --update-interval 20 --statistics-interval 5
     python3 -m benchmarks.shampoo_bench --root-bucket-ratio 4 --no-ds   # + padded root calls
+    python3 -m benchmarks.shampoo_bench --root-calls tiny   # root calls: scanned vs unrolled LM
 
 For every problem, in one process: a small learning-rate grid per optimizer on seed 0 (the
 best setting is the one that reaches the problem's target training loss in the fewest
@@ -22,6 +23,13 @@ optax-shampoo==0.0.6` (in the `bench` extra) adds no other package. When it is i
 its rows run in the same process: Distributed Shampoo, this library's Shampoo and Adam
 timed interleaved, at the same root refresh interval, block size, statistics decay and
 start step (`--no-ds` leaves them out).
+
+`--root-calls SIZE` only counts Shampoo's batched root calls per refresh in the compiled
+update on the language model's scan-over-layers transformer (`benchmarks.lm`), read through
+its dimension numbers, against the same parameters unrolled into one leaf per layer. On
+`tiny` (block size 128): the kernels cost 3 calls either way (stacks 14x32x32, 2x96x96,
+6x128x128); the stacked norm scales and biases `[layers, d]`, which no
+`MuonDimensionNumbers` can declare, are read by their rank and add 2 calls (5 against 3).
 
 Writes `<out>/shampoo_bench.md` and `<out>/shampoo_bench.png` (default `bench_out/`).
 """
@@ -303,6 +311,83 @@ def _targets(text: str) -> dict[str, float]:
   return out
 
 
+def _compiled_root_calls(tx, params) -> int:
+  """Eigendecompositions (LAPACK syevd custom calls) in the compiled update: with
+  `update_interval=1` and `method="eigh"`, the batched root calls of one refresh."""
+  hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  return sum("custom-call" in line and "syevd" in line for line in hlo.splitlines())
+
+
+def root_calls(size: str = "tiny", block_size: int = 128) -> list[dict]:
+  """Shampoo's root calls per refresh on the language model's scan-over-layers transformer
+  (`benchmarks.lm.DecoderLM`, blocks stacked on a layer axis) against the same parameters
+  unrolled into one leaf per layer, counted in the compiled HLO.
+
+  The scanned model reads its block kernels through `lm.weight_dimension_numbers`; the
+  stacked norm scales and biases `[layers, d]` have no reduction axis to declare and are
+  read by their rank (a `layers x layers` factor each), so the row "kernels only" keeps
+  them out of the tree to count what the dimension numbers decide.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from benchmarks import lm  # pylint: disable=g-import-not-at-top
+  from secondorder import linalg  # pylint: disable=g-import-not-at-top
+  from secondorder.dimension_numbers import resolve_leaf_axes  # pylint: disable=g-import-not-at-top
+  from secondorder.transforms._blocks import make_plan  # pylint: disable=g-import-not-at-top
+  from secondorder.transforms.shampoo import shampoo_preconditioner  # pylint: disable=g-import-not-at-top
+
+  config = lm.SIZES[size]
+  model = lm.DecoderLM(config, rngs=nnx.Rngs(0))
+  scanned = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  layers = config.layers
+
+  def unroll(tree):
+    out = {k: v for k, v in tree.items() if k != "blocks"}
+    for i in range(layers):
+      out[f"block{i}"] = jax.tree.map(lambda x: x[i], tree["blocks"])
+    return out
+
+  def kernels_only(tree):
+    """The tree without the blocks' stacked vectors (norm scales, biases)."""
+    def strip(node):
+      if isinstance(node, dict):
+        out = {k: strip(v) for k, v in node.items()}
+        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+      return node if node.ndim == 3 else {}
+    return {**tree, "blocks": strip(tree["blocks"])}
+
+  kw = dict(block_size=block_size, update_interval=1, method="eigh")
+  rows = []
+  old = linalg.CPU_ONE_AT_A_TIME
+  linalg.CPU_ONE_AT_A_TIME = 10**9  # one batched call per stack, as on an accelerator
+  try:
+    for name, params, dims in [
+        ("scanned, weight_dimension_numbers", scanned, lm.weight_dimension_numbers),
+        ("unrolled, one leaf per layer", unroll(scanned), None),
+        ("scanned, read by rank", scanned, None),
+        ("scanned kernels only, weight_dimension_numbers", kernels_only(scanned),
+         lm.weight_dimension_numbers),
+        ("unrolled kernels only", unroll(kernels_only(scanned)), None)]:
+      tx = shampoo_preconditioner(weight_dimension_numbers=dims, **kw)
+      leaves = jax.tree.leaves(params)
+      plan = make_plan(tuple(x.shape for x in leaves), tuple(resolve_leaf_axes(dims, params)),
+                       block_size=block_size, max_dim=4096)
+      rows.append({"model": name, "root_calls": _compiled_root_calls(tx, params),
+                   "factor_stacks": [f"{n}x{s}x{s}" for (s, _), n in
+                                     zip(plan.groups, plan.group_sizes)]})
+  finally:
+    linalg.CPU_ONE_AT_A_TIME = old
+  return rows
+
+
+def markdown_root_calls(rows: list[dict], size: str, block_size: int) -> str:
+  lines = [f"Shampoo root calls per refresh, language model `{size}` (block size {block_size}; "
+           "compiled HLO, method=eigh)", "",
+           "| parameters | root calls | factor stacks [n x s x s] |", "|---|---|---|"]
+  lines += [f"| {r['model']} | {r['root_calls']} | {', '.join(r['factor_stacks'])} |"
+            for r in rows]
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--problems", type=lambda s: s.split(","), default=list(DEFAULT_PROBLEMS))
@@ -328,7 +413,17 @@ def main(argv=None):
                            "digits_mlp=0.01,char_transformer=2.4")
   parser.add_argument("--ds-steps", type=int, default=500,
                       help="step cap for the Distributed Shampoo comparison (3 optimizers)")
+  parser.add_argument("--root-calls", default=None, metavar="SIZE",
+                      help="only count Shampoo's root calls per refresh on the language "
+                           "model of this size (tiny, cpu, gpu), scanned against unrolled")
   args = parser.parse_args(argv)
+  if args.root_calls:
+    rows = root_calls(args.root_calls, args.block_size)
+    print(markdown_root_calls(rows, args.root_calls, args.block_size))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "shampoo_root_calls.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+    return
   cfg = {"block_size": args.block_size, "update_interval": args.update_interval,
          "statistics_interval": args.statistics_interval, "start": args.start, "b2": 0.999,
          "root_bucket_ratio": args.root_bucket_ratio}

@@ -65,6 +65,74 @@ def param_specs(params, mesh: Mesh):
   }
 
 
+# A scan-over-layers model: three stacked tanh layers [3, 8, 8] (no biases: a stacked bias
+# [3, 8] has no reduction axis to declare) applied by `lax.scan`, then the output layer. Shampoo reads the stack through dimension numbers (three independent
+# 8x8 layers); on the 2x4 mesh the layers' outputs are sharded over "model".
+STACKED_LAYERS = 3
+
+
+def stacked_init_params(seed: int = 0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  scale = 1.0 / np.sqrt(ts.IN_FEATURES)
+  return {
+      "layers": {"kernel": scale * jax.random.normal(
+                     k1, (STACKED_LAYERS, ts.IN_FEATURES, ts.IN_FEATURES), jnp.float32)},
+      "out": {"kernel": scale * jax.random.normal(k2, (ts.IN_FEATURES, ts.CLASSES),
+                                                  jnp.float32),
+              "bias": jnp.zeros((ts.CLASSES,), jnp.float32)},
+  }
+
+
+def stacked_param_specs(params, mesh: Mesh):
+  if "model" not in mesh.axis_names:
+    return jax.tree.map(lambda _: P(), params)
+  return {"layers": {"kernel": P(None, None, "model")},
+          "out": {"kernel": P("model", None), "bias": P()}}
+
+
+def stacked_loss(params, batch):
+  def layer(x, w):
+    return jnp.tanh(x @ w["kernel"]), None
+
+  x, _ = jax.lax.scan(layer, batch["x"], params["layers"])
+  logits = x @ params["out"]["kernel"] + params["out"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+class StackedSetup:
+  """Shampoo on the scan-over-layers model (the interface of `_training_setups.Setup`, plus
+  the model's own parameters and shardings)."""
+
+  name = "shampoo_stacked"
+  make_for_mesh = None
+  init_params = staticmethod(stacked_init_params)
+  param_specs = staticmethod(stacked_param_specs)
+
+  @staticmethod
+  def make_on(mesh=None):
+    del mesh
+    from secondorder.transforms.shampoo import shampoo  # pylint: disable=g-import-not-at-top
+    specs = {"layers": {"kernel": optax.contrib.MuonDimensionNumbers(1, 2)},
+             "out": {"kernel": None, "bias": None}}
+    return shampoo(1e-2, block_size=8, update_interval=5, weight_dimension_numbers=specs)
+
+  @staticmethod
+  def grads_and_args(params, batch, key):
+    del key
+    return jax.grad(stacked_loss)(params, batch), {}
+
+  @staticmethod
+  def statistics(state):
+    return ts.find_state(state, "ShampooState").stats
+
+
+def all_setups() -> dict:
+  setups = ts.available_setups()
+  if "shampoo" in setups:
+    setups["shampoo_stacked"] = StackedSetup()
+  return setups
+
+
 def batch_specs(batch):
   return jax.tree.map(lambda x: P("data", *([None] * (x.ndim - 1))), batch)
 
@@ -164,7 +232,8 @@ def make_train(setup: ts.Setup, mesh: Mesh | None):
 
 def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
   train = make_train(setup, None)
-  params0 = ts.init_params()
+  params0 = getattr(setup, "init_params", ts.init_params)()
+  specs_of = getattr(setup, "param_specs", param_specs)
   batches = ts.make_batches(STEPS)
   keys = jax.random.split(jax.random.key(2), STEPS)
 
@@ -180,7 +249,7 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
 
   for mesh_name, mesh in meshes_.items():
     t0 = time.perf_counter()
-    p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params0, mesh))
+    p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs_of(params0, mesh))
     b_shard = jax.tree.map(
         lambda x: NamedSharding(mesh, P(None, "data", *([None] * (x.ndim - 2)))), batches)
     params = jax.device_put(params0, p_shard)
@@ -219,7 +288,7 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
 
 def main(argv: list[str]) -> None:
   out_path = argv[1]
-  setups = ts.available_setups()
+  setups = all_setups()
   names = argv[2:] or list(setups)
   meshes_ = meshes()
   report = {"devices": jax.device_count(), "steps": STEPS, "methods": {}}

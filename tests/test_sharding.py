@@ -27,11 +27,13 @@ ROOT = os.path.dirname(HERE)
 # Every method the library ships, by the name used in `_training_setups`.
 # (kfac_spread: K-FAC with its factor stacks sharded over the mesh for the refresh.)
 # (shampoo_sparse_stats: Shampoo with its statistics updated every other step.)
+# (shampoo_stacked: Shampoo on a scan-over-layers model, a [3, 8, 8] stacked leaf read
+# through dimension numbers; the worker's own model.)
 METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
-           "kfac", "kfac_spread", "every_k_adamw"]
+           "shampoo_stacked", "kfac", "kfac_spread", "every_k_adamw"]
 # The methods that keep statistics estimated from the batch.
 STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
-                      "kfac", "kfac_spread"]
+                      "shampoo_stacked", "kfac", "kfac_spread"]
 MESHES = ["dp8", "dp2_mp4"]
 # Twenty float32 steps whose reductions (batch means, contractions over a sharded hidden
 # dimension) run in a different order on the mesh. Most methods agree to ~1e-6; AdaHessian
@@ -106,7 +108,10 @@ def test_params_keep_their_sharding(report, name, mesh):
   for path, row in after.items():
     assert row["spec"] == before[path]["spec"], path
   if mesh == "dp2_mp4":
-    assert after["['hidden']['kernel']"]["spec"] == [None, "model"]
+    if name == "shampoo_stacked":
+      assert after["['layers']['kernel']"]["spec"] == [None, None, "model"]
+    else:
+      assert after["['hidden']['kernel']"]["spec"] == [None, "model"]
 
 
 def _param_like_rows(entry):
@@ -175,6 +180,17 @@ def test_shampoo_roots_are_spread_over_the_model_axis(report):
   assert single and len(single) == len(sharded)
   for full, part in zip(single, sharded):
     assert part == [full[0] // 4] + full[1:], (single, sharded)
+
+
+def test_shampoo_stacked_layers_have_their_own_factors(report):
+  """The [3, 8, 8] stack's three layers have two 8x8 factors each, in the stack of the
+  output kernel's 8x8 factor ([7, 8, 8]); no factor spans the layer axis (side 3), and the
+  roots of that stack are one batched call, as for an unrolled model."""
+  entry = _method(report, "shampoo_stacked")
+  for mesh in MESHES:
+    shapes = sorted(row["shape"] for row in _rows(entry["meshes"][mesh], ".stats["))
+    assert shapes == [[1, 4, 4], [7, 8, 8]], (mesh, shapes)
+  assert sorted(entry["single_decomposition_shapes"]) == [[1, 4, 4], [7, 8, 8]]
 
 
 def test_kfac_factor_of_a_sharded_dimension_is_sharded(report):
