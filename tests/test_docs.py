@@ -10,8 +10,9 @@
   in order in one namespace, as one program; all pages run in one fresh Python process with
   eight simulated CPU devices, so the sharding guide runs as written.
 
-Run as a script (`python tests/test_docs.py PAGE.md ...`) it executes the pages' blocks and
-prints one JSON line of failures, which is what `test_code_blocks_run` does in a subprocess.
+Run as a script (`python tests/test_docs.py REPORT.json PAGE.md ...`) it executes the pages'
+blocks and writes their failures to REPORT.json, which is what `test_code_blocks_run` does in
+a subprocess.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def test_block_extraction():
   assert python_blocks(text) == [(2, "a = 1\n"), (9, "b = 2\n")]
 
 
+def test_a_failing_block_is_reported(tmp_path):
+  page = tmp_path / "page.md"
+  page.write_text("text\n\n```python\nx = 1\n```\n\n```python\nassert x == 2, 'x is ' + str(x)\n```\n")
+  failures = run_pages([str(page)])
+  assert list(failures) == [str(page)]
+  assert "block at line 8" in failures[str(page)] and "x is 1" in failures[str(page)]
+
+
 def test_code_blocks_run(tmp_path):
   pages = markdown_pages()
   assert sum(len(python_blocks(p.read_text(encoding="utf-8"))) for p in pages) > 10
@@ -112,10 +121,12 @@ def test_code_blocks_run(tmp_path):
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                       + " --xla_force_host_platform_device_count=8").strip()
   # The pages run where they may write files (checkpoints), not in the checkout.
-  proc = subprocess.run([sys.executable, __file__, *map(str, pages)], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=900, check=False)
+  report = tmp_path / "failures.json"
+  proc = subprocess.run([sys.executable, __file__, str(report), *map(str, pages)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  failures = json.loads(proc.stdout.strip().splitlines()[-1])
+  failures = json.loads(report.read_text())
   assert not failures, "\n\n".join(f"{page}: {tb}" for page, tb in failures.items())
 
 
@@ -153,4 +164,4 @@ def test_docs_build(tmp_path):
 
 
 if __name__ == "__main__":
-  print(json.dumps(run_pages(sys.argv[1:])))
+  pathlib.Path(sys.argv[1]).write_text(json.dumps(run_pages(sys.argv[2:])))
