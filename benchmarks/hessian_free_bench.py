@@ -30,6 +30,9 @@ capture: one forward and two backward passes), an L-BFGS step the number of valu
 gradient evaluations of its line search. The quadratic's Newton-CG row also runs in float64
 and reports the distance to the minimum after each step.
 
+Writes OUT/results.md (the tables), OUT/results.json (every run, with its curve) and
+OUT/<section>.png (training loss against steps and against passes).
+
 Usage::
 
   python -m benchmarks.hessian_free_bench [--out bench_out/hessian_free] [--quick]
@@ -86,7 +89,8 @@ def run(step: Callable, params, state, batches, steps: int, full_loss: Callable,
       break
   med = statistics.median(times)
   hit = len(losses) if losses[-1] <= target else None
-  return dict(final=losses[-1], best=min(losses), steps_to_target=hit,
+  return dict(final=losses[-1], best=min(losses), steps_to_target=hit, curve=losses,
+              cumulative_passes=np.cumsum(cost).tolist(),
               wall_to_target=None if hit is None else sum(times[:hit]),
               passes_to_target=None if hit is None else sum(cost[:hit]),
               median_step_s=med, passes_per_step=float(np.mean(cost)), steps_run=len(losses),
@@ -120,6 +124,12 @@ def bracketed(run_at: Callable[[float], dict], centre: float, points: int = 3,
     results[new] = run_at(new)
   best = min(results, key=lambda lr: _score(results[lr]))
   return best, results[best], results
+
+
+def _log(problem: str, row: str, result: dict) -> None:
+  """One line per finished row (the curves stay in results.json)."""
+  brief = {k: v for k, v in result.items() if k not in ("curve", "cumulative_passes", "grid")}
+  print(problem, row, brief, flush=True)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -245,7 +255,7 @@ def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_cent
 
   lr, res, grid = bracketed(adam_at, adam_centre)
   out["adam"] = dict(res, lr=lr, grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
-  print(problem.name, "adam", out["adam"], flush=True)
+  _log(problem.name, "adam", out["adam"])
 
   def kfac_at(lr):
     tx = registry.OPTIMIZERS["kfac"].build(lr, steps, problem)
@@ -254,12 +264,12 @@ def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_cent
 
   lr, res, grid = bracketed(kfac_at, kfac_centre, max_extend=1)
   out["kfac"] = dict(res, lr=lr, grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
-  print(problem.name, "kfac", out["kfac"], flush=True)
+  _log(problem.name, "kfac", out["kfac"])
 
   tx = so.hessian_free(**hf_kwargs)
   out["hessian_free"] = dict(go(closure_step(tx, problem, ("logits_fn", "loss_fn")),
                                 tx.init(params0), hf_passes), config=hf_kwargs)
-  print(problem.name, "hessian_free", out["hessian_free"], flush=True)
+  _log(problem.name, "hessian_free", out["hessian_free"])
 
   def ng_at(delta):
     tx = so.natural_gradient(delta, damping=1e-3, cg_max_iterations=20)
@@ -268,12 +278,12 @@ def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_cent
   delta, res, grid = bracketed(ng_at, ng_centre, max_extend=1)
   out["natural_gradient"] = dict(res, kl_budget=delta,
                                  grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
-  print(problem.name, "natural_gradient", out["natural_gradient"], flush=True)
+  _log(problem.name, "natural_gradient", out["natural_gradient"])
 
   if lbfgs:
     tx = optax.lbfgs()
     out["lbfgs"] = go(lbfgs_step(tx, problem), tx.init(params0), lbfgs_passes)
-    print(problem.name, "lbfgs", out["lbfgs"], flush=True)
+    _log(problem.name, "lbfgs", out["lbfgs"])
   return out
 
 
@@ -297,13 +307,13 @@ def synthetic_rows(problem, steps: int) -> dict:
 
   lr, res, grid = bracketed(adam_at, 0.03)
   out["adam"] = dict(res, lr=lr)
-  print(problem.name, "adam", out["adam"], flush=True)
+  _log(problem.name, "adam", out["adam"])
 
   tx = optax.lbfgs()
   res = go(lbfgs_step(tx, problem), tx.init(params0), lbfgs_passes)
   res.pop("params")
   out["lbfgs"] = res
-  print(problem.name, "lbfgs", res, flush=True)
+  _log(problem.name, "lbfgs", res)
 
   newton = dict(curvature="hessian", initial_damping=1.0 if problem.name == "rosenbrock"
                 else 0.0, cg_max_iterations=2 * n, cg_tol=1e-10, progress_tol=None)
@@ -311,7 +321,7 @@ def synthetic_rows(problem, steps: int) -> dict:
   res = go(closure_step(tx, problem, ("obj_fn",)), tx.init(params0), hf_passes)
   res.pop("params")
   out["newton_cg"] = dict(res, config=newton)
-  print(problem.name, "newton_cg", out["newton_cg"], flush=True)
+  _log(problem.name, "newton_cg", out["newton_cg"])
 
   if problem.name == "quadratic":
     with jax.enable_x64(True):
@@ -326,7 +336,7 @@ def synthetic_rows(problem, steps: int) -> dict:
         gaps.append(float(problem.eval_loss(p)))   # the minimum is 0
       out["newton_cg_float64"] = dict(loss_after_steps=gaps,
                                       cg_iterations=int(optax.tree.get(state, "cg_iterations")))
-      print(problem.name, "newton_cg float64", out["newton_cg_float64"], flush=True)
+      _log(problem.name, "newton_cg float64", out["newton_cg_float64"])
   return out
 
 
@@ -352,6 +362,29 @@ def table(name: str, rows: dict, target: float) -> str:
         f"{_fmt(r['passes_to_target'], '{:.0f}')} | {r['passes_per_step']:.1f} | "
         f"{r['final']:.4g} | {setting} |")
   return "\n".join(lines)
+
+
+def plot(name: str, rows: dict, target: float, path: str) -> None:
+  """Full training loss against steps and against passes, one line per row."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for row, r in rows.items():
+    if "curve" not in r:
+      continue
+    axes[0].semilogy(np.arange(1, len(r["curve"]) + 1), r["curve"], label=row)
+    axes[1].semilogy(r["cumulative_passes"], r["curve"], label=row)
+  for ax, xlabel in zip(axes, ("steps", "forward+backward passes (gradients)")):
+    ax.axhline(target, color="k", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main():
@@ -386,6 +419,7 @@ def main():
     results[name] = rows
     target = get_problem(name.replace("_full_batch", "")).target_loss
     report.append(table(name, rows, target))
+    plot(name, rows, target, os.path.join(args.out, f"{name}.png"))
     print(report[-1], f"\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=str)
