@@ -373,8 +373,9 @@ def plot(name: str, rows: dict, target: float, path: str) -> None:
   for row, r in rows.items():
     if "curve" not in r:
       continue
-    axes[0].semilogy(np.arange(1, len(r["curve"]) + 1), r["curve"], label=row)
-    axes[1].semilogy(r["cumulative_passes"], r["curve"], label=row)
+    style = dict(label=row, marker="o", markersize=3)
+    axes[0].semilogy(np.arange(1, len(r["curve"]) + 1), r["curve"], **style)
+    axes[1].semilogy(r["cumulative_passes"], r["curve"], **style)
   for ax, xlabel in zip(axes, ("steps", "forward+backward passes (gradients)")):
     ax.axhline(target, color="k", lw=0.6, ls=":")
     ax.set_xscale("log")
