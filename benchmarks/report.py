@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["markdown", "write_jsonl", "plot_problem", "plot_speedups", "row_summary", "race",
+__all__ = ["markdown", "write_jsonl", "read_jsonl", "plot_problem", "plot_speedups", "row_summary", "race",
            "to_target_ratios", "baseline_row", "style"]
 
 
@@ -273,6 +273,55 @@ def write_jsonl(path, runs: Iterable, rows: list, problems: dict | None = None) 
       base = baseline_row(prob_rows, problem.baseline if problem is not None else "adam")
       for row in prob_rows:
         f.write(json.dumps(_clean({"kind": "row", **row_summary(row, base, problem)})) + "\n")
+
+
+def read_jsonl(path) -> tuple[list, list]:
+  """The rows and runs of a `runs.jsonl`, as the runner's `RowResult` / `RunResult` objects.
+
+  Redraws figures or tables of an earlier run without training again::
+
+    rows, runs = read_jsonl("bench_out/runs.jsonl")
+    plot_speedups("speedups.png", rows, {r.problem: get_problem(r.problem) for r in rows})
+
+  Args:
+    path: a file written by `write_jsonl`.
+
+  Returns:
+    ``(rows, runs)``; each row's ``runs`` are its best setting's runs, seed by seed.
+  """
+  from benchmarks.runner import RowResult, RunResult
+
+  def number(v):
+    return {"inf": math.inf, "-inf": -math.inf, None: math.nan}.get(v, v) \
+        if not isinstance(v, (int, float)) else v
+
+  runs, rows = [], []
+  fields = set(RunResult.__dataclass_fields__)
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  for rec in records:
+    if rec["kind"] == "run":
+      data = {k: v for k, v in rec.items() if k in fields}
+      data["final_train"], data["final_eval"] = (number(data["final_train"]),
+                                                 number(data["final_eval"]))
+      data["evals"] = [tuple(e) for e in data["evals"]]
+      runs.append(RunResult(**data))
+  for rec in records:
+    if rec["kind"] != "row":
+      continue
+    second = rec.get("second")
+    overrides = {second["name"]: second["best"]} if second else {}
+    mine = [r for r in runs if r.problem == rec["problem"] and r.optimizer == rec["optimizer"]
+            and r.lr == rec["best_lr"] and (r.overrides or {}) == overrides]
+    by_seed = {r.seed: r for r in mine}
+    if second:
+      second = {**second, "sweep": {float(k): v for k, v in second["sweep"].items()}}
+    rows.append(RowResult(
+        rec["problem"], rec["optimizer"], rec["family"], rec["best_lr"],
+        {float(k): number(v) for k, v in rec["sweep"].items()},
+        [by_seed[s] for s in sorted(by_seed)], rec["compile_s"], rec["state_bytes"],
+        rec["step_s"], rec.get("edge"), rec.get("runs_spent", 0), second))
+  return rows, runs
 
 
 # ----------------------------------------------------------------------------- figures

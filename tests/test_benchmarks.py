@@ -524,3 +524,16 @@ def test_second_hyperparameter_grid_is_tried_at_the_best_rate():
   assert [r.overrides for r in runs] == [{}, {"scale": 0.001}, {"scale": 0.1}]
   assert row.runs[0].overrides == {"scale": 0.1}
   assert row.runs[0].final_train == min(r.final_train for r in runs)
+
+
+def test_runs_jsonl_reads_back_into_the_same_tables(smoke):
+  from benchmarks import report
+
+  out, _, _ = smoke
+  rows, runs = report.read_jsonl(out / "runs.jsonl")
+  assert [r.optimizer for r in rows] == ["adam", "momentum"]
+  assert all(len(row.runs) == 1 and row.runs[0].lr == row.best_lr for row in rows)
+  again = report.markdown(rows, {"quadratic": get_problem("quadratic", "quick")})
+  written = (out / "results.md").read_text()
+  table = lambda text: [l for l in text.splitlines() if l.startswith("|")]
+  assert table(again) == table(written)
