@@ -74,7 +74,10 @@ CASES: list[Case] = [
          lambda learning_rate: adahessian(
              learning_rate, weight_dimension_numbers=C.stacked_dimension_numbers),
          extra_args=C.obj_fn_args, lr=0.3, problems=("stacked_layers",),
-         steps={"stacked_layers": 400}),   # the checks: mixed_pytree's [2, 2, 2] leaf
+         steps={"stacked_layers": 400},   # the checks: mixed_pytree's [2, 2, 2] leaf
+         # Under inject_hyperparams a callable is a schedule: the alias gets the pytree.
+         alias=(adahessian, dict(learning_rate=0.3, weight_dimension_numbers=(
+             C.stacked_dimension_numbers(C.get_problem("mixed_pytree").params))))),
     # Sophia. Its clipped steps oscillate at a constant rate near a minimum: a cosine decay
     # (as in the paper) shows convergence on the quadratics.
     Case("sophia_clip_hutchinson", _with_lr(sophia_clip), extra_args=C.obj_fn_args, lr=0.05,
@@ -85,7 +88,8 @@ CASES: list[Case] = [
          check_problem="mixed_classifier"),
     Case("sophia", lambda learning_rate: sophia(learning_rate, weight_decay=0.0),
          extra_args=C.obj_fn_args, lr=0.05, steps=_SOPHIA_STEPS,
-         converge_lr=_cosine(0.2, 400, rosenbrock=0.05)),
+         converge_lr=_cosine(0.2, 400, rosenbrock=0.05),
+         alias=(sophia, dict(learning_rate=0.05, weight_decay=0.0))),
     Case("sophia_gnb", lambda learning_rate: sophia(learning_rate, estimator="gnb", weight_decay=0.0),
          extra_args=C.logits_fn_args, lr=0.05, problems=C.CLASSIFICATION_PROBLEMS,
          check_problem="mixed_classifier"),
