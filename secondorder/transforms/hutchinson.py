@@ -231,7 +231,8 @@ def scale_by_hutchinson(
     stats_dtype: dtype of `mu` and `nu`; default float32 (float64 for float64 params).
     weight_dimension_numbers: `optax.contrib.MuonDimensionNumbers` per leaf (a pytree like
       params, or a function of params returning one, or None): its batch axes are stacked
-      layers, never averaged across.
+      layers, never averaged across. Under `optax.inject_hyperparams` pass the pytree (or
+      name the argument in `static_args`): it reads any callable argument as a schedule.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
