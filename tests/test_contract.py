@@ -118,9 +118,11 @@ CASES: list[Case] = [
          lr=0.05,
          primitive=(scale_by_soap, dict(b1=0.9, b2=0.99, eps=1e-8, precondition_frequency=2,
                                         block_size=4), SOAP_STATIC_ARGS)),
-    Case("soap", lambda learning_rate: soap(learning_rate, b1=0.9, b2=0.999, weight_decay=0.0,
-                                            precondition_frequency=2),
-         lr=0.05),
+    # The alias reads 3-D leaves as stacked layers, and runs under inject_hyperparams itself.
+    Case("soap", lambda learning_rate: soap(
+             learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, precondition_frequency=2,
+             weight_dimension_numbers=C.stacked_dimension_numbers),
+         lr=0.05, alias=(soap, dict(learning_rate=0.05, precondition_frequency=2))),
     # K-FAC on plain pytrees: every parameter on the diagonal fallback (RMS scaling, no
     # momentum in the primitive).
     Case("scale_by_kfac_factors",
