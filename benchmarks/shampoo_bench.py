@@ -333,7 +333,8 @@ def root_calls(size: str = "tiny", block_size: int = 128) -> list[dict]:
   from secondorder import linalg  # pylint: disable=g-import-not-at-top
   from secondorder.dimension_numbers import resolve_leaf_axes  # pylint: disable=g-import-not-at-top
   from secondorder.transforms._blocks import make_plan  # pylint: disable=g-import-not-at-top
-  from secondorder.transforms.shampoo import shampoo_preconditioner  # pylint: disable=g-import-not-at-top
+  from secondorder.transforms.shampoo import (  # pylint: disable=g-import-not-at-top
+      shampoo_preconditioner)
 
   config = lm.SIZES[size]
   model = lm.DecoderLM(config, rngs=nnx.Rngs(0))

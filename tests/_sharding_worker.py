@@ -66,8 +66,9 @@ def param_specs(params, mesh: Mesh):
 
 
 # A scan-over-layers model: three stacked tanh layers [3, 8, 8] (no biases: a stacked bias
-# [3, 8] has no reduction axis to declare) applied by `lax.scan`, then the output layer. Shampoo reads the stack through dimension numbers (three independent
-# 8x8 layers); on the 2x4 mesh the layers' outputs are sharded over "model".
+# [3, 8] has no reduction axis to declare) applied by `lax.scan`, then the output layer.
+# Shampoo reads the stack through dimension numbers (three independent 8x8 layers); on the
+# 2x4 mesh the layers' outputs are sharded over "model".
 STACKED_LAYERS = 3
 
 

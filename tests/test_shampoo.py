@@ -352,7 +352,7 @@ def test_bad_hyperparameters_raise():
     shampoo(1e-3, b1=1.0)
 
 
-# ----------------------------------------------------------------- stacked layers (dimension numbers)
+# ------------------------------------------------------- stacked layers (dimension numbers)
 
 MDN = optax.contrib.MuonDimensionNumbers
 
