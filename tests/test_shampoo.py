@@ -404,6 +404,28 @@ def test_stacked_layers_and_attention_kernel_equal_separate_matrices():
     assert int(st.root_failures) == 0
 
 
+def test_block_plan_round_trip_through_dimension_numbers():
+  # _blocks.leaf_blocks / leaf_from_blocks invert each other for a stacked, blocked,
+  # multi-axis leaf, and its blocks are the NumPy slices of each layer's matrix.
+  from secondorder.dimension_numbers import leaf_axes
+  from secondorder.transforms import _blocks
+  shape = (5, 2, 3, 4)  # output axis 0, batch axis 1, reduction axes (2, 3): 2 x [12, 5]
+  axes = leaf_axes(MDN((2, 3), 0), shape, "x")
+  plan = _blocks.make_plan((shape,), (axes,), block_size=4, max_dim=4096)
+  lp = plan.leaves[0]
+  assert (lp.layers, lp.merged) == (2, (12, 5))
+  x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+  parts = _blocks.leaf_blocks(jnp.asarray(x), lp)
+  np.testing.assert_array_equal(_blocks.leaf_from_blocks(parts, lp), x)
+  layers = x.transpose(1, 2, 3, 0).reshape(2, 12, 5)
+  for combo, blocks in zip(lp.combos, parts):
+    (r0, rn, rs), (c0, cn, cs) = [(p.start, p.count, p.size) for p in combo.pieces]
+    expect = [layers[b, r0 + i * rs:r0 + (i + 1) * rs, c0 + j * cs:c0 + (j + 1) * cs]
+              for b in range(2) for i in range(rn) for j in range(cn)]
+    np.testing.assert_array_equal(blocks, np.stack(expect))
+  assert sum(lp.factors(c) * 2 for c in lp.combos) == sum(plan.group_sizes)
+
+
 def test_bad_dimension_numbers_name_the_leaf():
   params = {"layers": {"kernel": jnp.zeros((2, 3, 4))}}
   for spec, what in [(MDN(1, 3), "does not exist"), (MDN(1, 1), "overlap")]:
