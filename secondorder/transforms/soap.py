@@ -449,7 +449,7 @@ def scale_by_soap(
     del extra_args
     check_state_shapes("scale_by_soap", init_fn, updates, state)
     leaves, treedef = jax.tree.flatten(updates)
-    plan = plan_for(updates if params is None else params)
+    plan = plan_for(updates)
     grads = [g.astype(stat_dtype) for g in leaves]
     b1_, b2_, eps_ = (jnp.asarray(x, stat_dtype) for x in (b1, b2, eps))
     beta = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, stat_dtype)
