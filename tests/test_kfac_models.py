@@ -300,3 +300,26 @@ def test_linen_scanned_layers_update_like_the_unrolled_model():
       layers, got = _linen_update(LinenDecoder(remat=remat), params, tokens, targets)
       assert len(layers) == 6 and all(l.factor_shape(1) == (L, 1, 1) for l in layers)
       _assert_trees_close(got, want)
+
+
+def test_coverage_summary_warning_and_strict():
+  """The summary lists every parameter of the transformer; the embedding (a 2-D parameter on
+  the fallback) is named by a warning, and strict=True raises naming it."""
+  with jax.enable_x64(True):
+    model = nnx.eval_shape(lambda: NnxDecoder(nnx.Rngs(0)))
+    tokens, _ = _tokens()
+    with pytest.warns(UserWarning, match=r"embed/embedding \(not inside a covered layer"):
+      layers = capture.nnx_capture(_ce, likelihood="softmax").layers(model, tokens)
+  text = str(layers)
+  paths = ["/".join(capture.param_path(p)) for p, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+  assert len(paths) == 18 and all(f" {p} " in text for p in paths)
+  for line in text.splitlines()[1:]:
+    assert line.split()[0] in ("kronecker", "fallback")
+  covered = sum(np.prod(s) for p, s in layers.shapes if p not in layers.uncovered)
+  total = sum(np.prod(s) for _, s in layers.shapes)
+  assert layers.covered_fraction == pytest.approx(covered / total)
+  assert f"{100 * covered / total:.1f}%" in text.splitlines()[0]
+  assert layers.fallback_kernels() == ("embed/embedding",)
+  with jax.enable_x64(True), pytest.raises(ValueError, match=r"embed/embedding.*strict=True"):
+    capture.nnx_capture(_ce, likelihood="softmax", strict=True).layers(model, tokens)

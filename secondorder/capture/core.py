@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -75,9 +76,13 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
   """
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   shapes = {param_path(p): tuple(jnp.shape(v)) for p, v in leaves}
-  covered = []
+  covered, why = [], {}
   for name, group in _group_calls(calls).items():
-    if _why_not(group, shapes) is not None:
+    reason = _why_not(group, shapes)
+    if reason is not None:
+      for path in (group[0].kernel, group[0].bias):
+        if path is not None:
+          why["/".join(path)] = f"layer {name} is not covered: {reason}"
       continue
     c = group[0]
     k = len(shapes[c.kernel]) - len(c.kernel_shape)
@@ -87,7 +92,25 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
     covered.append(KfacLayer(name, c.kind, c.kernel, c.bias, shapes[c.kernel], spec))
   owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}
   uncovered = tuple("/".join(param_path(p)) for p, _ in leaves if param_path(p) not in owned)
-  return KfacLayers(tuple(covered), uncovered)
+  reasons = tuple((p, why.get(p, "not inside a covered layer kind")) for p in uncovered)
+  return KfacLayers(tuple(covered), uncovered, reasons,
+                    tuple(("/".join(p), s) for p, s in shapes.items()))
+
+
+def check_coverage(layers: KfacLayers, strict: bool) -> None:
+  """Warns (or with `strict` raises ValueError) naming every kernel-like parameter that falls
+  back to the diagonal method instead of a Kronecker block."""
+  kernels = layers.fallback_kernels()
+  if not kernels:
+    return
+  why = dict(layers.reasons)
+  listing = "; ".join(f"{p} ({why.get(p, 'not covered')})" for p in kernels)
+  message = (f"K-FAC covers {100 * layers.covered_fraction:.1f}% of the parameters; these "
+             f"parameters with two or more axes fall back to the diagonal method: {listing}. "
+             "print(cap.layers(...)) shows the full coverage.")
+  if strict:
+    raise ValueError(message + " (strict=True)")
+  warnings.warn(message, stacklevel=3)
 
 
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
@@ -111,7 +134,8 @@ class Capture:
     Ŝ = M Σ_uses Σ_rows ĝ ĝᵀ      (ĝ the back-propagated gradient of the mean loss)
   """
 
-  def __init__(self, forward, params_of, loss_fn, likelihood, fisher, stats_dtype):
+  def __init__(self, forward, params_of, loss_fn, likelihood, fisher, stats_dtype,
+               strict=False):
     check_choice("fisher", fisher, FISHERS)
     if fisher != "empirical" and likelihood is None:
       raise ValueError(f"fisher={fisher!r} needs likelihood= one of {list(LIKELIHOODS)}.")
@@ -123,6 +147,7 @@ class Capture:
     self.likelihood = likelihood
     self.fisher = fisher
     self.stats_dtype = stats_dtype
+    self.strict = strict
 
   def layers(self, model_or_params, inputs) -> KfacLayers:
     """The covered layers (and uncovered parameter paths) of the model on these inputs.
@@ -134,6 +159,11 @@ class Capture:
     Returns:
       The `KfacLayers` to build `scale_by_kfac_factors` / `kfac` with.
     """
+    layers = self._discover(model_or_params, inputs)
+    check_coverage(layers, self.strict)
+    return layers
+
+  def _discover(self, model_or_params, inputs) -> KfacLayers:
     params = self._params_of(model_or_params)
     rec = interception.Recorder()
     jax.eval_shape(lambda p, x: self._forward(model_or_params, p, {}, rec, x), params, inputs)
@@ -165,7 +195,7 @@ class Capture:
     """
     if self.fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' needs a PRNG key: call cap(model, x, y, key=key).")
-    covered = self.layers(model_or_params, inputs).layers
+    covered = self._discover(model_or_params, inputs).layers
     params = self._params_of(model_or_params)
 
     def fwd(p, slots):
@@ -188,7 +218,7 @@ class Capture:
 def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
                   likelihood: str | None = None, fisher: str = "sampled",
                   variables: dict | None = None, stats_dtype=jnp.float32,
-                  **apply_kwargs) -> Capture:
+                  strict: bool = False, **apply_kwargs) -> Capture:
   """K-FAC capture for a linen module: `cap(params, inputs, targets, key=)`.
 
   Args:
@@ -198,6 +228,8 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
     fisher: "sampled" (true Fisher, default), "empirical" or "exact".
     variables: other collections (e.g. {"batch_stats": ...}) passed to `apply` unchanged.
     stats_dtype: dtype of the statistics.
+    strict: raise (instead of warning) when `layers()` finds a parameter with two or more
+      axes outside every Kronecker block.
     **apply_kwargs: forwarded to `model.apply`.
 
   Returns:
@@ -218,11 +250,12 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
     with interception.recording(rec), interception.linen_intercept():
       return model.apply({"params": params, **extra}, inputs, **apply_kwargs)
 
-  return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype)
+  return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype, strict)
 
 
 def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | None = None,
-                fisher: str = "sampled", stats_dtype=jnp.float32) -> Capture:
+                fisher: str = "sampled", stats_dtype=jnp.float32,
+                strict: bool = False) -> Capture:
   """K-FAC capture for an NNX module: `cap(model, inputs, targets, key=)`.
 
   The gradients come back as the `nnx.State` of the model's `nnx.Param`s (what
@@ -235,6 +268,8 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
     likelihood: "softmax", "bernoulli" or "gaussian"; required unless fisher="empirical".
     fisher: "sampled" (true Fisher, default), "empirical" or "exact".
     stats_dtype: dtype of the statistics.
+    strict: raise (instead of warning) when `layers()` finds a parameter with two or more
+      axes outside every Kronecker block.
 
   Returns:
     The `Capture`.
@@ -255,4 +290,4 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
     with interception.recording(rec), interception.nnx_intercept(m):
       return m(inputs)
 
-  return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype)
+  return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype, strict)

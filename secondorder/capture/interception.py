@@ -181,11 +181,11 @@ def _nnx_wrapped(cls):
     def slots():
       if getattr(self, SLOT_NAMES[0], None) is None:
         return None
-      return tuple(getattr(self, n).value for n in SLOT_NAMES)
+      return tuple(getattr(self, n)[...] for n in SLOT_NAMES)
 
     return rec.handle("/".join(path), kind, described, path + ("kernel",), bias,
                       lambda xx: original(self, xx, *args, **kwargs),
-                      lambda: jnp.shape(self.kernel.value), slots, x)
+                      lambda: jnp.shape(self.kernel[...]), slots, x)
   return call
 
 

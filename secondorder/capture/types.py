@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -97,20 +98,79 @@ class KfacLayer:
 
 @dataclasses.dataclass(frozen=True)
 class KfacLayers:
-  """The covered layers of a model and the parameters left to the fallback.
+  """The covered layers of a model, the parameters left to the fallback, and why.
+
+  `print(layers)` (or `layers.summary()`) shows which parameter is in which kind of block,
+  which fall back and why, and the covered fraction of the parameters.
 
   Attributes:
     layers: the covered layers.
     uncovered: "/"-joined paths of every parameter outside them.
+    reasons: `(path, why)` for every uncovered parameter (empty when built by hand).
+    shapes: `(path, shape)` of every parameter (empty when built by hand).
   """
   layers: tuple[KfacLayer, ...] = ()
   uncovered: tuple[str, ...] = ()
+  reasons: tuple[tuple[str, str], ...] = ()
+  shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   def __iter__(self):
     return iter(self.layers)
 
   def __len__(self):
     return len(self.layers)
+
+  @property
+  def covered_fraction(self) -> float:
+    """The fraction of the parameters (counted in scalars) inside Kronecker blocks."""
+    total = sum(math.prod(shape) for _, shape in self.shapes)
+    if not total:
+      return 0.0 if self.uncovered else 1.0
+    uncovered = set(self.uncovered)
+    return sum(math.prod(shape) for path, shape in self.shapes
+               if path not in uncovered) / total
+
+  def fallback_kernels(self) -> tuple[str, ...]:
+    """Uncovered parameters with two or more axes (kernel-like: usually worth covering).
+
+    The stack axes of scanned layers are not counted: a LayerNorm scale `[L, d]` beside
+    layers stacked `[L, ...]` under the same top-level module is a vector per layer.
+    """
+    stacks = {(l.kernel[0], l.factor_shape(0)[:-2]) for l in self.layers if l.stacked}
+    shapes = dict(self.shapes)
+
+    def ndim(path):
+      shape = tuple(shapes.get(path, ()))
+      for root, stack in stacks:
+        if path.split("/")[0] == root and shape[:len(stack)] == stack:
+          return len(shape) - len(stack)
+      return len(shape)
+
+    return tuple(p for p in self.uncovered if ndim(p) >= 2)
+
+  def summary(self) -> str:
+    """A readable table: every parameter, its kind of block, and the covered fraction.
+
+    Returns:
+      The table as text, one parameter per line.
+    """
+    shapes, why = dict(self.shapes), dict(self.reasons)
+    total = sum(math.prod(s) for s in shapes.values())
+    lines = [f"K-FAC coverage: {100 * self.covered_fraction:.1f}% of {total} parameters in "
+             f"Kronecker blocks ({len(self.layers)} blocks, {len(self.uncovered)} parameters "
+             "on the fallback)"]
+    for l in self.layers:
+      stack = f", {l.num_stacked} stacked" if l.stacked else ""
+      bias = f" + {'/'.join(l.bias)} {l.bias_shape}" if l.bias is not None else ""
+      lines.append(f"  kronecker  {'/'.join(l.kernel)} {l.kernel_shape}{bias}: {l.kind}, "
+                   f"A {l.a_dim}x{l.a_dim}, S {l.s_dim}x{l.s_dim}{stack}")
+    for p in self.uncovered:
+      reason = why.get(p, "not inside a covered layer")
+      lines.append(f"  fallback   {p} {shapes.get(p, '')}: {reason}")
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.summary()
 
 
 def no_layers() -> KfacLayers:
