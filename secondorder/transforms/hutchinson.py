@@ -35,7 +35,7 @@ class ScaleByHutchinsonState(NamedTuple):
     nonfinite_count: refreshes skipped because the estimate held a NaN or an Inf (int32).
     key: PRNG key (raw uint32[2]) for the Rademacher probes.
     mu: EMA of the gradient.
-    nu: EMA of the squared, spatially averaged |z * Hz|.
+    nu: EMA of the squared, spatially averaged ``|z * Hz|``.
   """
   count: jax.Array
   hessian_count: jax.Array
@@ -133,7 +133,7 @@ def _init_state(params, seed, stats_dtype) -> ScaleByHutchinsonState:
 
 
 def _averaged_estimate(raw, nu, plan, block_size):
-  r"""D = avg(|z * Hz|) per leaf, in the dtype of `nu`, following the averaging plan."""
+  r"""D = avg(``|z * Hz|``) per leaf, in the dtype of `nu`, following the averaging plan."""
   leaves, treedef = jax.tree.flatten(raw)
   out = [_average(jnp.abs(r.astype(v.dtype)), spatial, axes, block_size)
          for r, v, (spatial, axes) in zip(leaves, jax.tree.leaves(nu), plan)]
