@@ -1,4 +1,4 @@
-"""Gradient accumulation in the moments vs optax.MultiSteps: memory, speed, and the seed's runs.
+"""Gradient accumulation in the moments vs optax.MultiSteps: memory, speed, and the published comparison.
 
   python3 -m benchmarks.accumulate_bench                 # all three parts, writes bench_out/
   python3 -m benchmarks.accumulate_bench --only memory,speed --size 1000000
@@ -10,7 +10,7 @@
 (b) speed: seconds per update call, jitted with the state donated, for MultiSteps and for
     the buffer-free version, interleaved repeats, medians; once on mini-steps only (k so
     large that no boundary occurs) and once averaged over whole cycles of k calls.
-(c) the seed's experiment (METHODS.md §8): the digits MLP classifier of
+(c) the published experiment (docs/methods/accumulation.md): the digits MLP classifier of
     `benchmarks.problems` at a small mini-batch, with no accumulation, MultiSteps(adam),
     every_k_accumulate (accumulated_adamw), the β̃ variant with the gate, β̃ alone, and the
     gate alone; the same examples for all, a small learning-rate sweep, loss on the full
@@ -150,7 +150,7 @@ def speed_table(rows, size: int, repeats: int) -> str:
 
 
 def seed_methods(k: int) -> dict[str, Callable[[float], optax.GradientTransformation]]:
-  """The seed's comparison; each entry maps a learning rate to an optimizer over mini-steps."""
+  """The published comparison; each entry maps a learning rate to an optimizer over mini-steps."""
   return {
       "adam, no accumulation": lambda lr: optax.adam(lr),
       "MultiSteps(adam)": lambda lr: optax.MultiSteps(optax.adam(lr), k),

@@ -1,7 +1,7 @@
-"""Tests for secondorder.transforms.accumulate (METHODS.md §8).
+"""Tests for secondorder.transforms.accumulate (the rule is restated in docs/methods/accumulation.md).
 
 Exact claims are checked in float64 against `optax.MultiSteps` over the matching optimizer
-(which keeps a gradient buffer); the Adam form against a NumPy transcription of the seed's
+(which keeps a gradient buffer); the Adam form against a NumPy transcription of the published
 update rule. Every trajectory runs in one jitted `lax.scan`, so each test compiles once.
 """
 
@@ -149,7 +149,7 @@ _MOMENTUM_CASES = {
         lambda: optax.MultiSteps(optax.chain(optax.add_decayed_weights(WD),
                                              optax.sgd(SCHED, momentum=0.9)), K,
                                  accumulator_dtype=jnp.float64)),
-    # the seed's EMA momentum m <- b m + (1 - b) g, built from the primitive and the gate
+    # the EMA momentum m <- b m + (1 - b) g, built from the primitive and the gate
     "ema_primitive": (
         lambda: optax.chain(every_k_accumulate(K, b1=0.8, b2=None),
                             every_k_gate(K, optax.chain(optax.add_decayed_weights(WD),
@@ -200,10 +200,10 @@ def test_weight_decay_counts_once_per_boundary():
       np.testing.assert_allclose(np.asarray(p["w"]), expected, rtol=1e-8)  # lr rounds in f32
 
 
-# --- Adam form: the seed's rule, against NumPy ----------------------------------------------
+# --- Adam form: the published rule, against NumPy ----------------------------------------
 
 def _numpy_seed_adam(grads, k, b1, b2, eps, eps_root):
-  """METHODS.md §8 / seed 003, transcribed literally with chi(t) = [k divides t]."""
+  """Su (2021)'s rule, transcribed literally with chi(t) = [k divides t]."""
   chi = lambda t: 1.0 if t % k == 0 else 0.0
   m = np.zeros_like(grads[0])
   v = np.zeros_like(grads[0])
@@ -333,7 +333,7 @@ def test_gate_runs_inner_only_on_boundaries():
 def test_beta_tilde_matches_numpy_adam_with_beta_tilde():
   k, b1, b2 = 4, 0.9, 0.999
   assert beta_tilde(b1, k) == pytest.approx(0.975)
-  # the seed's approximation: beta_tilde**k = beta up to O(k^2 (1 - beta_tilde)^2)
+  # the approximation: beta_tilde**k = beta up to O(k^2 (1 - beta_tilde)^2)
   bt = beta_tilde(b1, k)
   assert abs(bt**k - b1) <= k * (k - 1) / 2 * (1 - bt) ** 2
   rng = np.random.default_rng(6)
