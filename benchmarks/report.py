@@ -413,7 +413,8 @@ def plot_problem(path, problem, rows: list):
       steps, seconds, _, held_out = (np.asarray(v, dtype=np.float64) for v in zip(*run.evals))
       kw = dict(kw, markevery=1)
       axes[1, 0].plot(steps, held_out, **kw)
-      axes[1, 1].plot(np.maximum(seconds, 1e-5), held_out, **kw)
+      timed = seconds > 0  # the evaluation before the first step has no seconds
+      axes[1, 1].plot(seconds[timed], held_out[timed], **kw)
   target = problem.target_loss
   for (i, j), ax in np.ndenumerate(axes):
     ax.set_yscale("log")
