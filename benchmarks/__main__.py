@@ -257,8 +257,8 @@ def main(argv=None) -> int:
             f"the best is the grid's edge, up to {preset.extend} more rates beyond it; runs.jsonl "
             "has every run) by final training loss (the race: final held-out loss); "
             + ("then, at that rate, a second hyperparameter where a method has one (K-FAC's "
-               "damping, Sophia's gamma, Shampoo's eps: the default, a tenth and ten times "
-               "it, the same 3-point grid for each; shown after the rate); "
+               "damping, Sophia's gamma, Shampoo's and SOAP's eps: the default, a tenth and "
+               "ten times it, the same 3-point grid for each; shown after the rate); "
                if preset.second_sweep else "") +
             "'runs' counts every run a row spent; losses are medians over seeds [min, max]; "
             "steps/seconds to target use the 10-step running mean of the minibatch loss; "

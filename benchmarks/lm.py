@@ -55,8 +55,8 @@ import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
-__all__ = ["LMConfig", "SIZES", "QUICK_ROWS", "ByteCorpus", "Block", "DecoderLM", "schedule", "lm_problem",
-           "weight_dimension_numbers", "VOCAB"]
+__all__ = ["LMConfig", "SIZES", "QUICK_ROWS", "ByteCorpus", "Block", "DecoderLM", "schedule",
+           "lm_problem", "weight_dimension_numbers", "VOCAB"]
 
 VOCAB = 256  # bytes
 

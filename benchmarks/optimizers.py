@@ -307,16 +307,18 @@ register(OptimizerSpec(
     second=second_grid("eps", 1e-6)))
 
 
-def _soap(lr, n, problem):
+def _soap(lr, n, problem, eps=1e-8):
   # Refreshes every 10 steps (the paper's setting); eigh and QR run one matrix at a time on
   # CPU from side 32 on (secondorder.linalg.CPU_ONE_AT_A_TIME).
   make = _module("secondorder.transforms.soap").soap
-  return make(lr, precondition_frequency=10, **dimension_numbers_kwargs(make, problem))
+  return make(lr, precondition_frequency=10, eps=eps,
+              **dimension_numbers_kwargs(make, problem))
 
 
 register(OptimizerSpec(
     "soap", _soap, 3e-3, family="secondorder",
-    note="SOAP (Adam in the eigenbasis of Shampoo's factors, refreshed every 10 steps)"))
+    note="SOAP (Adam in the eigenbasis of Shampoo's factors, refreshed every 10 steps)",
+    second=second_grid("eps", 1e-8)))
 
 
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the

@@ -21,8 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["markdown", "write_jsonl", "read_jsonl", "plot_problem", "plot_speedups", "row_summary", "race",
-           "to_target_ratios", "baseline_row", "style"]
+__all__ = ["markdown", "write_jsonl", "read_jsonl", "plot_problem", "plot_speedups",
+           "row_summary", "race", "to_target_ratios", "baseline_row", "style"]
 
 
 def _median_spread(values: list[float | None]) -> tuple[float | None, float | None, float | None,

@@ -506,7 +506,7 @@ def test_second_hyperparameter_grid_is_tried_at_the_best_rate():
 
   # Every registered second grid has the same size (default, a tenth, ten times).
   grids = {n: s.second for n, s in OPTIMIZERS.items() if s.second is not None}
-  assert {"kfac", "sophia_h", "sophia_g", "shampoo"} <= set(grids)
+  assert {"kfac", "sophia_h", "sophia_g", "shampoo", "soap"} <= set(grids)
   assert {len(values) for _, values in grids.values()} == {3}
   assert second_grid("damping", 0.01) == ("damping", (0.01, 0.001, 0.1))
   with pytest.raises(ValueError, match="second"):
