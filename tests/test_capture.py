@@ -309,3 +309,29 @@ def test_remat_around_covered_layers_changes_nothing():
     got["nnx", remat] = nnx.jit(lambda m, xx, yy: cap_n(m, xx, yy, key=key))(net, x, y)
   for a, b in ((got[False], got[True]), (got["nnx", False], got["nnx", True])):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-9), a, b)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_sequence_outputs_share_one_per_token_scale(tokens):
+  """Output [B, T, k] with a Gaussian likelihood: every token is an example (M = B·T), so
+  Ŝ of the output layer is exactly I for the exact Fisher, (1/M) Σ εεᵀ for the sampled one
+  (ε the sampled noise) and for the empirical one at targets z + ε under the per-token mean
+  loss, whatever T (no T or T² factor between them)."""
+  x = jax.random.normal(jax.random.key(0), (3, tokens, 4))
+  m = Small(2)
+  params = m.init(jax.random.key(1), x)["params"]
+  z = m.apply({"params": params}, x)
+  eps = jax.random.normal(jax.random.key(2), z.shape)
+  mean_sq = lambda zz, yy: 0.5 * jnp.sum((zz - yy) ** 2) / (zz.shape[0] * zz.shape[1])
+  want = jnp.einsum("btk,btl->kl", eps, eps) / (3 * tokens)
+  _, _, exact = capture.linen_capture(m, mean_sq, likelihood="gaussian", fisher="exact")(
+      params, x, z)
+  np.testing.assert_allclose(exact["Dense_0"].s, np.eye(2), rtol=1e-5, atol=1e-6)
+  _, _, emp = capture.linen_capture(m, mean_sq, fisher="empirical")(params, x, z + eps)
+  np.testing.assert_allclose(emp["Dense_0"].s, want, rtol=1e-5, atol=1e-6)
+  key = jax.random.key(5)
+  _, _, smp = capture.linen_capture(m, mean_sq, likelihood="gaussian")(params, x, z, key=key)
+  noise = capture.likelihoods.sample("gaussian", key, z) - z
+  np.testing.assert_allclose(smp["Dense_0"].s,
+                             jnp.einsum("btk,btl->kl", noise, noise) / (3 * tokens),
+                             rtol=1e-4, atol=1e-6)
