@@ -67,3 +67,28 @@ html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,
 }
+
+# -- Result figures: drawn at build time from the committed run records ---------------------
+# A benchmark run's record (`runs.jsonl`: every run's curves and timings) is kept beside the
+# page that quotes it; its figures are drawn from it here, the way the harness draws them, so
+# no generated image is kept in the repository.
+RESULT_RUNS = {"lm_cpu": "cpu"}  # folder under docs/results -> the language model's size
+
+
+def _draw_result_figures() -> None:
+  sys.path.insert(0, str(DOCS.parent))
+  import matplotlib
+  matplotlib.use("Agg")
+  from benchmarks import report
+  from benchmarks.problems import get_problem
+  for folder, size in RESULT_RUNS.items():
+    out = DOCS / "results" / folder
+    rows, _ = report.read_jsonl(out / "runs.jsonl")
+    names = dict.fromkeys(r.problem for r in rows)
+    problems = {n: get_problem(n, size if n == "lm" else "quick") for n in names}
+    for n in names:
+      report.plot_problem(str(out / f"{n}.png"), problems[n], [r for r in rows if r.problem == n])
+    report.plot_speedups(str(out / "speedups.png"), rows, problems)
+
+
+_draw_result_figures()
