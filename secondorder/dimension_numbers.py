@@ -38,7 +38,10 @@ def _is_spec(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LeafAxes:
-  """A leaf's axes split into batch, reduction and output axes (all non-negative)."""
+  """A leaf's axes split into batch, reduction and output axes (all non-negative).
+
+  ``reduction`` is empty for a stack of vectors (each batch slice one vector).
+  """
 
   shape: tuple[int, ...]
   batch: tuple[int, ...]
@@ -50,6 +53,11 @@ class LeafAxes:
     """``(B, R, O)``: the number of independent layers, rows and columns."""
     size = lambda axes: math.prod(self.shape[a] for a in axes)
     return size(self.batch), size(self.reduction), size(self.output)
+
+  @property
+  def vectors(self) -> bool:
+    """Whether every layer is a vector (no reduction axis)."""
+    return not self.reduction
 
   @property
   def _transpose(self) -> tuple[int, ...]:
@@ -66,19 +74,34 @@ class LeafAxes:
     return y.transpose(tuple(np.argsort(perm)))
 
 
-def _axes_tuple(value: Any, name: str, where: str) -> tuple[int, ...]:
+def _axes_tuple(value: Any, name: str, where: str, allow_empty: bool = False
+                ) -> tuple[int, ...]:
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return (int(value),)
-  if isinstance(value, Sequence) and value and all(
-      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in value):
+  if isinstance(value, Sequence) and not isinstance(value, str) and (
+      value or allow_empty) and all(
+          isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in value):
     return tuple(int(a) for a in value)
-  raise ValueError(f"{where}: {name} must be an int or a non-empty sequence of ints, "
-                   f"got {value!r}.")
+  what = "a sequence of ints (possibly empty)" if allow_empty else "a non-empty sequence of ints"
+  raise ValueError(f"{where}: {name} must be an int or {what}, got {value!r}.")
 
 
 def leaf_axes(spec: MuonDimensionNumbers, shape: Sequence[int], path: str = "<leaf>"
               ) -> LeafAxes:
   """Validates ``spec`` against a leaf of ``shape`` and splits its axes.
+
+  An empty ``reduction_axis`` (``MuonDimensionNumbers(reduction_axis=(), output_axis=1)``)
+  declares a stack of vectors: every batch slice is one vector over the output axes, read as
+  a ``[B, 1, O]`` matrix stack (a scan-stacked bias or norm scale ``[L, d]``). The output
+  side may not be empty.
+
+  Args:
+    spec: the leaf's dimension numbers.
+    shape: the leaf's shape.
+    path: the leaf's name in error messages.
+
+  Returns:
+    The leaf's :class:`LeafAxes` (axes made non-negative).
 
   Raises:
     ValueError: naming ``path``, the shape and the spec, when an axis is out of range,
@@ -90,7 +113,7 @@ def leaf_axes(spec: MuonDimensionNumbers, shape: Sequence[int], path: str = "<le
     raise TypeError(f"{where}: expected optax.contrib.MuonDimensionNumbers or None, "
                     f"got {type(spec).__name__}.")
   ndim = len(shape)
-  red = _axes_tuple(spec.reduction_axis, "reduction_axis", where)
+  red = _axes_tuple(spec.reduction_axis, "reduction_axis", where, allow_empty=True)
   out = _axes_tuple(spec.output_axis, "output_axis", where)
   for a in red + out:
     if not -ndim <= a < ndim:
@@ -173,7 +196,26 @@ def _stacked_spec(shape: tuple[int, ...], layer_shape: tuple[int, ...],
   red = kept[n_batch:n_batch + n_red]
   out = kept[n_batch + n_red:]
   assert len(out) == n_out, (where, layout)
-  return MuonDimensionNumbers(red if len(red) > 1 else red[0], out if len(out) > 1 else out[0])
+  return MuonDimensionNumbers(red if len(red) != 1 else red[0],
+                              out if len(out) > 1 else out[0])
+
+
+def _stacked_vector_spec(shape: tuple[int, ...], extra: int, stack_axis: int, path: str
+                         ) -> MuonDimensionNumbers | None:
+  """``MuonDimensionNumbers((), axis)`` for a stack of 1-D vectors (a scan-stacked bias or
+  norm scale) with ``extra`` stack axes at ``stack_axis``; None when the layer's own
+  parameter is not 1-D or not stacked (the methods' default reads it as it is)."""
+  if extra <= 0 or len(shape) - extra != 1:
+    return None
+  return _stacked_spec(shape, tuple(d for i, d in enumerate(shape)
+                                    if not _in_stack(i, extra, stack_axis)),
+                       (0, 0, 1), stack_axis, path)
+
+
+def _in_stack(axis: int, extra: int, stack_axis: int) -> bool:
+  """Whether ``axis`` of a stored parameter with one own axis is one of its stack axes."""
+  start = stack_axis if stack_axis >= 0 else 2 + stack_axis
+  return start <= axis < start + extra
 
 
 def _nnx_kernel_layouts(module: Any) -> dict[str, tuple[tuple[int, ...], _KernelLayout]]:
@@ -250,10 +292,13 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
   than its layer's (layers created under `nnx.vmap` and run with `nnx.scan`) has them as
   batch axes, at `stack_axis`.
 
-  Biases, norm scales and every other parameter of those layers and of the norms get None:
-  dimension numbers need a reduction and an output axis, so a stack of vectors ``[L, d]``
-  cannot be described and keeps each method's default. A parameter of rank >= 2 that no
-  known layer owns raises (`on_unknown="raise"`) rather than being guessed.
+  A stacked 1-D parameter of those layers and of the norms (`nnx.LayerNorm`, `RMSNorm`,
+  `BatchNorm`, `GroupNorm`), a bias or scale ``[L, d]``, gets an empty reduction side,
+  ``MuonDimensionNumbers((), 1)``: L independent vectors, which each method treats as it
+  treats a 1-D parameter of the unrolled model. Unstacked biases and scales, and those that
+  are not vectors in one layer (a `LinearGeneral` bias ``[heads, head_dim]``), get None
+  (each method's default). A parameter of rank >= 2 that no known layer owns raises
+  (`on_unknown="raise"`) rather than being guessed.
 
   Args:
     model: the NNX module (not its state: the layers' types and attributes are what is
@@ -288,12 +333,23 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
     if not isinstance(node, nnx.Module):
       continue
     path = tuple(str(p) for p in path)
+    extra = None  # stack axes of this layer's parameters (None: no kernel to tell)
     for name, (layer_shape, layout) in _nnx_kernel_layouts(node).items():
       shape = tuple(np.shape(getattr(node, name).get_value()))
       specs[path + (name,)] = _stacked_spec(shape, layer_shape, layout, stack_axis,
                                             "/".join(path + (name,)))
+      extra = len(shape) - len(layer_shape)
     if _nnx_vector_layer(node):
-      owned.update(path + (n,) for n, v in vars(node).items() if isinstance(v, nnx.Variable))
+      for n, v in vars(node).items():
+        if not isinstance(v, nnx.Variable) or path + (n,) in specs:
+          continue
+        owned.add(path + (n,))
+        shape = tuple(np.shape(v.get_value()))
+        # A norm's own parameters are vectors: every further axis is a stack axis.
+        n_extra = len(shape) - 1 if extra is None else extra
+        spec = _stacked_vector_spec(shape, n_extra, stack_axis, "/".join(path + (n,)))
+        if spec is not None:
+          specs[path + (n,)] = spec
   for key in owned - set(specs):
     specs[key] = None
   params = nnx.state(model, nnx.Param if wrt is None else wrt)
@@ -334,9 +390,10 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
   the stored kernel; the stored kernel's extra axes are the stacked layers, batch axes at
   `stack_axis` (where `variable_axes={'params': 0}` puts them). The specs are those of
   `dimension_numbers_from_nnx`: dense ``(0, 1)``, attention ``(0, (1, 2))`` and
-  ``((0, 1), 2)``, convolution ``((*spatial, in), out)``, embedding ``(0, 1)``, and None for
-  biases, norm scales and the parameters of modules that have no kernel (LayerNorm,
-  BatchNorm) as long as they have rank <= 1 in each layer.
+  ``((0, 1), 2)``, convolution ``((*spatial, in), out)``, embedding ``(0, 1)``; a stacked
+  bias or norm scale that is a vector in each layer gets ``MuonDimensionNumbers((), 1)``
+  (independent vectors), an unstacked one None, and so do the parameters of modules that
+  have no kernel (LayerNorm, BatchNorm) as long as they have rank <= 1 in each layer.
 
   Args:
     module: the linen module.
@@ -363,7 +420,7 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     MuonDimensionNumbers(reduction_axis=0, output_axis=1)
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  layers, layer_ranks = {}, {}
+  layers, layer_ranks, vector_shapes = {}, {}, {}
 
   def record(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
@@ -377,6 +434,8 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
       if hasattr(value, "shape"):
         # A known layer's other params are its vectors (an attention bias is [heads, dim]).
         layer_ranks[path + (name,)] = 0 if known else len(value.shape)
+        if known:
+          vector_shapes[path + (name,)] = tuple(value.shape)  # as one layer sees it
     found = _linen_kernel_layout(mod, mod.variables)
     if found is not None:
       name, shape, layout = found
@@ -404,5 +463,7 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     # A known layer's vectors, and rank-1 params of any layer, whatever their stacking.
     if layer_ranks.get(key, len(shape)) >= 2:
       unknown[key] = shape
-    specs[key] = None
+    own = vector_shapes.get(key)
+    specs[key] = None if own is None else _stacked_vector_spec(
+        shape, len(shape) - len(own), stack_axis, "/".join(key))
   return _specs_like(params, specs, unknown, "dimension_numbers_from_linen", on_unknown)

@@ -15,6 +15,19 @@ def test_stack_is_independent_matrices():
   np.testing.assert_array_equal(axes.to_matrices(jnp.asarray(x)), x)
 
 
+def test_empty_reduction_is_a_stack_of_vectors():
+  x = np.arange(24.0).reshape(2, 4, 3)  # output axis 1, batch axes 0 and 2: 6 vectors of 4
+  axes = leaf_axes(DN((), 1), x.shape)
+  assert (axes.batch, axes.reduction, axes.output, axes.vectors) == ((0, 2), (), (1,), True)
+  m = axes.to_matrices(jnp.asarray(x))
+  assert m.shape == (6, 1, 4)
+  np.testing.assert_array_equal(m[4, 0], x[1, :, 1])
+  np.testing.assert_array_equal(axes.from_matrices(m), x)
+  assert not leaf_axes(DN(1, 2), (2, 3, 4)).vectors
+  with pytest.raises(ValueError, match="output_axis must be an int or a non-empty"):
+    leaf_axes(DN(1, ()), (2, 3), "v")
+
+
 def test_multi_axis_output_is_flattened_and_round_trips():
   x = np.arange(36.0).reshape(6, 2, 3)
   axes = leaf_axes(DN(0, (1, 2)), x.shape)

@@ -43,6 +43,11 @@ _BLOCK_KERNELS = {"['up']['kernel']": D(1, 2), "['down']['kernel']": D(1, 2),
                   "['attn']['key']['kernel']": D(1, (2, 3)),
                   "['attn']['value']['kernel']": D(1, (2, 3)),
                   "['attn']['out']['kernel']": D((1, 2), 3)}
+# The stacked vectors (biases and norm parameters [L, d]); the attention projections'
+# biases [L, heads, head_dim] are not vectors in one layer and keep None.
+_BLOCK_VECTORS = {k: D((), 1) for k in (
+    "['up']['bias']", "['down']['bias']", "['attn']['out']['bias']", "['ln1']['scale']",
+    "['ln1']['bias']", "['ln2']['scale']", "['ln2']['bias']")}
 
 
 @functools.cache
@@ -54,7 +59,7 @@ def test_dimension_numbers_of_the_nnx_decoder():
   model = _nnx_decoder()
   got = _flat(so.dimension_numbers_from_nnx(model))
   want = {"['embed']['embedding']": D(0, 1)}
-  want.update({"['blocks']" + k: v for k, v in _BLOCK_KERNELS.items()})
+  want.update({"['blocks']" + k: v for k, v in {**_BLOCK_KERNELS, **_BLOCK_VECTORS}.items()})
   assert {k: v for k, v in got.items() if v is not None} == want
   assert len(got) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
   so.dimension_numbers.resolve_leaf_axes(so.dimension_numbers_from_nnx(model),
@@ -66,9 +71,10 @@ def test_dimension_numbers_of_the_linen_decoder():
   variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   got = _flat(so.dimension_numbers_from_linen(model, variables, tokens))
   renamed = {"['up']": "['Dense_0']", "['down']": "['Dense_1']",
-             "['attn']": "['MultiHeadDotProductAttention_0']"}
+             "['attn']": "['MultiHeadDotProductAttention_0']", "['ln1']": "['LayerNorm_0']",
+             "['ln2']": "['LayerNorm_1']"}
   want = {"['Embed_0']['embedding']": D(0, 1)}
-  for k, v in _BLOCK_KERNELS.items():
+  for k, v in {**_BLOCK_KERNELS, **_BLOCK_VECTORS}.items():
     for old, new in renamed.items():
       k = k.replace(old, new)
     want["['blocks']" + k] = v

@@ -404,6 +404,26 @@ def test_stacked_layers_and_attention_kernel_equal_separate_matrices():
     assert int(st.root_failures) == 0
 
 
+@pytest.mark.parametrize("precondition_1d", [False, True])
+def test_stacked_vectors_equal_separate_vectors(precondition_1d):
+  # float64, 10 steps, roots at 1, 4, 7, 10: a [3, 5] stack declared as vectors
+  # (MuonDimensionNumbers((), 1)) against three [5] leaves; with precondition_1d each layer
+  # has its own 5x5 factor, and never a 3x3 one over the layer axis.
+  with jax.enable_x64(True):
+    kw = dict(block_size=8, update_interval=3, beta2=0.9, eps=EPS, precondition_1d=precondition_1d,
+              start_preconditioning_step=1, statistics_dtype=jnp.float64)
+    stacked = shampoo_preconditioner(weight_dimension_numbers={"v": MDN((), 1)}, **kw)
+    trees = _random_trees({"v": (3, 5)}, 10, seed=5)
+    split = [{f"v{i}": t["v"][i] for i in range(3)} for t in trees]
+    u_stacked, st = _run_float64(stacked, trees, trees[0])
+    u_split, su = _run_float64(shampoo_preconditioner(**kw), split, split[0])
+    for a, b in zip(u_stacked, u_split):
+      np.testing.assert_allclose(a["v"], np.stack([b[f"v{i}"] for i in range(3)]),
+                                 rtol=1e-9, atol=1e-12)
+    assert [x.shape for x in st.stats] == [x.shape for x in su.stats]
+    assert [x.shape for x in st.stats] == ([(3, 5, 5)] if precondition_1d else [])
+
+
 def test_block_plan_round_trip_through_dimension_numbers():
   # _blocks.leaf_blocks / leaf_from_blocks invert each other for a stacked, blocked,
   # multi-axis leaf, and its blocks are the NumPy slices of each layer's matrix.
@@ -450,6 +470,15 @@ def test_scanned_model_costs_the_root_calls_of_the_unrolled_one():
                                                  **kw), stacked)
   assert n_stacked == _eigh_calls(shampoo_preconditioner(**kw), unrolled) == 2
   assert _eigh_calls(shampoo_preconditioner(**kw), stacked) == 3
+  # Their biases [4, 12]: declared as vectors they take the diagonal path as the unrolled
+  # [12] biases do; read by rank they are a 4 x 12 matrix with a 4x4 factor.
+  stacked["b"] = jnp.zeros((4, 12))
+  unrolled.update({f"b{i}": jnp.zeros(12) for i in range(4)})
+  dims = {"w": MDN(1, 2), "b": MDN((), 1)}
+  n_stacked = _eigh_calls(shampoo_preconditioner(weight_dimension_numbers=dims, **kw), stacked)
+  assert n_stacked == _eigh_calls(shampoo_preconditioner(**kw), unrolled) == 2
+  dims["b"] = None
+  assert _eigh_calls(shampoo_preconditioner(weight_dimension_numbers=dims, **kw), stacked) == 3
 
 
 # ----------------------------------------------------------------- inject_hyperparams, Newton

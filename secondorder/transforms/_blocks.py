@@ -14,7 +14,11 @@ live, and moves arrays between a leaf's layout and the batched block stacks:
   ``block_size`` and one remainder (`split_dim`); the blocks of one shape form a `Combo`.
 * **Diagonal path.** A leaf whose layers are vectors or scalars (unless
   ``precondition_1d``), that is empty, or has a merged dimension above ``max_dim`` gets no
-  factor (`LeafPlan.diagonal`).
+  factor (`LeafPlan.diagonal`). With ``one_sided``, a dimension above ``max_dim`` instead
+  stays whole without a factor (the identity) and only a leaf with no smaller dimension is
+  diagonal. A stack of vectors (dimension numbers with an empty reduction side) has vector
+  layers: each layer is read as a 1-D leaf of its own, never with a factor over the
+  layer axis.
 * **Stacks.** Every factor of side s and root exponent p, of every block of every layer of
   every leaf, is one slot of the stack of group (s, p): the state holds one ``[n, s, s]``
   array per group (`Plan.groups`, `Plan.group_sizes`), so a scanned model with L layers has
@@ -91,12 +95,13 @@ class Combo:
     index: the piece index per dimension.
     pieces: the piece per dimension.
     slots: per dimension, ``(group, offset)`` of the first of the ``layers * num`` factors
-      this combo keeps in that group's stack.
+      this combo keeps in that group's stack; None for a dimension without a factor (a
+      one-sided plan's dimension above ``max_dim``).
   """
 
   index: tuple[int, ...]
   pieces: tuple[Piece, ...]
-  slots: tuple[tuple[int, int], ...]
+  slots: tuple[tuple[int, int] | None, ...]
 
   @property
   def num(self) -> int:
@@ -261,11 +266,11 @@ def root_buckets(groups: Sequence[tuple[int, float]], ratio: float | None,
 
 
 def _layer_shape(shape: tuple[int, ...], axes: LeafAxes | None) -> tuple[tuple[int, ...], int]:
-  """One layer's shape and the number of layers."""
+  """One layer's shape and the number of layers (a stack of vectors has vector layers)."""
   if axes is None:
     return shape, 1
   b, r, o = axes.matrix_shape
-  return (r, o), b
+  return ((o,) if axes.vectors else (r, o)), b
 
 
 @functools.lru_cache(maxsize=256)
@@ -273,7 +278,8 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
               axes: tuple[LeafAxes | None, ...] | None = None, *,
               block_size: int, merge: bool = True, max_dim: int,
               precondition_1d: bool = False, exponent_override: float | None = None,
-              bucket_ratio: float | None = None, mixed_roots: bool = True) -> Plan:
+              bucket_ratio: float | None = None, mixed_roots: bool = True,
+              one_sided: bool = False) -> Plan:
   """The block plan of leaves of ``shapes`` (cached: call it at every trace).
 
   Args:
@@ -281,12 +287,17 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
     axes: per leaf, its `LeafAxes` or None; None for all leaves when omitted.
     block_size: the largest factor side (larger dimensions are blocked).
     merge: drop size-1 dimensions and merge small adjacent ones (`merge_small_dims`).
-    max_dim: a leaf with a larger merged dimension goes to the diagonal path.
+    max_dim: a leaf with a larger merged dimension goes to the diagonal path (unless
+      ``one_sided``).
     precondition_1d: give vector (and scalar) layers a factor instead of the diagonal path.
-    exponent_override: the root exponent p for every factor; default 2 x the layer's
-      merged order.
+    exponent_override: the root exponent p for every factor; default 2 x the number of
+      the layer's merged dimensions that have a factor.
     bucket_ratio: see `root_buckets`.
     mixed_roots: see `root_buckets`.
+    one_sided: a merged dimension above ``max_dim`` is kept whole, without a factor (its
+      `Combo.slots` entry is None: the identity), while the leaf's other dimensions keep
+      theirs; only a leaf with no dimension at or below ``max_dim`` goes to the diagonal
+      path. Off, the plan is exactly the two-sided one.
 
   Returns:
     The `Plan`, its groups sorted by (side, p) so the state layout does not depend on leaf
@@ -309,19 +320,25 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
     if size > 0 and not merged:
       merged = (1,)  # a scalar, or all dimensions 1
     # Vectors and scalars (by their own rank, not after merging) go diagonal unless asked.
+    whole = tuple(d > max_dim for d in merged) if one_sided else (False,) * len(merged)
     diagonal = (size == 0 or (len(layer) <= 1 and not precondition_1d)
-                or max(merged) > max_dim)
+                or (all(whole) if one_sided else max(merged) > max_dim))
     if diagonal:
       pending.append(LeafPlan(shape=shape, diagonal=True, axes=leaf_axes, layers=layers))
       continue
-    root = float(exponent_override) if exponent_override is not None else 2.0 * len(merged)
-    per_dim = [split_dim(d, block_size) for d in merged]
+    root = (float(exponent_override) if exponent_override is not None
+            else 2.0 * (len(merged) - sum(whole)))
+    per_dim = [(Piece(0, 1, d),) if keep else split_dim(d, block_size)
+               for d, keep in zip(merged, whole)]
     combos = []
     for index in itertools.product(*(range(len(p)) for p in per_dim)):
       pieces = tuple(per_dim[i][j] for i, j in enumerate(index))
       num = layers * math.prod(p.count for p in pieces)
       slots = []
-      for piece in pieces:
+      for piece, keep in zip(pieces, whole):
+        if keep:
+          slots.append(None)
+          continue
         key = (piece.size, root)
         if key not in group_index:
           group_index[key] = len(group_sizes)
@@ -340,7 +357,8 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
     if lp.diagonal:
       leaves.append(lp)
       continue
-    combos = tuple(dataclasses.replace(c, slots=tuple((remap[g], o) for g, o in c.slots))
+    combos = tuple(dataclasses.replace(c, slots=tuple(
+        None if slot is None else (remap[slot[0]], slot[1]) for slot in c.slots))
                    for c in lp.combos)
     leaves.append(dataclasses.replace(lp, combos=combos))
   return Plan(leaves=tuple(leaves), groups=tuple(order),
@@ -479,8 +497,9 @@ def factor_stats_per_group(plan: Plan, blocks: Sequence[Sequence[jax.Array] | No
     if lp.diagonal:
       continue
     for combo, b in zip(lp.combos, leaf):
-      for dim, (group, _) in enumerate(combo.slots):
-        contribs[group].append(factor_stats(b, dim))
+      for dim, slot in enumerate(combo.slots):
+        if slot is not None:
+          contribs[slot[0]].append(factor_stats(b, dim))
   return tuple(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
                for parts in contribs)
 
@@ -495,10 +514,12 @@ def combo_factors(stacks: Sequence[jax.Array], lp: LeafPlan, combo: Combo
     combo: one of its combos.
 
   Returns:
-    Per block dimension, ``[lp.factors(combo), s, s]``, in the order of `to_blocks`.
+    Per block dimension, ``[lp.factors(combo), s, s]``, in the order of `to_blocks`; None
+    for a dimension without a factor.
   """
   n = lp.factors(combo)
-  return [stacks[group][off:off + n] for group, off in combo.slots]
+  return [None if slot is None else stacks[slot[0]][slot[1]:slot[1] + n]
+          for slot in combo.slots]
 
 
 def contract_blocks(blocks: jax.Array, mats: Sequence[jax.Array]) -> jax.Array:
@@ -509,7 +530,7 @@ def contract_blocks(blocks: jax.Array, mats: Sequence[jax.Array]) -> jax.Array:
 
   Args:
     blocks: ``[n, *block]``.
-    mats: per block axis, ``[n, s, s]``.
+    mats: per block axis, ``[n, s, s]``, or None (the identity: the axis is left as it is).
 
   Returns:
     ``[n, *block']`` with block axis i of size ``mats[i].shape[-1]``.
@@ -518,7 +539,10 @@ def contract_blocks(blocks: jax.Array, mats: Sequence[jax.Array]) -> jax.Array:
   for m in mats:
     # Contract axis 1; the new axis goes last, so after all the axes have been visited
     # the original order is back.
-    x = jnp.einsum("na...,nab->n...b", x, m, precision=_HIGHEST)
+    if m is None:
+      x = jnp.moveaxis(x, 1, -1)
+    else:
+      x = jnp.einsum("na...,nab->n...b", x, m, precision=_HIGHEST)
   return x
 
 
