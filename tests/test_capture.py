@@ -335,3 +335,42 @@ def test_sequence_outputs_share_one_per_token_scale(tokens):
   np.testing.assert_allclose(smp["Dense_0"].s,
                              jnp.einsum("btk,btl->kl", noise, noise) / (3 * tokens),
                              rtol=1e-4, atol=1e-6)
+
+
+class _Ensemble(nn.Module):
+  """Three dense layers stacked by nn.vmap (one kernel [3, 3, 4]), then a shared head."""
+
+  @nn.compact
+  def __call__(self, x):
+    stacked = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=None, out_axes=1, axis_size=3)
+    h = stacked(4)(x)
+    return nn.Dense(2)(jnp.tanh(h).reshape(x.shape[0], -1))
+
+
+def test_linen_vmap_stacked_layers_get_one_factor_pair_each():
+  """nn.vmap over layers: factors [3, d, d], member l's from its own inputs and gradients."""
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+  y = jax.random.normal(jax.random.key(1), (5, 2))
+  m = _Ensemble()
+  params = m.init(jax.random.key(1), x)["params"]
+  loss = lambda z, t: 0.5 * jnp.sum((z - t) ** 2) / z.shape[0]
+  cap = capture.linen_capture(m, loss, fisher="empirical")
+  layers = cap.layers(params, x)
+  assert [(l.name, l.factor_shape(l.a_dim)) for l in layers] == [
+      ("VmapDense_0", (3, 4, 4)), ("Dense_0", (13, 13))]
+  _, _, st = jax.jit(cap)(params, x, y)
+  k, b = params["VmapDense_0"]["kernel"], params["VmapDense_0"]["bias"]
+  head = params["Dense_0"]
+
+  def hand(eps):   # eps [5, 3, 4] perturbs each member's output
+    h = jnp.einsum("bi,lio->blo", x, k) + b + eps
+    return loss(jnp.tanh(h).reshape(5, -1) @ head["kernel"] + head["bias"], y)
+
+  g = jax.grad(hand)(jnp.zeros((5, 3, 4)))
+  rows = _aug(x)
+  for member in range(3):
+    np.testing.assert_allclose(st["VmapDense_0"].a[member], rows.T @ rows / 5, rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(st["VmapDense_0"].s[member], 5 * g[:, member].T @ g[:, member],
+                               rtol=1e-4, atol=1e-9)
