@@ -16,7 +16,13 @@ Stabilizing Shampoo using Adam" (Vyas et al., 2024):
    permuted the same way), and ``Q <- qr(H Q_sorted)``. The first moment is carried over to
    the new basis (rotated back with the old basis, forward with the new one).
 
-Axes longer than ``max_precond_dim``, and every axis of a 1-D array, keep the identity.
+One-sided SOAP, as the authors' code does it: an axis longer than ``max_precond_dim`` gets
+no factor (an empty entry in its list of factors) and its rotation is the identity (the
+projection moves the axis past unchanged); the eigendecomposition, the sort by estimated
+eigenvalues, the permutation of the second moment and the QR skip it, while the array's other
+axes are rotated as usual. Every axis of a 1-D array keeps the identity too (the code's
+default ``precondition_1d=False``), so a vector, or an array with every axis too long, is
+Adam with the first step skipped.
 """
 
 from __future__ import annotations

@@ -25,10 +25,15 @@ SHAPES = {
     "blocked": (300, 70),
     "stacked": (3, 5, 5),
     "vector": (7,),
-    "wide": (400, 3),  # a dimension above max_precond_dim: the whole leaf is not rotated
+    # A dimension above max_precond_dim is not rotated, the other one is (one-sided SOAP);
+    # in the second leaf that other dimension is blocked (128 + 12).
+    "wide": (400, 3),
+    "wide_blocked": (360, 140),
+    "stacked_vectors": (3, 7),  # three vectors: each as the 1-D "vector" leaf
 }
 DIMS = {name: None for name in SHAPES}
 DIMS["stacked"] = MuonDimensionNumbers(1, 2)
+DIMS["stacked_vectors"] = MuonDimensionNumbers((), 1)
 # With eps well above float64's rounding, the rotated coordinates that carry no gradient
 # (the blocked leaf's, below) stay at zero instead of 0/0.
 EPS = 1e-5
@@ -54,10 +59,17 @@ def _reference(grads, frequency):
   kw = dict(b1=0.95, b2=0.95, eps=EPS, precondition_frequency=frequency,
             max_precond_dim=MAX_DIM)
   seq = lambda name: [g[name] for g in grads]
-  out = {name: R.run(seq(name), **kw) for name in ("matrix", "tensor", "vector")}
-  # The plan sends a leaf with a dimension above max_precond_dim to the diagonal path
-  # (Adam unrotated, first step skipped): the reference with no axis preconditioned.
-  out["wide"] = R.run(seq("wide"), **{**kw, "max_precond_dim": 1})
+  out = {name: R.run(seq(name), **kw) for name in ("matrix", "tensor", "vector", "wide")}
+  wide = [np.zeros(SHAPES["wide_blocked"]) for _ in grads]
+  for lo, hi in ((0, 128), (128, 140)):
+    for full, part in zip(wide, R.run([g[:, lo:hi] for g in seq("wide_blocked")], **kw)):
+      full[:, lo:hi] = part
+  out["wide_blocked"] = wide
+  vectors = [np.zeros(SHAPES["stacked_vectors"]) for _ in grads]
+  for layer in range(SHAPES["stacked_vectors"][0]):
+    for full, part in zip(vectors, R.run([g[layer] for g in seq("stacked_vectors")], **kw)):
+      full[layer] = part
+  out["stacked_vectors"] = vectors
   blocked = [np.zeros(SHAPES["blocked"]) for _ in grads]
   for lo, hi in ((0, 128), (128, 256), (256, 300)):
     for full, part in zip(blocked, R.run([g[lo:hi] for g in seq("blocked")], **kw)):
@@ -117,14 +129,19 @@ def test_frequency_changes_the_trajectory():
 
 def test_state_layout():
   """Factors stacked per side (the blocked leaf's 44, 70, 128 beside the others'), moments
-  per block shape, the unrotated leaves' moments in their own shape."""
+  per block shape, the unrotated leaves' moments in their own shape, no factor along a
+  one-sided leaf's long dimension."""
   _, state = _float64_run(1)
   sides = [f.shape[-1] for f in state.factors]
   assert sides == sorted(sides) and {44, 70, 128, 3, 4, 5, 6} <= set(sides)
   assert [f.shape for f in state.factors] == [b.shape for b in state.bases]
   shapes = [m.shape for m in state.mu]
-  assert (400, 3) in shapes and (7,) in shapes and (3, 5, 5) in shapes  # 3 layers of 5x5
+  assert (7,) in shapes and (3, 5, 5) in shapes  # 3 layers of 5x5
   assert (2, 128, 70) in shapes and (1, 44, 70) in shapes
+  # One-sided leaves: their long dimension kept whole (never blocked), with no factor.
+  assert (1, 400, 3) in shapes and (1, 360, 128) in shapes and (1, 360, 12) in shapes
+  assert not {400, 360} & set(sides) and {3, 12} <= set(sides)
+  assert (3, 7) in shapes  # the stacked vectors: Adam on the leaf as it is
 
 
 @functools.lru_cache(maxsize=None)

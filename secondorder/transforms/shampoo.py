@@ -378,7 +378,10 @@ def shampoo_preconditioner(
   blocks of all layers share the batched stacks, so a scanned model has the root calls of
   the unrolled one. Several reduction or output axes are flattened into one side
   (attention's `[d, heads, head_dim]` with `MuonDimensionNumbers(0, (1, 2))` is a
-  `d x (heads * head_dim)` matrix).
+  `d x (heads * head_dim)` matrix). An empty reduction side,
+  `MuonDimensionNumbers((), 1)` on a `[L, d]` leaf (scan-stacked biases and norm scales),
+  is L independent vectors, each treated as a 1-D leaf (the diagonal path, or with
+  `precondition_1d` its own d x d factor).
 
   Grafting: each block's update takes the norm of the grafted diagonal method's update on
   that block, u = ‖u_graft‖ · u_shampoo / ‖u_shampoo‖; diagonal-path parameters get the

@@ -74,14 +74,15 @@ def rotate(blocks: jax.Array, bases: Sequence[jax.Array], back: bool = False) ->
 
   Args:
     blocks: ``[n, *block]``.
-    bases: per block axis, ``[n, s, s]`` orthogonal matrices.
+    bases: per block axis, ``[n, s, s]`` orthogonal matrices, or None for an axis that
+      is not rotated (one-sided SOAP).
     back: rotate back to the original coordinates.
 
   Returns:
     ``[n, *block]``.
   """
   if back:
-    bases = [jnp.swapaxes(q, 1, 2) for q in bases]
+    bases = [None if q is None else jnp.swapaxes(q, 1, 2) for q in bases]
   return _blocks.contract_blocks(blocks, bases)
 
 
@@ -169,8 +170,11 @@ def power_iteration_bases(factors: jax.Array, bases: jax.Array
 
 
 def permute_axes(x: jax.Array, orders: Sequence[jax.Array]) -> jax.Array:
-  """Reorders every block axis i of ``x [n, *block]`` by ``orders[i] [n, s_i]``."""
+  """Reorders every block axis i of ``x [n, *block]`` by ``orders[i] [n, s_i]`` (an axis
+  whose order is None, one that is not rotated, stays as it is)."""
   for i, order in enumerate(orders):
+    if order is None:
+      continue
     shape = [order.shape[0]] + [1] * (x.ndim - 1)
     shape[1 + i] = order.shape[1]
     x = jnp.take_along_axis(x, order.reshape(shape), axis=1 + i)
@@ -181,9 +185,10 @@ def permute_axes(x: jax.Array, orders: Sequence[jax.Array]) -> jax.Array:
 
 
 def _plan_for(leaves, axes, block_size: int, max_dim: int, merge: bool) -> _blocks.Plan:
+  """The block plan: one-sided, a dimension above ``max_dim`` is kept whole, unrotated."""
   shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
   return _blocks.make_plan(shapes, tuple(axes), block_size=block_size, merge=merge,
-                           max_dim=max_dim, exponent_override=_NO_ROOT)
+                           max_dim=max_dim, exponent_override=_NO_ROOT, one_sided=True)
 
 
 def _moment_shapes(plan: _blocks.Plan) -> list[tuple[int, ...]]:
@@ -370,8 +375,11 @@ def scale_by_soap(
   ``block_size`` are split into blocks (each with its own factors), factors of one side
   are decomposed in one batched call, and a leaf with ``weight_dimension_numbers`` is read
   as independent ``[reduction, output]`` matrices (the layers of a scan-stacked parameter).
-  Vectors and scalars, and leaves with a dimension above ``max_precond_dim``, take Adam's
-  step unrotated (with the same skipped first step). A basis that comes out non-finite is
+  A dimension above ``max_precond_dim`` is not rotated (one-sided SOAP: its basis is the
+  identity, it is never blocked) while the leaf's other dimensions are; vectors and
+  scalars (a stack of vectors declared with an empty ``reduction_axis`` included), and
+  leaves with no dimension at or below ``max_precond_dim``, take Adam's step unrotated
+  (with the same skipped first step). A basis that comes out non-finite is
   not installed (the previous one stays, ``refresh_failures`` counts it); a non-finite
   contribution to a factor is skipped (``stat_skips``).
 
@@ -381,8 +389,8 @@ def scale_by_soap(
     shampoo_beta: the factors' decay β; None (or a negative number) uses ``b2``.
     eps: added to sqrt(v) in the rotated coordinates.
     precondition_frequency: steps between basis refreshes (an injected array is fine).
-    max_precond_dim: a leaf with a (merged) dimension above it is not rotated; None:
-      10000.
+    max_precond_dim: a (merged) dimension above it is not rotated along (the other
+      dimensions of the leaf still are); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
       below ``max_precond_dim``.
     merge_small_dims: drop size-1 dimensions and merge small adjacent ones (product up to
