@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -374,3 +375,34 @@ def test_linen_vmap_stacked_layers_get_one_factor_pair_each():
                                atol=1e-7)
     np.testing.assert_allclose(st["VmapDense_0"].s[member], 5 * g[:, member].T @ g[:, member],
                                rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
+def test_padded_convolutions_match_valid_convolution_of_padded_input(padding):
+  """A conv with CIRCULAR / REFLECT / CAUSAL padding has the statistics of the VALID conv of
+  the input padded the same way by hand (wrap, reflect, zeros on the left)."""
+  one_d = padding == "CAUSAL"
+  shape, kernel = ((3, 6, 2), (3,)) if one_d else ((3, 5, 5, 2), (3, 2))
+  x = jax.random.normal(jax.random.key(0), shape)
+  y = jnp.arange(3) % CLASSES
+
+  class Net(nnx.Module):
+
+    def __init__(self, pad, rngs):
+      self.conv = nnx.Conv(2, 3, kernel, padding=pad, rngs=rngs)
+      self.head = nnx.Linear(3 * math.prod(shape[1:-1]), CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
+
+  if one_d:
+    pads, mode = ((2, 0),), "constant"
+  else:
+    pads, mode = ((1, 1), (0, 1)), {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+  xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), mode=mode)
+  padded, valid = Net(padding, nnx.Rngs(0)), Net("VALID", nnx.Rngs(0))
+  cap = capture.nnx_capture(ce, fisher="empirical")
+  assert [l.name for l in cap.layers(padded, x)] == ["conv", "head"]
+  _, _, got = cap(padded, x, y)
+  _, _, want = cap(valid, xp, y)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), got, want)

@@ -23,7 +23,7 @@ The statistics are already reduced (the factors are [in+1, in+1] and [out, out])
 Covered layers (exact types): `nn.Dense`, `nn.DenseGeneral`, `nn.Conv`, `nnx.Linear`,
 `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`'s projections), `nnx.Conv`. A
 multi-axis kernel `[d1..dk, e1..em]` is the matrix `(∏d) x (∏e)`. Convolutions: no
-feature groups, no mask, padding 'SAME'/'VALID'/explicit. The statistics reach the
+feature groups, no mask, any padding mode. The statistics reach the
 capture through identity functions on each layer's input and output whose backward pass
 reports them (`secondorder.capture.taps`), so `jax.checkpoint` / `nn.remat` / `nnx.remat`
 around a layer are transparent. Every parameter outside a covered layer is listed in
