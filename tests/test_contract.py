@@ -136,7 +136,8 @@ CASES: list[Case] = [
     # K-FAC with a covered layer: a linen Dense softmax regression and its capture.
     Case("kfac_dense", lambda learning_rate: kfac(learning_rate, layers=C.dense_layers()),
          extra_args=C.kfac_capture_args, lr=0.1, problems=("dense_softmax",),
-         check_problem="dense_softmax", lr_is_last=False, skip=_KFAC_MASK_SKIP),
+         check_problem="dense_softmax", lr_is_last=False, skip=_KFAC_MASK_SKIP,
+         alias=(kfac, dict(learning_rate=0.1, layers=C.dense_layers()))),
     Case("scale_by_kfac_factors_dense",
          _with_lr(lambda: scale_by_kfac_factors(layers=C.dense_layers())),
          extra_args=C.kfac_capture_args, lr=0.3, problems=("dense_softmax",),
