@@ -298,7 +298,9 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
   treats a 1-D parameter of the unrolled model. Unstacked biases and scales, and those that
   are not vectors in one layer (a `LinearGeneral` bias ``[heads, head_dim]``), get None
   (each method's default). A parameter of rank >= 2 that no known layer owns raises
-  (`on_unknown="raise"`) rather than being guessed.
+  (`on_unknown="raise"`) rather than being guessed. (`optax.contrib.muon` reads an empty
+  reduction side as L matrices of one row each and orthogonalises them; for Muon, replace
+  those specs by None to keep its Adam on the vectors.)
 
   Args:
     model: the NNX module (not its state: the layers' types and attributes are what is
