@@ -227,8 +227,10 @@ register(OptimizerSpec(
     lambda lr, n, p, gamma=0.01: _module("secondorder.transforms.sophia").sophia(
         lr, estimator="hutchinson", gamma=gamma),
     1e-3, needs=("obj_fn",), family="secondorder",
-    note="Sophia-H (Hutchinson estimate every 10 steps; host-scheduled, one-pass refresh)",
-    value_grad=_sophia_h_value_grad, host_refresh=10, second=second_grid("gamma", 0.01)))
+    note="Sophia-H (Hutchinson estimate every 10 steps; host-scheduled, one-pass refresh); "
+         "quick: sanity rows only",
+    value_grad=_sophia_h_value_grad, host_refresh=10, second=second_grid("gamma", 0.01),
+    in_quick=lambda problem: problem.kind == "synthetic"))
 register(OptimizerSpec(
     "sophia_g",
     lambda lr, n, p, gamma=0.01: _module("secondorder.transforms.sophia").sophia(
@@ -343,7 +345,8 @@ register(OptimizerSpec(
         _accumulate("scale_by_adam_beta_tilde")(ACCUMULATE_K),
         _accumulate("every_k_gate")(ACCUMULATE_K),
         optax.scale_by_learning_rate(lr)), 3e-3, family="secondorder",
-    note="Adam with beta~ = 1 - (1 - beta)/4, updating every 4th step"))
+    note="Adam with beta~ = 1 - (1 - beta)/4, updating every 4th step; quick: sanity rows only",
+    in_quick=lambda problem: problem.kind == "synthetic"))
 register(OptimizerSpec(
     "multisteps_adamw_k4",
     lambda lr, n, p: optax.MultiSteps(optax.adamw(lr, weight_decay=1e-4),
