@@ -3,7 +3,10 @@
 What each method does with a NaN/Inf *gradient* (tested below for every case):
   every method propagates it: the update of the affected leaf is non-finite, and the
   first-moment state (momentum / Adam moments / grafted Adam / K-FAC fallback RMS) keeps the
-  NaN, exactly like `optax.adam`. Wrap the optimizer in `optax.apply_if_finite` to skip
+  NaN, exactly like `optax.adam`. SOAP's first call (statistics only, a zero update) shows
+  it as NaN too; Hessian-free and the natural gradient skip the step (`nonfinite_count`
+  += 1, λ raised, warm start kept) and their otherwise zero update is NaN in the affected
+  entries. Wrap the optimizer in `optax.apply_if_finite` to skip
   such steps with the state untouched (checked for every case by the shared contract,
   tests/contract.py: check_apply_if_finite, and again here after a run of bad steps).
 
@@ -28,6 +31,7 @@ import optax
 import pytest
 
 from secondorder import capture
+from secondorder.curvature.losses import softmax_cross_entropy
 from secondorder.transforms.hutchinson import adahessian
 from secondorder.transforms.kfac import scale_by_kfac_factors
 from secondorder.transforms.shampoo import shampoo
@@ -68,6 +72,16 @@ def _logits(p):
 
 
 GENERIC = C.Problem("generic", None, _sum_of_squares, 0.0, 1.0, logits_fn=_logits)
+_GENERIC_LABELS = jnp.arange(4) % 3  # one per row of _logits
+
+
+def _extra_args(case, params):
+  """The case's closures on the generic problem. Gauss-Newton cases (Hessian-free) also take
+  `loss_fn=`, whose labels must match the generic logits' batch of 4 rows (the shared
+  C.gauss_newton_args holds the classification problems' labels, a batch of another size)."""
+  if case.extra_args is C.gauss_newton_args:
+    return {"logits_fn": _logits, "loss_fn": softmax_cross_entropy(_GENERIC_LABELS)}
+  return case.extra_args(GENERIC, params)
 
 
 @functools.cache
@@ -76,7 +90,7 @@ def _stepper(case, lr=0.1, jit=True):
   tx = case.make(lr)
 
   def update(grads, state, params):
-    return tx.update(grads, state, params, **case.extra_args(GENERIC, params))
+    return tx.update(grads, state, params, **_extra_args(case, params))
 
   return tx, (jax.jit(update) if jit else update)
 
@@ -84,7 +98,7 @@ def _stepper(case, lr=0.1, jit=True):
 @functools.cache
 def _safe_stepper(case, lr=0.1):
   safe = optax.apply_if_finite(case.make(lr), max_consecutive_errors=10)
-  return safe, jax.jit(lambda g, s, p: safe.update(g, s, p, **case.extra_args(GENERIC, p)))
+  return safe, jax.jit(lambda g, s, p: safe.update(g, s, p, **_extra_args(case, p)))
 
 
 # ---------------------------------------------------------------------- NaN / Inf gradients

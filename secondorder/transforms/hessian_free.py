@@ -50,8 +50,8 @@ class ScaleByHessianFreeState(NamedTuple):
       first step and after a skipped one).
     loss: L(θ) at the last step, from the closure.
     cg_iterations: conjugate-gradient iterations of the last step (int32).
-    nonfinite_count: steps skipped because the curvature, the CG solution, the model or
-      the loss at the candidate was NaN or Inf (int32).
+    nonfinite_count: steps skipped because the gradient, the curvature, the CG solution,
+      the model or the loss at the candidate was NaN or Inf (int32).
     direction: the last solution p = −d (params-shaped), CG's warm start.
   """
   count: jax.Array
@@ -73,8 +73,8 @@ class ScaleByNaturalGradientState(NamedTuple):
     newton_decrement: sqrt(gᵀ(F + λI)⁻¹g) at the last step (F in the role of the Hessian).
     sharpness: the directional sharpness dᵀFd / ‖d‖² of the last direction.
     cg_iterations: conjugate-gradient iterations of the last step (int32).
-    nonfinite_count: steps skipped because the Fisher products or the CG solution were NaN
-      or Inf (int32).
+    nonfinite_count: steps skipped because the gradient, the Fisher products or the CG
+      solution were NaN or Inf (int32).
     direction: the last direction d = (F + λI)⁻¹ g (params-shaped), CG's warm start.
   """
   count: jax.Array
@@ -292,9 +292,11 @@ def scale_by_hessian_free(
   (`so.empirical_fisher_diag`), "squared_gradient" uses g ⊙ g instead.
 
   q(d) is the undamped model; ρ is computed for the full step d, whatever learning rate
-  follows. A step whose CG solution, model or candidate loss is not finite is skipped: the
-  update is zero, `nonfinite_count` counts it, λ is raised and the warm start keeps the
-  last finite solution. Everything runs under `jax.jit` in one `lax.while_loop`; the loss
+  follows. A step whose gradient, CG solution, model or candidate loss is not finite is
+  skipped: the update is zero (NaN in the entries whose gradient is NaN or Inf, so that a
+  non-finite gradient is not hidden; `optax.apply_if_finite` skips such steps before they
+  reach this transform), `nonfinite_count` counts it, λ is raised and the warm start keeps
+  the last finite solution. Everything runs under `jax.jit` in one `lax.while_loop`; the loss
   at the candidate costs one extra forward pass of the closure.
 
   Args:
@@ -372,13 +374,17 @@ def scale_by_hessian_free(
     model = (solution.model_value - 0.5 * damping * tree_vdot(p, p)).astype(damping.dtype)
     candidate = jax.tree.map(lambda w, s: (w - s.astype(w.dtype)), params, p)
     candidate_loss = objective(candidate).astype(damping.dtype)
-    ok = _all_finite(p, model, candidate_loss)
+    # The gradient too: CG can stop at once on an Inf residual with a finite (warm-start)
+    # solution, which would take a step that ignores the fault.
+    ok = _all_finite(p, model, candidate_loss, grads)
     rho = jnp.where(ok, _reduction_ratio(loss, candidate_loss, model), 0.0).astype(
         damping.dtype)
     new_damping = _levenberg_marquardt(damping, rho, adapt_damping, damping_increase,
                                        damping_decrease, ok, tree_vdot(grads, grads) > 0)
     direction = _keep_if(ok, p, state.direction)
-    step = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), p)
+    # A skipped step is zero, except where the gradient itself is NaN or Inf: 0·g keeps
+    # that fault in the update (like optax.adam), so that it is never hidden.
+    step = jax.tree.map(lambda x, g: jnp.where(ok, x, 0 * g), p, grads)
     return _as_updates(step, updates), ScaleByHessianFreeState(
         count=optax.safe_increment(state.count),
         damping=new_damping,
@@ -482,8 +488,9 @@ def scale_by_natural_gradient(
   estimate ½η²dᵀFd (δ unless η_max binds), the Newton decrement sqrt(gᵀd) of the damped
   Fisher and the directional sharpness dᵀFd / ‖d‖². dᵀFd comes from the products CG
   already made, so a step costs one linearisation of `logits_fn` and one product per CG
-  iteration (plus one for a warm start). A step whose Fisher products or solution are not
-  finite is skipped (zero update, `nonfinite_count` incremented, warm start kept).
+  iteration (plus one for a warm start). A step whose gradient, Fisher products or solution
+  are not finite is skipped (zero update, NaN in the entries of a NaN or Inf gradient, so that it
+  is not hidden; `nonfinite_count` incremented, warm start kept).
 
   Args:
     kl_budget: δ > 0, a float or a schedule of the step count.
@@ -548,12 +555,13 @@ def scale_by_natural_gradient(
     dfd = (tree_vdot(d, solution.ax) - lam * dd).astype(dtype)
     eta = _kl_step_size(dfd, _kl_budget_at(kl_budget, state.count).astype(dtype),
                         jnp.asarray(max_learning_rate, dtype))
-    ok = _all_finite(d, dfd)
+    ok = _all_finite(d, dfd, grads)  # grads: as in scale_by_hessian_free
     stats = (eta, 0.5 * eta ** 2 * dfd,
              jnp.sqrt(jnp.maximum(tree_vdot(grads, d), 0.0)).astype(dtype),
              dfd / jnp.where(dd > 0, dd, 1.0))
     eta, kl, decrement, sharpness = (jnp.where(ok, s, 0.0).astype(dtype) for s in stats)
-    step = jax.tree.map(lambda x: jnp.where(ok, eta * x, jnp.zeros_like(x)), d)
+    # As in scale_by_hessian_free: a non-finite gradient shows in the skipped step (0·g).
+    step = jax.tree.map(lambda x, g: jnp.where(ok, eta * x, 0 * g), d, grads)
     return _as_updates(step, updates), ScaleByNaturalGradientState(
         count=optax.safe_increment(state.count), step_size=eta, kl=kl,
         newton_decrement=decrement, sharpness=sharpness, cg_iterations=solution.iterations,

@@ -364,7 +364,8 @@ def scale_by_soap(
 
   The eigenbases Q_L, Q_R come from an eigendecomposition on the first call, which only
   collects statistics (its update is zero, so no step uses its own gradient in its
-  rotation; k counts the calls after it). Every ``precondition_frequency`` steps each
+  rotation; k counts the calls after it; a NaN or Inf gradient still shows there as NaN
+  in the update, as on every other step). Every ``precondition_frequency`` steps each
   basis moves by one step of power iteration and QR, :math:`Q \leftarrow
   \operatorname{qr}(H Q)`, its columns first sorted by the estimated eigenvalues
   :math:`\operatorname{diag}(Q^\top H Q)` and v's entries permuted to match; m is kept in
@@ -472,10 +473,11 @@ def scale_by_soap(
     with jax.named_scope("precondition"):
       directions, mu, nu = precondition(plan, flat, state.bases, state.mu, state.nu,
                                         b1_, b2_, eps_, k)
-    # The first call collects statistics only: moments untouched, a zero update.
+    # The first call collects statistics only: moments untouched, a zero update (0·d: NaN
+    # where a NaN or Inf gradient reached the direction, so that the fault is not hidden).
     mu = [jnp.where(first, old, new) for old, new in zip(state.mu, mu)]
     nu = [jnp.where(first, old, new) for old, new in zip(state.nu, nu)]
-    directions = [jnp.where(first, jnp.zeros_like(d), d) for d in directions]
+    directions = [jnp.where(first, 0 * d, d) for d in directions]
     with jax.named_scope("refresh"):
       bases, mu, nu, failures = refresh(plan, due, first, factors, state.bases, mu, nu)
 
