@@ -530,8 +530,16 @@ def soap(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim, block_size,
-      merge_small_dims, weight_dimension_numbers, statistics_dtype: see `scale_by_soap`.
+    b1: as in `scale_by_soap`.
+    b2: as in `scale_by_soap`.
+    shampoo_beta: as in `scale_by_soap`.
+    eps: as in `scale_by_soap`.
+    precondition_frequency: as in `scale_by_soap`.
+    max_precond_dim: as in `scale_by_soap`.
+    block_size: as in `scale_by_soap`.
+    merge_small_dims: as in `scale_by_soap`.
+    weight_dimension_numbers: as in `scale_by_soap`.
+    statistics_dtype: as in `scale_by_soap`.
     weight_decay: decoupled weight decay λ (AdamW-style).
 
   Returns:
