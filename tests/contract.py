@@ -43,6 +43,9 @@ class Problem:
     tol: convergence means `loss <= f_min + tol * (loss(params) - f_min)`.
     logits_fn: params -> logits [B, C] with `loss = mean softmax-CE(logits, labels)`, for
       problems that are classification problems (Sophia-G needs it); None otherwise.
+    labels: the integer labels [B] that `logits_fn`'s logits are trained on, for the
+      Gauss-Newton methods' `loss_fn`; None means the shared classification data's labels
+      (those of every classification problem built here).
   """
   name: str
   params: PyTree
@@ -50,6 +53,7 @@ class Problem:
   f_min: float
   tol: float
   logits_fn: Callable[[PyTree], jax.Array] | None = None
+  labels: jax.Array | None = None
 
   def threshold(self) -> float:
     f0 = float(self.loss(self.params))
@@ -321,10 +325,11 @@ def logits_fn_args(problem: Problem, params: PyTree) -> dict:
 
 def gauss_newton_args(problem: Problem, params: PyTree) -> dict:
   """`logits_fn=` and `loss_fn=` (softmax cross-entropy on the problem's labels) for
-  Gauss-Newton methods (Hessian-free); needs a classification problem."""
+  Gauss-Newton methods (Hessian-free); needs a classification problem. A problem with its
+  own batch (`Problem.labels`) is trained on those labels, any other on the shared ones."""
   from secondorder.curvature.losses import softmax_cross_entropy  # pylint: disable=g-import-not-at-top
-  return {**logits_fn_args(problem, params),
-          "loss_fn": softmax_cross_entropy(_classification_labels())}
+  labels = _classification_labels() if problem.labels is None else problem.labels
+  return {**logits_fn_args(problem, params), "loss_fn": softmax_cross_entropy(labels)}
 
 
 @functools.cache

@@ -22,7 +22,7 @@ STEPS = 10_000
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
 # A 2x2 parameter (Shampoo keeps a full 4x4 statistic for it) on ½ vec(W)ᵀ A vec(W) with
-# cond(A) = 100, and one on the logits of a 2-class problem for the GNB cases.
+# cond(A) = 100, and one on the logits of a 2-class problem for the GNB and Gauss-Newton cases.
 _A = np.asarray(C._spd(jax.random.key(5), 4, 2.0), np.float32)
 _TARGET = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
 
@@ -47,13 +47,16 @@ def _ce(p):
 def _problem(case):
   if case.extra_args is C.kfac_capture_args:
     return C.get_problem("dense_softmax")
-  if case.extra_args is C.logits_fn_args:
-    return C.Problem("long_logits", {"w": jnp.zeros((2, 2))}, _ce, 0.0, 1.0, _logits)
+  # The Gauss-Newton cases (hessian_free's default curvature) need the logits and the labels
+  # of a classification problem: the same 2-class problem, with its labels for `loss_fn`.
+  if case.extra_args in (C.logits_fn_args, C.gauss_newton_args):
+    return C.Problem("long_logits", {"w": jnp.zeros((2, 2))}, _ce, 0.0, 1.0, _logits,
+                     labels=jnp.asarray(_Y))
   return C.Problem("long_quadratic", {"w": jnp.zeros((2, 2))}, _loss, 0.0, 1.0)
 
 
 def _lr(case):
-  name = ("softmax_regression" if case.extra_args is C.logits_fn_args else
+  name = ("softmax_regression" if case.extra_args in (C.logits_fn_args, C.gauss_newton_args) else
           "dense_softmax" if case.extra_args is C.kfac_capture_args else "matrix_quadratic")
   return 0.5 * case.lr_for(name)
 

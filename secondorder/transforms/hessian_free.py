@@ -10,6 +10,7 @@ assembled optimizers.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -98,8 +99,13 @@ def _stats_dtype(dtype) -> jnp.dtype:
 
 
 def _scalar_dtype(params) -> jnp.dtype:
-  """The dtype of the scalar state entries: the widest of the params and float32."""
-  return _stats_dtype(optax.tree.dtype(params, "highest"))
+  """The dtype of the scalar state entries: the widest of the params and float32.
+
+  Each leaf is widened to at least float32 before the comparison, so trees mixing bfloat16
+  and float16 leaves (neither promotes to the other) get float32 rather than an error.
+  """
+  dtypes = [_stats_dtype(jnp.result_type(p)) for p in jax.tree.leaves(params)]
+  return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
 
 
 def _zeros_like_stats(params) -> optax.Updates:
@@ -232,9 +238,11 @@ def _reduction_ratio(loss, candidate_loss, model_reduction) -> jax.Array:
 def _levenberg_marquardt(damping, rho, adapt: bool, increase, decrease, ok, informative):
   """λ ← increase·λ when ρ < ¼ (or the step failed), λ ← decrease·λ when ρ > ¾.
 
-  `informative` is False at a stationary point (g = 0), where the step is zero whatever λ:
-  λ is kept. A step that predicts no decrease although g ≠ 0 (CG met negative curvature
-  at once) has ρ = 0 and raises λ.
+  `informative` is False at a stationary point (g = 0), where the step is zero whatever λ,
+  and when the predicted decrease is below the loss's rounding (a few ulps of L(θ)), where ρ
+  is rounding noise that would otherwise raise λ step after step until it overflows: λ is
+  kept. A step that predicts no decrease although g ≠ 0 (CG met negative curvature at once)
+  has ρ = 0 and raises λ.
   """
   if not adapt:
     return damping
@@ -379,8 +387,12 @@ def scale_by_hessian_free(
     ok = _all_finite(p, model, candidate_loss, grads)
     rho = jnp.where(ok, _reduction_ratio(loss, candidate_loss, model), 0.0).astype(
         damping.dtype)
+    # A predicted decrease below 64 ulps of the loss cannot be measured by L(θ + d) − L(θ).
+    resolvable = ((model >= 0)
+                  | (-model > 64 * jnp.finfo(damping.dtype).eps * jnp.abs(loss)))
     new_damping = _levenberg_marquardt(damping, rho, adapt_damping, damping_increase,
-                                       damping_decrease, ok, tree_vdot(grads, grads) > 0)
+                                       damping_decrease, ok,
+                                       (tree_vdot(grads, grads) > 0) & resolvable)
     direction = _keep_if(ok, p, state.direction)
     # A skipped step is zero, except where the gradient itself is NaN or Inf: 0·g keeps
     # that fault in the update (like optax.adam), so that it is never hidden.
