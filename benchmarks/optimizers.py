@@ -4,7 +4,8 @@ An entry is an `OptimizerSpec`: a builder `(learning_rate, total_steps, problem)
 transform`
 (imports happen inside it, so a module that is not present only skips that row), the centre
 of its learning-rate sweep, and the extra arguments its `update` reads (`obj_fn`,
-`logits_fn`, `kfac_stats`). The runner supplies those from the problem; an entry with a
+`logits_fn`, `kfac_stats`, or optax's line-search triple `value`, `grad`, `value_fn`, named
+"value_fn"). The runner supplies those from the problem; an entry with a
 faster way of getting the loss, gradient and extras together (AdaHessian's single
 forward-over-reverse pass, K-FAC's capture) gives a `value_grad` hook. An entry whose
 curvature refresh is scheduled on the host (Sophia) sets `host_refresh`: the runner then
@@ -33,7 +34,7 @@ import optax
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "register", "sweep_grid", "available",
            "dimension_numbers_kwargs", "second_grid"]
 
-EXTRA_ARGS = ("obj_fn", "logits_fn", "kfac_stats")
+EXTRA_ARGS = ("obj_fn", "logits_fn", "kfac_stats", "value_fn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,12 @@ class OptimizerSpec:
     build: ``(learning_rate, total_steps, problem) -> GradientTransformation``;
       `learning_rate` is a traced scalar unless `static_lr`.
     lr: centre of the learning-rate sweep (every optimizer gets the same grid of multiples).
-    needs: extra keyword arguments of `update` ("obj_fn", "logits_fn", "kfac_stats").
+    needs: extra keyword arguments of `update` ("obj_fn", "logits_fn", "kfac_stats"), or
+      "value_fn": optax's line-search interface, `update(..., value=, grad=, value_fn=)`
+      with the value and gradient taken from the state where the line search already
+      evaluated them (`optax.value_and_grad_from_state`); such a row applies only to the
+      deterministic problems (`Problem.stochastic` False), where every evaluation of the
+      objective sees the same function.
     family: "optax" (baseline), "secondorder" (this library) or "peer" (another library).
     note: one line for `python -m benchmarks list`.
     value_grad: optional ``(problem, params, batch, opt_state, key) -> (loss, grads,
@@ -84,6 +90,8 @@ class OptimizerSpec:
     if "logits_fn" in self.needs and problem.logits_fn is None:
       return False
     if "kfac_stats" in self.needs and problem.apply is None and self.value_grad is None:
+      return False
+    if "value_fn" in self.needs and problem.stochastic:
       return False
     return self.applies is None or bool(self.applies(problem))
 
@@ -180,6 +188,11 @@ register(OptimizerSpec("adamw", lambda lr, n, p: optax.adamw(lr, weight_decay=1e
                        note="AdamW, weight decay 1e-4", in_quick=_FULL_ONLY))
 register(OptimizerSpec("amsgrad", lambda lr, n, p: optax.amsgrad(lr), 3e-3, note="AMSGrad",
                        in_quick=_FULL_ONLY))
+# L-BFGS: the learning rate scales the two-loop direction before the zoom line search (1 is
+# optax's own default); deterministic objectives only (the sanity rows, autoencoder_full).
+register(OptimizerSpec("lbfgs", lambda lr, n, p: optax.lbfgs(lr), 1.0, needs=("value_fn",),
+                       note="optax.lbfgs (memory 10, zoom line search); full-batch "
+                            "problems only", in_quick=_FULL_ONLY))
 
 
 # ----------------------------------------------------------------------------- secondorder

@@ -7,6 +7,8 @@ a target loss for "steps / seconds to target". Nothing is downloaded at run time
 
   * ``autoencoder``: deep MLP autoencoder on sklearn's digits, 64-128-32-8-32-128-64 with tanh,
     Bernoulli-logit reconstruction loss (the K-FAC paper's MNIST autoencoder, scaled down).
+  * ``autoencoder_full``: the same autoencoder with every step on all 1500 training images, a
+    deterministic objective (where L-BFGS's line search applies; `full` only).
   * ``digits_mlp`` / ``digits_cnn``: digit classification (10 classes) with an MLP and a
     small CNN on the 8x8 images.
   * ``lm``: the language-model race (`benchmarks.lm`): a byte-level decoder-only transformer
@@ -352,6 +354,22 @@ def _autoencoder() -> Problem:
       output_loss=_bernoulli_logit, kind="autoencoder", likelihood="bernoulli")
 
 
+def _autoencoder_full() -> Problem:
+  # The whole training set as every batch: the objective is train_loss itself.
+  problem = get_problem("autoencoder")
+  x_train = _fixed_batch(_digits()[:1])
+
+  def batches(seed):
+    del seed
+    while True:
+      yield x_train
+
+  return dataclasses.replace(
+      problem, name="autoencoder_full",
+      description="digits autoencoder as above, full batch (all 1500 training images)",
+      batches=batches, stochastic=False, steps={"quick": 100, "full": 400}, in_quick=False)
+
+
 def _classifier(name: str, make: Callable[[int], nnx.Module], description: str,
                 target: float, steps: dict) -> Problem:
   x_train, y_train, x_test, y_test = _digits()
@@ -498,6 +516,7 @@ LM_SIZES = {"quick": "tiny", "full": "cpu"}
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     "lm": _lm,
     "autoencoder": _autoencoder,
+    "autoencoder_full": _autoencoder_full,
     "digits_mlp": _digits_mlp,
     "digits_cnn": _digits_cnn,
     "char_transformer": _char_transformer,

@@ -168,6 +168,12 @@ class _Compiled:
       if spec.value_grad is not None and refresh is not False:
         own_state = opt_state if problem.schedule is None else opt_state[0]
         loss, grads, extra = spec.value_grad(problem, params, batch, own_state, key)
+      elif "value_fn" in spec.needs:
+        # optax's line-search interface: the value and gradient at params are the line
+        # search's last evaluation when the state holds one (deterministic problems only).
+        objective = lambda p: problem.loss(p, batch)
+        loss, grads = optax.value_and_grad_from_state(objective)(params, state=opt_state)
+        extra = {"value": loss, "grad": grads, "value_fn": objective}
       else:
         loss, grads = jax.value_and_grad(problem.loss)(params, batch)
         extra = {}

@@ -203,8 +203,41 @@ def test_host_scheduled_row_follows_the_in_step_schedule(name):
 
 
 def test_problem_names():
-  assert set(problem_names()) == {"lm", "autoencoder", "digits_mlp", "digits_cnn",
-                                  "char_transformer", "quadratic", "rosenbrock"}
+  assert set(problem_names()) == {"lm", "autoencoder", "autoencoder_full", "digits_mlp",
+                                  "digits_cnn", "char_transformer", "quadratic", "rosenbrock"}
+
+
+def test_lbfgs_row_is_optax_line_search_loop_on_deterministic_problems():
+  spec = OPTIMIZERS["lbfgs"]
+  assert spec.applies_to(get_problem("rosenbrock"))
+  assert spec.applies_to(get_problem("autoencoder_full"))
+  assert not spec.applies_to(get_problem("autoencoder"))  # mini-batches: no line search
+  assert not spec.applies_to(get_problem("quadratic"), "quick")  # full only
+  full = get_problem("autoencoder_full")
+  assert not full.stochastic and full.in_quick is False
+  assert next(full.batches(3))[0].shape == (1500, 64)  # every batch: the training set
+  problem = get_problem("rosenbrock")
+  # Compiled unoptimised, one timing round: the test checks the trajectory, not speed.
+  preset = dataclasses.replace(PRESETS["quick"], cpu_opt_level=0, timing_rounds=1)
+  rows, runs, notes = run_problem(problem, [spec], preset, steps=6, seeds=1, sweep_points=1,
+                                  log=lambda s: None)
+  assert notes == [] and [r.optimizer for r in rows] == ["lbfgs"]
+  # Reference: optax's own loop with a fresh value and gradient every step (the row takes
+  # them from the line search's state instead).
+  tx = optax.lbfgs(1.0)
+
+  def body(carry, _):
+    params, state = carry
+    value, grad = jax.value_and_grad(problem.eval_loss)(params)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                               value_fn=problem.eval_loss)
+    return (optax.apply_updates(params, updates), state), value
+
+  loop = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), length=6)[1],
+                 compiler_options=compiler_options(preset))
+  want = np.asarray(loop(problem.init_params(0)))
+  np.testing.assert_allclose(runs[0].loss, want, rtol=1e-5)
+  assert want[-1] < 0.5 * want[0]
 
 
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # its own float64 asks
