@@ -12,7 +12,7 @@ from flax import linen as nn
 from flax import nnx
 
 from secondorder._validation import check_choice
-from secondorder.capture import interception, likelihoods
+from secondorder.capture import interception, likelihoods, state as model_state
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
 from secondorder.capture.types import KfacLayer, KfacLayers, LayerStats, param_path
 from secondorder.dimension_numbers import MuonDimensionNumbers
@@ -135,13 +135,15 @@ class Capture:
   """
 
   def __init__(self, forward, params_of, loss_fn, likelihood, fisher, stats_dtype,
-               strict=False):
+               strict=False, finish=model_state.linen_finish):
     check_choice("fisher", fisher, FISHERS)
     if fisher != "empirical" and likelihood is None:
       raise ValueError(f"fisher={fisher!r} needs likelihood= one of {list(LIKELIHOODS)}.")
     if likelihood is not None:
       check_choice("likelihood", likelihood, LIKELIHOODS)
-    self._forward = forward      # (model_or_params, params, slots, recorder, inputs) -> outputs
+    # (model_or_params, params, slots, recorder, inputs, state, rngs) -> (outputs, new_state)
+    self._forward = forward
+    self._finish = finish        # (model_or_params, result, new_state) -> what the call returns
     self._params_of = params_of
     self.loss_fn = loss_fn
     self.likelihood = likelihood
@@ -149,24 +151,27 @@ class Capture:
     self.stats_dtype = stats_dtype
     self.strict = strict
 
-  def layers(self, model_or_params, inputs) -> KfacLayers:
+  def layers(self, model_or_params, inputs, *, state=None, rngs=None) -> KfacLayers:
     """The covered layers (and uncovered parameter paths) of the model on these inputs.
 
     Args:
       model_or_params: the NNX model, or the linen params.
       inputs: a batch of inputs (only shapes are used).
+      state, rngs: linen only, as in the call (the collections the training forward
+        writes, and its PRNG keys); nothing is written.
 
     Returns:
       The `KfacLayers` to build `scale_by_kfac_factors` / `kfac` with.
     """
-    layers = self._discover(model_or_params, inputs)
+    layers = self._discover(model_or_params, inputs, state, rngs)
     check_coverage(layers, self.strict)
     return layers
 
-  def _discover(self, model_or_params, inputs) -> KfacLayers:
+  def _discover(self, model_or_params, inputs, state, rngs) -> KfacLayers:
     params = self._params_of(model_or_params)
     rec = interception.Recorder()
-    jax.eval_shape(lambda p, x: self._forward(model_or_params, p, {}, rec, x), params, inputs)
+    jax.eval_shape(lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
+                   params, inputs, state, rngs)
     return layers_from_calls(rec.calls, params)
 
   def _output_cotangents(self, out, vjp_fn, slot_ct, key):
@@ -181,28 +186,38 @@ class Capture:
     per = jax.vmap(lambda c: vjp_fn(c)[1])(cots)
     return jax.tree.map(lambda v: v.sum(0), per)
 
-  def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None):
-    """Loss, gradients and per-layer statistics of one batch.
+  def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None,
+               state=None, rngs=None):
+    """Loss, gradients and per-layer statistics of one batch, from one training forward.
+
+    The model runs once, in training mode; the gradient and the Fisher's backward passes
+    share that forward, so they see the same batch statistics and dropout mask
+    (`secondorder.capture.state`).
 
     Args:
       model_or_params: the NNX model, or the linen params.
       inputs: the batch's inputs.
       targets: the batch's targets, passed to `loss_fn`.
       key: PRNG key for fisher="sampled".
+      state: linen only: the collections the forward writes (`{"batch_stats": ...}`).
+      rngs: linen only: the forward's PRNG keys (`{"dropout": key}`).
 
     Returns:
-      `(loss, grads, kfac_stats)`.
+      `(loss, grads, kfac_stats)`; for linen with `state`, `(loss, grads, kfac_stats,
+      new_state)`. An NNX model's batch statistics and RNG counters are updated in place,
+      as a plain training step updates them.
     """
     if self.fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' needs a PRNG key: call cap(model, x, y, key=key).")
-    covered = self._discover(model_or_params, inputs).layers
+    covered = self._discover(model_or_params, inputs, state, rngs).layers
     params = self._params_of(model_or_params)
 
     def fwd(p, slots):
       return self._forward(model_or_params, p, slots, interception.Recorder(capture=True),
-                           inputs)
+                           inputs, state, rngs)
 
-    out, vjp_fn = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype))
+    out, vjp_fn, new_state = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype),
+                                     has_aux=True)
     loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
     grads, slot_ct = vjp_fn(dout)
     s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key)
@@ -212,7 +227,7 @@ class Capture:
       a, _, uses = slot_ct[layer.kernel[:-1]]
       uses = jnp.maximum(uses, 1)[..., None, None]
       stats[layer.name] = LayerStats(a=a / uses, s=m * s_ct[layer.kernel[:-1]][1])
-    return loss, grads, stats
+    return self._finish(model_or_params, (loss, grads, stats), new_state)
 
 
 def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
@@ -226,31 +241,45 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
     loss_fn: `(outputs, targets) -> scalar`, the mean over the examples.
     likelihood: "softmax", "bernoulli" or "gaussian"; required unless fisher="empirical".
     fisher: "sampled" (true Fisher, default), "empirical" or "exact".
-    variables: other collections (e.g. {"batch_stats": ...}) passed to `apply` unchanged.
+    variables: other collections passed to `apply` unchanged (e.g. {"batch_stats": ...}
+      of a model in evaluation mode). Collections the forward writes (BatchNorm's
+      "batch_stats" in training mode) go to each call as `state=` instead.
     stats_dtype: dtype of the statistics.
     strict: raise (instead of warning) when `layers()` finds a parameter with two or more
       axes outside every Kronecker block.
-    **apply_kwargs: forwarded to `model.apply`.
+    **apply_kwargs: forwarded to `model.apply` (e.g. `train=True`; not `mutable`, and
+      `rngs` only when every call uses the same keys).
 
   Returns:
     The `Capture`. `params` is the "params" collection (the dict inside {"params": ...});
-    the gradients and the layer paths refer to it.
+    the gradients and the layer paths refer to it. `cap(params, x, y, key=, state=,
+    rngs=)` runs the training forward once: with `state` it returns `(loss, grads, stats,
+    new_state)`, `new_state` what `model.apply(..., mutable=list(state))` returns.
 
   Example::
 
     cap = linen_capture(model, loss_fn, likelihood="softmax")
     layers = cap.layers(params, x)
     loss, grads, stats = jax.jit(cap)(params, x, y, key=key)
+
+    # BatchNorm and Dropout in training mode:
+    layers = cap.layers(params, x, state={"batch_stats": bs}, rngs={"dropout": key})
+    loss, grads, stats, new = cap(params, x, y, key=key, state={"batch_stats": bs},
+                                  rngs={"dropout": dropout_key})
+    bs = new["batch_stats"]
   """
   extra = dict(variables or {})
+  model_state.check_linen_apply_kwargs(apply_kwargs)
 
-  def forward(obj, params, slots, rec, inputs):
+  def forward(obj, params, slots, rec, inputs, state, rngs):
     del obj
     params = interception.linen_place_slots(params, slots)
     with interception.recording(rec), interception.linen_intercept():
-      return model.apply({"params": params, **extra}, inputs, **apply_kwargs)
+      return model_state.linen_apply(model, {"params": params, **extra}, inputs,
+                                     apply_kwargs, state, rngs)
 
-  return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype, strict)
+  return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype, strict,
+                 finish=model_state.linen_finish)
 
 
 def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | None = None,
@@ -260,8 +289,10 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
 
   The gradients come back as the `nnx.State` of the model's `nnx.Param`s (what
   `nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, kfac_stats=stats)` takes);
-  the layer paths refer to that state. Other model state (batch statistics, RNG counters)
-  is read but not written back.
+  the layer paths refer to that state. The model runs once in its current mode on a copy;
+  what that training forward writes (BatchNorm's batch statistics, the RNG counters
+  Dropout advances) is written back into `model`, as a plain training step would, and the
+  Fisher's backward passes reuse its dropout mask. `layers()` writes nothing.
 
   Args:
     loss_fn: `(outputs, targets) -> scalar`, the mean over the examples.
@@ -283,11 +314,13 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
   def params_of(model):
     return nnx.state(model, nnx.Param)
 
-  def forward(model, params, slots, rec, inputs):
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    m = nnx.merge(graphdef, params, rest)
+  def forward(model, params, slots, rec, inputs, state, rngs):
+    model_state.check_nnx_call(state, rngs)
+    m = model_state.nnx_training_copy(model, params)
     interception.nnx_place_slots(m, slots)
     with interception.recording(rec), interception.nnx_intercept(m):
-      return m(inputs)
+      outputs = m(inputs)
+    return outputs, model_state.nnx_written_state(m)
 
-  return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype, strict)
+  return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype, strict,
+                 finish=model_state.nnx_finish)
