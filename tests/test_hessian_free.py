@@ -229,6 +229,37 @@ def test_levenberg_marquardt_damping(c, factor):
     np.testing.assert_allclose(float(state.loss), 0.0, atol=0)
 
 
+def test_reject_increase_keeps_the_parameters_when_the_loss_rises():
+  """`reject_increase=True`: where L(θ + d) > L(θ) (the large quartic, ρ < 0, both from
+  numpy) the update is zero, λ rises by 3/2 and the rejected step d = −(A + λI)⁻¹g is the
+  warm start; where the loss falls (c = 0) the step is taken, as without rejection (the
+  rising step without rejection: `test_levenberg_marquardt_damping`)."""
+  with pytest.raises(TypeError, match="reject_increase"):
+    so.hessian_free(reject_increase=1)
+  a, b, _ = _quartic_problem(0.0)
+  with jax.enable_x64(True):
+    tx = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.5,
+                                  cg_max_iterations=5, cg_tol=0.0, progress_tol=None,
+                                  reject_increase=True)
+    obj_fn = lambda v, c: (0.5 * v @ jnp.asarray(a) @ v - jnp.asarray(b) @ v
+                           + c * jnp.sum(v * v) ** 2)
+    step = jax.jit(lambda g, s, x, c: tx.update(g, s, x, obj_fn=lambda v: obj_fn(v, c)))
+    x = jnp.zeros(5)
+    g = jnp.asarray(-b)  # ∇L(0) = −b: the quartic term is flat at 0
+    d = -np.linalg.solve(a + 0.5 * np.eye(5), np.asarray(g))
+    for c in (10.0, 0.0):
+      p, state = step(g, tx.init(x), x, c)
+      f = lambda v: 0.5 * v @ a @ v - b @ v + c * (v @ v) ** 2
+      rises = f(d) > f(np.zeros(5))
+      assert rises == (c > 0)
+      assert (float(state.rho) < 0) == rises
+      np.testing.assert_allclose(-np.asarray(state.direction), d, rtol=1e-9)
+      np.testing.assert_allclose(float(state.damping), 0.5 * (1.5 if rises else 2.0 / 3.0),
+                                 rtol=1e-12)
+      want = np.zeros(5) if rises else -d
+      np.testing.assert_allclose(np.asarray(p), want, rtol=1e-9, atol=0)
+
+
 def test_nonfinite_curvature_skips_the_step_and_keeps_the_warm_start():
   """A point where the Hessian products are NaN (sqrt at 0) but the loss is finite: the
   update is zero, the skip is counted, λ rises by 3/2 and the warm start is untouched; the

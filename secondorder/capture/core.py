@@ -33,8 +33,10 @@ def _why_not(calls: list[interception.Call], shapes: dict) -> str | None:
   for c in calls:
     if c.problem:
       return c.problem
-  if any((c.kind, c.kernel_shape, c.config, c.bias) != (first.kind, first.kernel_shape,
-                                                        first.config, first.bias) for c in calls):
+  layouts = {c.kind: (c.kernel_shape, c.config, c.bias) for c in calls}
+  if any(layouts[c.kind] != (c.kernel_shape, c.config, c.bias) for c in calls) or (
+      len(layouts) > 1 and (set(layouts) != {"embed", "attend"}
+                            or len({k for k, _, _ in layouts.values()}) > 1)):
     return "a layer called with different input layouts"
   if first.kernel not in shapes:
     return f"its kernel {'/'.join(first.kernel)} is not a parameter of the model"
@@ -89,7 +91,8 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
     ndim = len(shapes[c.kernel])
     spec = MuonDimensionNumbers(tuple(range(k, k + c.reduction_ndim)),
                                 tuple(range(k + c.reduction_ndim, ndim)))
-    covered.append(KfacLayer(name, c.kind, c.kernel, c.bias, shapes[c.kernel], spec))
+    kind = "tied" if any(g.kind == "attend" for g in group) else c.kind
+    covered.append(KfacLayer(name, kind, c.kernel, c.bias, shapes[c.kernel], spec))
   owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}
   uncovered = tuple("/".join(param_path(p)) for p, _ in leaves if param_path(p) not in owned)
   reasons = tuple((p, why.get(p, "not inside a covered layer kind")) for p in uncovered)
@@ -114,10 +117,9 @@ def check_coverage(layers: KfacLayers, strict: bool) -> None:
 
 
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
-  """Per covered layer (keyed by its module path) zero slots `(A, S, uses)` for the taps."""
-  return {l.kernel[:-1]: (jnp.zeros(l.factor_shape(l.a_dim), dtype),
-                          jnp.zeros(l.factor_shape(l.s_dim), dtype),
-                          jnp.zeros(l.factor_shape(0)[:-2], dtype))
+  """Per covered layer (keyed by its module path) the zero slots of its kind's taps."""
+  return {l.kernel[:-1]: tuple(jnp.zeros(shape, dtype)
+                               for shape in interception.BLOCKS[l.kind].slot_shapes(l))
           for l in layers}
 
 
@@ -224,9 +226,9 @@ class Capture:
     m = likelihoods.num_examples(out)
     stats = {}
     for layer in covered:
-      a, _, uses = slot_ct[layer.kernel[:-1]]
-      uses = jnp.maximum(uses, 1)[..., None, None]
-      stats[layer.name] = LayerStats(a=a / uses, s=m * s_ct[layer.kernel[:-1]][1])
+      key = layer.kernel[:-1]
+      stats[layer.name] = interception.BLOCKS[layer.kind].statistics(layer, slot_ct[key],
+                                                                     s_ct[key], m)
     return self._finish(model_or_params, (loss, grads, stats), new_state)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from secondorder.capture.types import LayerStats
+
 KIND = "dense"
 
 
@@ -60,3 +62,26 @@ def _prod(shape) -> int:
   for d in shape:
     n *= d
   return n
+
+
+def slot_shapes(layer) -> tuple[tuple[int, ...], ...]:
+  """Zero slots of a Kronecker pair's taps (dense or convolution): A, S and the uses."""
+  return (layer.factor_shape(layer.a_dim), layer.factor_shape(layer.s_dim),
+          layer.factor_shape(0)[:-2])
+
+
+def statistics(layer, first: tuple, fisher: tuple, m: int):
+  """`LayerStats(Â = (1/R) Σ_uses Â_use, Ŝ = M Σ ĝĝᵀ)` from the slots' cotangents.
+
+  Args:
+    layer: the covered layer.
+    first: the slots' cotangents of the gradient pass (`(A, S, uses)`).
+    fisher: those of the Fisher pass.
+    m: M, the number of examples of the model's output.
+
+  Returns:
+    The layer's `LayerStats`.
+  """
+  del layer
+  uses = jnp.maximum(first[2], 1)[..., None, None]
+  return LayerStats(a=first[0] / uses, s=m * fisher[1])

@@ -23,9 +23,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from secondorder.capture import conv, dense, taps
+from secondorder.capture import conv, dense, embed, norm, taps
 
 KINDS = {dense.KIND: dense, conv.KIND: conv}
+# Per kind of block (`KfacLayer.kind`): its taps' zero slots and how their cotangents make
+# its statistics (`slot_shapes(layer)`, `statistics(layer, first, fisher, m)`).
+BLOCKS = {dense.KIND: dense, conv.KIND: dense, embed.KIND: embed, embed.TIED: embed,
+          norm.KIND: norm}
+# The layer kinds whose taps are not the Kronecker pair of `kronecker_tap`.
+TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap}
+# The parameter a kind calls its kernel (default "kernel").
+KERNEL_NAMES = {embed.KIND: "embedding", embed.ATTEND: "embedding", norm.KIND: "scale"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +59,17 @@ class Call:
   problem: str | None
 
 
-SLOT_NAMES = ("_secondorder_kfac_a", "_secondorder_kfac_s", "_secondorder_kfac_uses")
+SLOT_NAMES = ("_secondorder_kfac_a", "_secondorder_kfac_s", "_secondorder_kfac_uses",
+              "_secondorder_kfac_3", "_secondorder_kfac_4", "_secondorder_kfac_5")
+
+
+def kronecker_tap(described, slots, call, x, with_bias: bool) -> jax.Array:
+  """A dense or convolution call tapped for Â (its input rows) and Ŝ (its outputs)."""
+  slot_a, slot_s, uses = slots[:3]
+  kind, config = described
+  rows = functools.partial(KINDS[kind].input_rows, config)
+  x = taps.tap_inputs(x, slot_a, uses, rows, with_bias)
+  return taps.tap_outputs(call(x), slot_s)
 
 
 class Recorder:
@@ -80,10 +98,9 @@ class Recorder:
     found = None if isinstance(described, str) else slots()
     if found is None:
       return call(x)
-    slot_a, slot_s, uses = found
-    rows = functools.partial(KINDS[kind].input_rows, described[0])
-    x = taps.tap_inputs(x, slot_a, uses, rows, bias_path is not None)
-    return taps.tap_outputs(call(x), slot_s)
+    if kind in TAPS:
+      return TAPS[kind](described, found, call, x, bias_path is not None)
+    return kronecker_tap((kind, described[0]), found, call, x, bias_path is not None)
 
 
 class _Active(threading.local):
@@ -108,7 +125,15 @@ def recording(rec: Recorder):
 # ----------------------------------------------------------------------------- linen
 
 
-def _linen_describe(module, x):
+def _linen_describe(module, x, method="__call__", kwargs=None):
+  if type(module) is nn.Embed:
+    if method == "attend":
+      return embed.ATTEND, embed.describe_attend(x, module.features)
+    return embed.KIND, embed.describe(x)
+  if type(module) in (nn.LayerNorm, nn.RMSNorm):
+    return norm.KIND, norm.describe(module, x, type(module) is nn.LayerNorm, kwargs or {})
+  if method != "__call__":
+    return None, None
   if type(module) is nn.Dense:
     return dense.KIND, dense.describe(x, -1, ())
   if type(module) is nn.DenseGeneral:
@@ -122,23 +147,25 @@ def linen_interceptor(next_fun, args, kwargs, context):
   """`flax.linen.intercept_methods` hook sending covered layers' calls to the recorder."""
   rec = _ACTIVE.recorder
   module = context.module
-  if rec is None or context.method_name != "__call__" or not args:
+  if rec is None or context.method_name not in ("__call__", "attend") or not args:
     return next_fun(*args, **kwargs)
-  kind, described = _linen_describe(module, args[0])
+  kind, described = _linen_describe(module, args[0], context.method_name, kwargs)
   if kind is None:
     return next_fun(*args, **kwargs)
   path = tuple(str(p) for p in module.path)
-  bias = path + ("bias",) if module.use_bias else None
+  bias = path + ("bias",) if getattr(module, "use_bias", False) else None
+  kernel = KERNEL_NAMES.get(kind, "kernel")
 
   def slots():
     if not module.has_variable("params", SLOT_NAMES[0]):
       return None
-    return tuple(module.get_variable("params", n) for n in SLOT_NAMES)
+    return tuple(module.get_variable("params", n) for n in SLOT_NAMES
+                 if module.has_variable("params", n))
 
   return rec.handle(
-      "/".join(path), kind, described, path + ("kernel",), bias,
+      "/".join(path), kind, described, path + (kernel,), bias,
       lambda x: next_fun(x, *args[1:], **kwargs),
-      lambda: jnp.shape(module.get_variable("params", "kernel")), slots, args[0])
+      lambda: jnp.shape(module.get_variable("params", kernel)), slots, args[0])
 
 
 @contextlib.contextmanager
@@ -153,7 +180,13 @@ def linen_intercept():
 _PATH_ATTR = "_secondorder_capture_path"
 
 
-def _nnx_describe(module, x):
+def _nnx_describe(module, x, method="__call__", kwargs=None):
+  if type(module) is nnx.Embed:
+    if method == "attend":
+      return embed.ATTEND, embed.describe_attend(x, module.features)
+    return embed.KIND, embed.describe(x)
+  if type(module) in (nnx.LayerNorm, nnx.RMSNorm):
+    return norm.KIND, norm.describe(module, x, type(module) is nnx.LayerNorm, kwargs or {})
   if type(module) is nnx.Linear:
     return dense.KIND, dense.describe(x, -1, ())
   if type(module) is nnx.LinearGeneral:
@@ -163,11 +196,15 @@ def _nnx_describe(module, x):
   return None, None
 
 
-_NNX_ORIGINAL = {cls: cls.__call__ for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv)}
+_NNX_ORIGINAL = {(cls, "__call__"): cls.__call__
+                 for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed,
+                             nnx.LayerNorm, nnx.RMSNorm)}
+_NNX_ORIGINAL[(nnx.Embed, "attend")] = nnx.Embed.attend
+_NNX_CLASSES = {cls for cls, _ in _NNX_ORIGINAL}
 
 
-def _nnx_wrapped(cls):
-  original = _NNX_ORIGINAL[cls]
+def _nnx_wrapped(cls, method):
+  original = _NNX_ORIGINAL[(cls, method)]
 
   @functools.wraps(original)
   def call(self, x, *args, **kwargs):
@@ -175,17 +212,19 @@ def _nnx_wrapped(cls):
     path = getattr(self, _PATH_ATTR, None)
     if rec is None or path is None or type(self) is not cls:
       return original(self, x, *args, **kwargs)
-    kind, described = _nnx_describe(self, x)
+    kind, described = _nnx_describe(self, x, method, kwargs)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
+    kernel = KERNEL_NAMES.get(kind, "kernel")
 
     def slots():
       if getattr(self, SLOT_NAMES[0], None) is None:
         return None
-      return tuple(getattr(self, n)[...] for n in SLOT_NAMES)
+      return tuple(getattr(self, n)[...] for n in SLOT_NAMES
+                   if getattr(self, n, None) is not None)
 
-    return rec.handle("/".join(path), kind, described, path + ("kernel",), bias,
+    return rec.handle("/".join(path), kind, described, path + (kernel,), bias,
                       lambda xx: original(self, xx, *args, **kwargs),
-                      lambda: jnp.shape(self.kernel[...]), slots, x)
+                      lambda: jnp.shape(getattr(self, kernel)[...]), slots, x)
   return call
 
 
@@ -223,13 +262,13 @@ def nnx_intercept(model):
   `model` must be the capture's own copy (from `nnx.merge`), never the user's module.
   """
   for path, m in nnx.iter_modules(model):
-    if type(m) in _NNX_ORIGINAL:
+    if type(m) in _NNX_CLASSES:
       setattr(m, _PATH_ATTR, tuple(str(p) for p in path))
   with _NNX_LOCK:
-    for cls in _NNX_ORIGINAL:
-      cls.__call__ = _nnx_wrapped(cls)
+    for cls, method in _NNX_ORIGINAL:
+      setattr(cls, method, _nnx_wrapped(cls, method))
     try:
       yield
     finally:
-      for cls, fn in _NNX_ORIGINAL.items():
-        cls.__call__ = fn
+      for (cls, method), fn in _NNX_ORIGINAL.items():
+        setattr(cls, method, fn)

@@ -6,6 +6,8 @@ the cotangent of a zero *slot* argument, return the layer's statistic:
 
   input tap:   ∂/∂slot_a = Â_use = rowsᵀ rows / N,   ∂/∂count = 1
   output tap:  ∂/∂slot_s = Σ_rows ĝ ĝᵀ                 (ĝ the back-propagated output cotangent)
+  value tap:   ∂/∂slot = a statistic of the forward pass (an embedding's token counts)
+  scale tap:   ∂/∂slot = Σ_rows per-feature outer products of (ĝ ⊙ x̂, ĝ)   (norm layers)
 
 The statistics leave the model through `jax.vjp` with respect to the slots, never as values
 stored during the forward pass: so `jax.checkpoint` / `nn.remat` / `nnx.remat`, `lax.scan`
@@ -85,3 +87,79 @@ def tap_outputs(y: jax.Array, slot: jax.Array) -> jax.Array:
 
   tap.defvjp(fwd, bwd)
   return tap(y, slot)
+
+def tap_value(y: jax.Array, value: jax.Array, slot: jax.Array, count: jax.Array) -> jax.Array:
+  """`y`, whose backward pass returns `value` for `slot` and 1 for `count`.
+
+  Reports a statistic the forward pass computed (for example an embedding's token
+  frequencies, which need the integer inputs that have no cotangent).
+
+  Args:
+    y: any array on the layer's path (passed through unchanged).
+    value: the statistic, shaped like `slot`.
+    slot: zeros in the statistics' dtype.
+    count: a zero scalar in the statistics' dtype (counts the uses of the layer).
+
+  Returns:
+    `y` unchanged.
+  """
+
+  @jax.custom_vjp
+  def tap(y, value, slot, count):
+    del value, slot, count
+    return y
+
+  def fwd(y, value, slot, count):
+    del slot, count
+    return y, value
+
+  def bwd(value, ct):
+    return (ct, jnp.zeros_like(value), jax.lax.stop_gradient(value).astype(slot.dtype),
+            jnp.ones([], count.dtype))
+
+  tap.defvjp(fwd, bwd)
+  return tap(y, value, slot, count)
+
+
+def tap_scale_shift(y: jax.Array, x_hat: jax.Array, slot: jax.Array,
+                    feature_axes: tuple[int, ...], with_shift: bool) -> jax.Array:
+  """`y = x̂ ⊙ γ (+ β)`, whose backward pass returns the per-feature blocks for `slot`.
+
+  With per-row gradients u = ĝ ⊙ x̂ (of γ) and ĝ (of β), the slot's cotangent is, per
+  feature j, `Σ_rows [u_j, ĝ_j]ᵀ [u_j, ĝ_j]` (`[features, 2, 2]`), or `Σ_rows u_j²`
+  (`[features, 1, 1]`) without a shift.
+
+  Args:
+    y: the layer's output.
+    x_hat: the normalised input (the factor γ multiplies), shaped like `y`.
+    slot: zeros `[features, k, k]` in the statistics' dtype.
+    feature_axes: the axes of `y` holding the features (flattened in order).
+    with_shift: whether the layer has a shift β.
+
+  Returns:
+    `y` unchanged.
+  """
+
+  def rows(v):
+    rest = tuple(a for a in range(v.ndim) if a not in feature_axes)
+    v = v.transpose(rest + feature_axes)
+    return v.reshape(-1, slot.shape[-3]).astype(slot.dtype)
+
+  @jax.custom_vjp
+  def tap(y, x_hat, slot):
+    del x_hat, slot
+    return y
+
+  def fwd(y, x_hat, slot):
+    del slot
+    return y, x_hat
+
+  def bwd(x_hat, ct):
+    g = rows(ct)
+    u = g * rows(jax.lax.stop_gradient(x_hat))
+    per_row = jnp.stack([u, g], axis=-1) if with_shift else u[..., None]   # [N, F, k]
+    blocks = jnp.einsum("nfi,nfj->fij", per_row, per_row, precision=_HIGHEST)
+    return ct, jnp.zeros_like(x_hat), blocks
+
+  tap.defvjp(fwd, bwd)
+  return tap(y, x_hat, slot)

@@ -18,11 +18,14 @@ class LayerStats(NamedTuple):
 
   Attributes:
     a: Â, `[in (+1 with bias), in (+1)]`, the second moment of the layer inputs (with a
-      leading layer axis `[L, ...]` for a stack of L layers).
-    s: Ŝ, `[out, out]`, the per-example second moment of the output gradients (likewise).
+      leading layer axis `[L, ...]` for a stack of L layers); for an embedding the vector
+      of token frequencies `[vocabulary]`; for a norm layer the per-feature Fisher blocks
+      `[features, k, k]` (`KfacLayer.stat_shapes`).
+    s: Ŝ, `[out, out]`, the per-example second moment of the output gradients (likewise);
+      None for a norm layer.
   """
   a: jax.Array
-  s: jax.Array
+  s: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,9 @@ class KfacLayer:
 
   Attributes:
     name: the layer's path in the model, "/"-joined (e.g. "layers/0", "Dense_0").
-    kind: "dense" or "conv".
+    kind: "dense", "conv", "embed" (table lookups: A diagonal), "tied" (an embedding also
+      used as the output head through `attend`: both uses in one Kronecker pair) or "norm"
+      (a scale-and-shift layer: the exact per-feature Fisher block).
     kernel: path of the kernel in the params tree (tuple of str keys).
     bias: path of the bias, or None.
     kernel_shape: the kernel's shape.
@@ -86,6 +91,37 @@ class KfacLayer:
     return self.axes.matrix_shape[2]
 
   @property
+  def a_diagonal(self) -> bool:
+    """Whether A is diagonal and stored as a vector (an embedding's one-hot inputs)."""
+    return self.kind == "embed"
+
+  @property
+  def exact_diagonal(self) -> bool:
+    """Whether the block is the exact per-feature Fisher of a scale-and-shift (norm) layer."""
+    return self.kind == "norm"
+
+  @property
+  def matrix_factors(self) -> tuple[int, ...]:
+    """The factors held as full matrices and decomposed at a refresh (0: A, 1: S)."""
+    if self.exact_diagonal:
+      return ()
+    return (1,) if self.a_diagonal else (0, 1)
+
+  def stat_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """The shapes of `LayerStats.a` and `.s` (None: no S) for this layer.
+
+    Kronecker blocks: `[*stack, a_dim, a_dim]` and `[*stack, s_dim, s_dim]`; an embedding's
+    diagonal A is the vector `[*stack, a_dim]`; a norm layer's exact block is
+    `[*stack, features, k, k]` (k = 2 for scale and shift, 1 for a scale alone) and no S.
+    """
+    stack = self.factor_shape(0)[:-2]
+    if self.exact_diagonal:
+      return stack + (self.s_dim, self.a_dim, self.a_dim), None
+    if self.a_diagonal:
+      return stack + (self.a_dim,), self.factor_shape(self.s_dim)
+    return self.factor_shape(self.a_dim), self.factor_shape(self.s_dim)
+
+  @property
   def bias_shape(self) -> tuple[int, ...]:
     """The bias's shape: the kernel's stack axes then its output axes."""
     ax = self.axes
@@ -122,13 +158,30 @@ class KfacLayers:
 
   @property
   def covered_fraction(self) -> float:
-    """The fraction of the parameters (counted in scalars) inside Kronecker blocks."""
+    """The fraction of the parameters (counted in scalars) in Kronecker or exact blocks."""
     total = sum(math.prod(shape) for _, shape in self.shapes)
     if not total:
       return 0.0 if self.uncovered else 1.0
     uncovered = set(self.uncovered)
     return sum(math.prod(shape) for path, shape in self.shapes
                if path not in uncovered) / total
+
+  def only(self, *kinds: str) -> "KfacLayers":
+    """These layers with only the blocks of the given kinds kept; the others' parameters
+    move to the fallback (to compare coverages, e.g. `layers.only("dense", "conv")`).
+
+    Args:
+      *kinds: the `KfacLayer.kind` values to keep.
+
+    Returns:
+      A new `KfacLayers`.
+    """
+    kept = tuple(l for l in self.layers if l.kind in kinds)
+    dropped = [l for l in self.layers if l.kind not in kinds]
+    moved = tuple("/".join(p) for l in dropped for p in (l.kernel, l.bias) if p is not None)
+    why = f"its {'/'.join(sorted({l.kind for l in dropped}))} block is left out (only {kinds})"
+    return dataclasses.replace(self, layers=kept, uncovered=self.uncovered + moved,
+                               reasons=self.reasons + tuple((p, why) for p in moved))
 
   def fallback_kernels(self) -> tuple[str, ...]:
     """Uncovered parameters with two or more axes (kernel-like: usually worth covering).
@@ -157,13 +210,18 @@ class KfacLayers:
     shapes, why = dict(self.shapes), dict(self.reasons)
     total = sum(math.prod(s) for s in shapes.values())
     lines = [f"K-FAC coverage: {100 * self.covered_fraction:.1f}% of {total} parameters in "
-             f"Kronecker blocks ({len(self.layers)} blocks, {len(self.uncovered)} parameters "
-             "on the fallback)"]
+             f"Kronecker or exact-diagonal blocks ({len(self.layers)} blocks, "
+             f"{len(self.uncovered)} parameters on the fallback)"]
     for l in self.layers:
       stack = f", {l.num_stacked} stacked" if l.stacked else ""
       bias = f" + {'/'.join(l.bias)} {l.bias_shape}" if l.bias is not None else ""
-      lines.append(f"  kronecker  {'/'.join(l.kernel)} {l.kernel_shape}{bias}: {l.kind}, "
-                   f"A {l.a_dim}x{l.a_dim}, S {l.s_dim}x{l.s_dim}{stack}")
+      if l.exact_diagonal:
+        label, blocks = "diagonal ", f"{l.s_dim} exact {l.a_dim}x{l.a_dim} blocks"
+      else:
+        a = f"A diagonal {l.a_dim}" if l.a_diagonal else f"A {l.a_dim}x{l.a_dim}"
+        label, blocks = "kronecker", f"{a}, S {l.s_dim}x{l.s_dim}"
+      lines.append(f"  {label}  {'/'.join(l.kernel)} {l.kernel_shape}{bias}: {l.kind}, "
+                   f"{blocks}{stack}")
     for p in self.uncovered:
       reason = why.get(p, "not inside a covered layer")
       lines.append(f"  fallback   {p} {shapes.get(p, '')}: {reason}")

@@ -34,7 +34,10 @@ class Stack:
 
 
 def plan_stacks(layers: tuple[KfacLayer, ...], pad_ratio: float | None) -> tuple[Stack, ...]:
-  """Groups every layer's A and S factors by size.
+  """Groups every layer's full-matrix A and S factors by size.
+
+  A diagonal A (an embedding's) and the exact per-feature blocks of norm layers are not
+  decomposed and have no member.
 
   A stack holds the factors no smaller than 1/pad_ratio of its largest (pad_ratio 1: equal
   sizes only; None: every factor alone), largest stacks first.
@@ -46,7 +49,7 @@ def plan_stacks(layers: tuple[KfacLayer, ...], pad_ratio: float | None) -> tuple
   Returns:
     The stacks.
   """
-  entries = [(l.name, r, i, d) for r in (0, 1) for l in layers
+  entries = [(l.name, r, i, d) for r in (0, 1) for l in layers if r in l.matrix_factors
              for d in ((l.a_dim, l.s_dim)[r],) for i in range(l.num_stacked)]
   entries.sort(key=lambda e: -e[3])
   stacks, current = [], []

@@ -253,6 +253,14 @@ def _levenberg_marquardt(damping, rho, adapt: bool, increase, decrease, ok, info
   return jnp.where(ok, adapted, raised).astype(damping.dtype)
 
 
+def _accepted(ok: jax.Array, reject_increase: bool, loss, candidate_loss) -> jax.Array:
+  """Whether the step is taken: it is finite and, with `reject_increase`, the loss at the
+  candidate is not above L(θ) (a rejected step keeps θ; its ρ < 0 raises λ)."""
+  if not reject_increase:
+    return ok
+  return ok & ~(candidate_loss > loss)
+
+
 def scale_by_hessian_free(
     curvature: str = "gauss_newton",
     initial_damping: float = 1.0,
@@ -265,6 +273,7 @@ def scale_by_hessian_free(
     progress_tol: float | None = 5e-4,
     preconditioner: str = "none",
     preconditioner_power: float = 0.75,
+    reject_increase: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hessian-free Newton: (C + λI) p = g by conjugate gradient, λ by Levenberg-Marquardt.
 
@@ -300,7 +309,10 @@ def scale_by_hessian_free(
   (`so.empirical_fisher_diag`), "squared_gradient" uses g ⊙ g instead.
 
   q(d) is the undamped model; ρ is computed for the full step d, whatever learning rate
-  follows. A step whose gradient, CG solution, model or candidate loss is not finite is
+  follows. With `reject_increase=True` a step that raises the loss (L(θ + d) > L(θ), so
+  ρ < 0) is not taken: the update is zero, θ stays, λ grows by the ρ < ¼ rule and CG's warm
+  start is the rejected solution (the trust-region practice of accepting only a decrease);
+  the state's `rho` shows it. A step whose gradient, CG solution, model or candidate loss is not finite is
   skipped: the update is zero (NaN in the entries whose gradient is NaN or Inf, so that a
   non-finite gradient is not hidden; `optax.apply_if_finite` skips such steps before they
   reach this transform), `nonfinite_count` counts it, λ is raised and the warm start keeps
@@ -319,6 +331,7 @@ def scale_by_hessian_free(
     progress_tol: ε of the relative-progress stopping rule; None turns it off.
     preconditioner: "none", "empirical_fisher" or "squared_gradient".
     preconditioner_power: the exponent of M (Martens: 0.75), >= 0.
+    reject_increase: keep θ when the step would raise the loss (see above).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByHessianFreeState`.
@@ -341,6 +354,8 @@ def scale_by_hessian_free(
   """
   check_choice("curvature", curvature, CURVATURES)
   check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+  if not isinstance(reject_increase, bool):
+    raise TypeError(f"reject_increase must be True or False, got {reject_increase!r}")
   check_range("initial_damping", initial_damping, 0.0)
   check_range("damping_increase", damping_increase, 1.0)
   check_range("damping_decrease", damping_decrease, 0.0, 1.0, low_inclusive=False)
@@ -394,9 +409,10 @@ def scale_by_hessian_free(
                                        damping_decrease, ok,
                                        (tree_vdot(grads, grads) > 0) & resolvable)
     direction = _keep_if(ok, p, state.direction)
-    # A skipped step is zero, except where the gradient itself is NaN or Inf: 0·g keeps
-    # that fault in the update (like optax.adam), so that it is never hidden.
-    step = jax.tree.map(lambda x, g: jnp.where(ok, x, 0 * g), p, grads)
+    # A skipped or rejected step is zero, except where the gradient itself is NaN or Inf:
+    # 0·g keeps that fault in the update (like optax.adam), so that it is never hidden.
+    taken = _accepted(ok, reject_increase, loss, candidate_loss)
+    step = jax.tree.map(lambda x, g: jnp.where(taken, x, 0 * g), p, grads)
     return _as_updates(step, updates), ScaleByHessianFreeState(
         count=optax.safe_increment(state.count),
         damping=new_damping,
@@ -420,6 +436,7 @@ def hessian_free(
     cg_tol: float = 1e-6,
     progress_tol: float | None = 5e-4,
     preconditioner: str = "none",
+    reject_increase: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens' Hessian-free optimizer: the damped truncated-Newton step, times a learning rate.
 
@@ -455,7 +472,8 @@ def hessian_free(
       scale_by_hessian_free(
           curvature=curvature, initial_damping=initial_damping, adapt_damping=adapt_damping,
           warm_start_decay=warm_start_decay, cg_max_iterations=cg_max_iterations,
-          cg_tol=cg_tol, progress_tol=progress_tol, preconditioner=preconditioner),
+          cg_tol=cg_tol, progress_tol=progress_tol, preconditioner=preconditioner,
+          reject_increase=reject_increase),
       optax.scale_by_learning_rate(learning_rate))
 
 

@@ -22,9 +22,12 @@ from secondorder.capture import KfacLayer, KfacLayers, param_path
 from secondorder.transforms import _kfac_stacks
 from secondorder.transforms._float32 import in_float32
 
-__all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac"]
+__all__ = ["ScaleByKfacState", "scale_by_kfac_factors", "kfac", "DEFAULT_FALLBACK_SCALE"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# The `kfac` alias's step size of the uncovered parameters, as a fraction of its learning
+# rate (see `kfac`'s `fallback_scale`).
+DEFAULT_FALLBACK_SCALE = 0.01
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
@@ -131,8 +134,9 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
           f"kfac_stats is missing K-FAC layer {layer.name!r} (kernel {'/'.join(layer.kernel)}, "
           f"shape {layer.kernel_shape}); it has {sorted(stats)}.")
     st = stats[layer.name]
-    want_a, want_s = layer.factor_shape(layer.a_dim), layer.factor_shape(layer.s_dim)
-    got_a, got_s = tuple(jnp.shape(st[0])), tuple(jnp.shape(st[1]))
+    want_a, want_s = layer.stat_shapes()
+    got_a = tuple(jnp.shape(st[0]))
+    got_s = None if st[1] is None else tuple(jnp.shape(st[1]))
     if got_a != want_a or got_s != want_s:
       raise ValueError(
           f"kfac_stats for layer {layer.name!r} (kernel {'/'.join(layer.kernel)}, shape "
@@ -158,34 +162,46 @@ def _accumulate(state: ScaleByKfacState, stats: dict, layers: tuple[KfacLayer, .
   """
   finite = jnp.array(True)
   for layer in layers:
-    st = stats[layer.name]
-    finite &= jnp.all(jnp.isfinite(st[0])) & jnp.all(jnp.isfinite(st[1]))
+    for st in stats[layer.name]:
+      if st is not None:
+        finite &= jnp.all(jnp.isfinite(st))
   b = jnp.asarray(decay, dtype)
   ema = lambda old, new: jnp.where(finite, b * old + (1 - b) * new.astype(dtype), old)
   a = {l.name: ema(state.a[l.name], stats[l.name][0]) for l in layers}
-  s = {l.name: ema(state.s[l.name], stats[l.name][1]) for l in layers}
+  s = {l.name: ema(state.s[l.name], stats[l.name][1]) for l in layers
+       if not l.exact_diagonal}
   weight = jnp.where(finite, b * state.factor_weight + (1 - b), state.factor_weight)
   return a, s, weight, finite
 
 
 def _factor_members(a: dict, s: dict, weight: jax.Array, layers) -> dict:
-  """`{(name, 0 for A / 1 for S, i): bias-corrected factor [d, d]}` over every stack index."""
+  """`{(name, 0 for A / 1 for S, i): bias-corrected factor [d, d]}` over every stack index
+  (full-matrix factors only: `KfacLayer.matrix_factors`)."""
   out = {}
   for layer in layers:
     for role, f, side in ((0, a, 2), (1, s, 2)):
+      if role not in layer.matrix_factors:
+        continue
       mats = _as_stack(f[layer.name], layer, side) / weight
       for i in range(layer.num_stacked):
         out[(layer.name, role, i)] = mats[i]
   return out
 
 
-def _pi_damping(mats: dict, lam: jax.Array, layers) -> dict:
-  """Factored Tikhonov damping: `π√λ` for A and `√λ/π` for S, π² = (tr A/dim A)/(tr S/dim S)."""
+def _pi_damping(mats: dict, diagonals: dict, lam: jax.Array, layers) -> dict:
+  """Factored Tikhonov damping: `π√λ` for A and `√λ/π` for S, π² = (tr A/dim A)/(tr S/dim S).
+
+  `diagonals` holds the diagonal A factors (`{(name, 0, i): vector}`) of embeddings.
+  """
   out = {}
   for layer in layers:
+    if layer.exact_diagonal:
+      continue
     for i in range(layer.num_stacked):
-      am, sm = mats[(layer.name, 0, i)], mats[(layer.name, 1, i)]
-      ta, ts = jnp.trace(am) / am.shape[0], jnp.trace(sm) / sm.shape[0]
+      sm = mats[(layer.name, 1, i)]
+      ta = (jnp.mean(diagonals[(layer.name, 0, i)]) if layer.a_diagonal
+            else jnp.trace(mats[(layer.name, 0, i)]) / layer.a_dim)
+      ts = jnp.trace(sm) / sm.shape[0]
       pi = jnp.where((ta > 0) & (ts > 0), jnp.sqrt(ta / jnp.where(ts > 0, ts, 1.0)), 1.0)
       sl = jnp.sqrt(lam)
       out[(layer.name, 0, i)], out[(layer.name, 1, i)] = pi * sl, sl / pi
@@ -207,20 +223,29 @@ def _refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, sta
     layout; an inverse whose Cholesky failed keeps its previous value.
   """
   mats = _factor_members(a, s, weight, layers)
+  diag = {(l.name, 0, i): v for l in layers if l.a_diagonal
+          for i, v in enumerate(_as_stack(a[l.name], l, 1) / weight)}
   out = ({}, {}, {}, {}, {}, {})
   if damping_mode == "exact":
     dec = _kfac_stacks.eigh_stacks(mats, stacks, dtype, sharding)
+    dec.update({k: (jnp.maximum(v, 0.0), None) for k, v in diag.items()})
     vals = {k: v[0] for k, v in dec.items()}
     vecs = {k: v[1] for k, v in dec.items()}
     for layer in layers:
+      if layer.exact_diagonal:
+        continue
       for role, j, old_vals, old_vecs in ((0, 0, state.a_eigvals, state.a_eigvecs),
                                           (1, 2, state.s_eigvals, state.s_eigvecs)):
         out[j][layer.name] = _restack(vals, layer, role, old_vals[layer.name])
-        out[j + 1][layer.name] = _restack(vecs, layer, role, old_vecs[layer.name])
+        if role in layer.matrix_factors:
+          out[j + 1][layer.name] = _restack(vecs, layer, role, old_vecs[layer.name])
     return out
-  inv = _kfac_stacks.inverse_stacks(mats, _pi_damping(mats, lam, layers), stacks, dtype,
-                                    sharding)
+  damp = _pi_damping(mats, diag, lam, layers)
+  inv = _kfac_stacks.inverse_stacks(mats, damp, stacks, dtype, sharding)
+  inv.update({k: 1.0 / (v + damp[k]) for k, v in diag.items()})
   for layer in layers:
+    if layer.exact_diagonal:
+      continue
     for role, j, old in ((0, 4, state.a_inverse), (1, 5, state.s_inverse)):
       new = _restack(inv, layer, role, old[layer.name])
       out[j][layer.name] = jnp.where(jnp.all(jnp.isfinite(new)), new, old[layer.name])
@@ -249,16 +274,47 @@ def _write_back(layer: KfacLayer, v: jax.Array, leaves: list, new_leaves: list,
 
 def _precondition(layer: KfacLayer, g: jax.Array, decomp: tuple[dict, ...], lam,
                   damping_mode: str) -> jax.Array:
-  """`(A + π√λ)⁻¹ G (S + √λ/π)⁻¹` (factored) or `Q_A[(Q_Aᵀ G Q_S)/(ασᵀ + λ)]Q_Sᵀ` (exact)."""
+  """`(A + π√λ)⁻¹ G (S + √λ/π)⁻¹` (factored) or `Q_A[(Q_Aᵀ G Q_S)/(ασᵀ + λ)]Q_Sᵀ` (exact).
+
+  A diagonal A (an embedding's) is its own eigenbasis: `Q_A = I`, its inverse a vector.
+  """
   a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
   mm = lambda x, y: jnp.matmul(x, y, precision=_HIGHEST)
   t = lambda x: jnp.swapaxes(x, -1, -2)
   if damping_mode == "factored":
-    return mm(mm(_as_stack(a_inv[layer.name], layer, 2), g), _as_stack(s_inv[layer.name], layer, 2))
-  qa, qs = _as_stack(a_v[layer.name], layer, 2), _as_stack(s_v[layer.name], layer, 2)
+    if layer.a_diagonal:
+      left = _as_stack(a_inv[layer.name], layer, 1)[:, :, None] * g
+    else:
+      left = mm(_as_stack(a_inv[layer.name], layer, 2), g)
+    return mm(left, _as_stack(s_inv[layer.name], layer, 2))
+  qs = _as_stack(s_v[layer.name], layer, 2)
   alpha, sigma = _as_stack(a_w[layer.name], layer, 1), _as_stack(s_w[layer.name], layer, 1)
   denom = alpha[:, :, None] * sigma[:, None, :] + lam
+  if layer.a_diagonal:
+    return mm(mm(g, qs) / denom, t(qs))
+  qa = _as_stack(a_v[layer.name], layer, 2)
   return mm(mm(qa, mm(mm(t(qa), g), qs) / denom), t(qs))
+
+
+def _precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Array,
+                                 weight: jax.Array, lam) -> jax.Array:
+  """A norm layer's `(F_j + λI)⁻¹ g_j` per feature j, from the running exact blocks.
+
+  Args:
+    layer: the norm layer.
+    g: its gradient `[L, k, features]` (scale row, then shift row).
+    blocks: the running sums of its blocks, `[*stack, features, k, k]`.
+    weight: their total EMA weight (the gradient passes unchanged while it is 0).
+    lam: λ.
+
+  Returns:
+    The preconditioned `[L, k, features]`.
+  """
+  k = layer.a_dim
+  f = blocks.reshape((layer.num_stacked, layer.s_dim, k, k)) / jnp.where(weight > 0, weight, 1)
+  f = f + lam * jnp.eye(k, dtype=f.dtype)
+  v = jnp.linalg.solve(f, jnp.swapaxes(g, 1, 2)[..., None])[..., 0]
+  return jnp.where(weight > 0, jnp.swapaxes(v, 1, 2), g)
 
 
 def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> jax.Array:
@@ -270,21 +326,23 @@ def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> jax.Array:
 
 def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
   """Zero factors, identity inverses / eigenvectors, and the fallback's state."""
-  zeros = lambda l, d: jnp.zeros(l.factor_shape(d), dtype)
   eye = lambda l, d: jnp.broadcast_to(jnp.eye(d, dtype=dtype), l.factor_shape(d))
   vals = lambda l, d: jnp.zeros(l.factor_shape(d)[:-1], dtype)
-  exact = layers if damping_mode == "exact" else ()
-  factored = layers if damping_mode == "factored" else ()
+  # The A-side inverse: a matrix, or for a diagonal A a vector of ones.
+  a_eye = lambda l: jnp.ones(l.stat_shapes()[0], dtype) if l.a_diagonal else eye(l, l.a_dim)
+  kron = tuple(l for l in layers if not l.exact_diagonal)
+  exact = kron if damping_mode == "exact" else ()
+  factored = kron if damping_mode == "factored" else ()
   return ScaleByKfacState(
       count=jnp.zeros([], jnp.int32),
       factor_weight=jnp.zeros([], dtype),
-      a={l.name: zeros(l, l.a_dim) for l in layers},
-      s={l.name: zeros(l, l.s_dim) for l in layers},
+      a={l.name: jnp.zeros(l.stat_shapes()[0], dtype) for l in layers},
+      s={l.name: jnp.zeros(l.stat_shapes()[1], dtype) for l in kron},
       a_eigvals={l.name: vals(l, l.a_dim) for l in exact},
-      a_eigvecs={l.name: eye(l, l.a_dim) for l in exact},
+      a_eigvecs={l.name: eye(l, l.a_dim) for l in exact if not l.a_diagonal},
       s_eigvals={l.name: vals(l, l.s_dim) for l in exact},
       s_eigvecs={l.name: eye(l, l.s_dim) for l in exact},
-      a_inverse={l.name: eye(l, l.a_dim) for l in factored},
+      a_inverse={l.name: a_eye(l) for l in factored},
       s_inverse={l.name: eye(l, l.s_dim) for l in factored},
       num_refreshes=jnp.zeros([], jnp.int32),
       num_skipped=jnp.zeros([], jnp.int32),
@@ -314,6 +372,7 @@ def scale_by_kfac_factors(
     kl_clip: float | None = None,
     learning_rate: ScalarOrSchedule | None = None,
     fallback: optax.GradientTransformation | None = None,
+    fallback_scale: float = 1.0,
     stats_dtype: Any = "float32",
     pad_ratio: float | None = None,
     factor_sharding: jax.sharding.NamedSharding | None = None,
@@ -341,7 +400,13 @@ def scale_by_kfac_factors(
   Convolutions use the KFC approximation (see `secondorder.capture`). Parameters outside
   the covered layers go through `fallback` (default: RMS scaling with bias correction,
   `optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False, bias_correction=True)` with its second
-  moment in float32 at least) and are left out of the KL sum.
+  moment in float32 at least), scaled by `fallback_scale`, and are left out of the KL sum.
+
+  Besides the Kronecker pairs of dense and convolution layers, two kinds of block come from
+  the capture: an embedding's A is diagonal (token frequencies, a vector: its inverse and
+  eigenvalues are vectors, its eigenbasis the identity), and a norm layer's scale and shift
+  have the exact per-feature Fisher `F_j` (`[features, 2, 2]`), applied every step as
+  `(F_j + λI)⁻¹ g_j` from the running average (no refresh needed) and counted in the KL sum.
 
   Args:
     layers: the covered layers, `cap.layers(model_or_params, x)` from `secondorder.capture`,
@@ -355,6 +420,8 @@ def scale_by_kfac_factors(
     learning_rate: η (float or schedule), the rate the step is later scaled by; used only
       by KL clipping.
     fallback: diagonal method for the uncovered parameters.
+    fallback_scale: ≥ 0, multiplies the fallback's output: the uncovered parameters' step
+      size relative to the covered layers' (1: the same learning rate).
     stats_dtype: dtype of the factors (a name such as "float32", or a dtype).
     pad_ratio: None (every factor alone, or with `factor_sharding` equal sizes stacked) or
       a number ≥ 1: factors whose size is within this ratio of the largest in a stack are
@@ -401,6 +468,7 @@ def scale_by_kfac_factors(
           "scale_by_kfac_factors(layers=..., kl_clip=1e-3, learning_rate=0.1).")
   if learning_rate is not None:
     check_range("learning_rate", learning_rate, 0.0, None)
+  check_range("fallback_scale", fallback_scale, 0.0, None)
   if pad_ratio is not None:
     try:
       pad_ratio = float(pad_ratio)
@@ -457,7 +525,10 @@ def scale_by_kfac_factors(
     kl_sum = jnp.zeros([], stats_dtype)
     for layer in layer_list:
       g = _layer_gradient(layer, leaves, where, stats_dtype)
-      v = _precondition(layer, g, decomp, lam, damping_mode)
+      if layer.exact_diagonal:
+        v = _precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
+      else:
+        v = _precondition(layer, g, decomp, lam, damping_mode)
       kl_sum += jnp.sum(v * g)
       _write_back(layer, v, leaves, new_leaves, where)
 
@@ -466,7 +537,7 @@ def scale_by_kfac_factors(
     covered_idx = {i for pair in where.values() for i in pair if i is not None}
     for i, x in enumerate(jax.tree_util.tree_leaves(fb_updates)):
       if i not in covered_idx:
-        new_leaves[i] = x.astype(leaves[i].dtype)
+        new_leaves[i] = (x * jnp.asarray(fallback_scale, x.dtype)).astype(leaves[i].dtype)
 
     nu = jnp.ones([], stats_dtype)
     if kl_clip is not None and layer_list:
@@ -503,6 +574,7 @@ def kfac(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     fallback: optax.GradientTransformation | None = None,
+    fallback_scale: float | None = None,
     stats_dtype: Any = "float32",
     pad_ratio: float | None = None,
     factor_sharding: jax.sharding.NamedSharding | None = None,
@@ -531,7 +603,13 @@ def kfac(
     momentum: μ, momentum on the natural gradient (0 for none).
     nesterov: Nesterov momentum.
     weight_decay: decoupled weight decay.
-    fallback: diagonal method for uncovered parameters.
+    fallback: diagonal method for uncovered parameters (default: RMS scaling, an
+      Adam-like step without momentum of its own).
+    fallback_scale: the uncovered parameters' step size as a fraction of η. K-FAC's
+      learning rates (0.1 to 1) are far above what an RMS-scaled step tolerates (about
+      1e-3), so by default (None) the fallback moves at `DEFAULT_FALLBACK_SCALE` · η
+      (0.01: η = 0.3 gives the fallback 3e-3), and at η itself when no layer is covered
+      (`capture.no_layers()`: the fallback is then the whole method).
     stats_dtype: dtype of the factors.
     pad_ratio, factor_sharding: how the refresh stacks the factors and spreads the stacks
       over devices (see `scale_by_kfac_factors`).
@@ -549,10 +627,13 @@ def kfac(
   """
   check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
   check_range("weight_decay", weight_decay, 0.0, None)
+  if fallback_scale is None:
+    fallback_scale = DEFAULT_FALLBACK_SCALE if _layers_tuple(layers) else 1.0
   parts = [scale_by_kfac_factors(
       layers=layers, damping=damping, damping_mode=damping_mode, decay=decay,
       update_interval=update_interval, kl_clip=kl_clip, learning_rate=learning_rate,
-      fallback=fallback, stats_dtype=stats_dtype, pad_ratio=pad_ratio,
+      fallback=fallback, fallback_scale=fallback_scale, stats_dtype=stats_dtype,
+      pad_ratio=pad_ratio,
       factor_sharding=factor_sharding)]
   # Always present (a zero momentum makes it the identity): the state's structure must not
   # depend on whether momentum is a Python 0 or an injected array (checkpoints load either way).

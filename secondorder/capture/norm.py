@@ -1,0 +1,99 @@
+r"""Scale-and-shift layers (`LayerNorm`, `RMSNorm` of linen and NNX): the exact Fisher per feature.
+
+A norm layer's output is `y = x̂ ⊙ γ + β` with x̂ the normalised input. Its parameters are
+not a Kronecker pair: per feature j the per-row gradients are `u_j = ĝ_j x̂_j` (of γ) and
+`ĝ_j` (of β), and the block of the Fisher over (γ_j, β_j) is, every row an example as for
+the other layers (K-FAC-expand over positions),
+
+.. math:: F_j = M \sum_\text{rows} \begin{pmatrix} u_j^2 & u_j \hat g_j \\
+          u_j \hat g_j & \hat g_j^2 \end{pmatrix}
+
+(a 1×1 block for a scale alone): the exact per-feature diagonal of the Fisher, kept whole
+and inverted directly (`[features, 2, 2]`), never a Kronecker pair. x̂ is recomputed from
+the layer's input with its own configuration (mean or not, variance, epsilon, axes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from secondorder.capture import taps
+from secondorder.capture.types import KfacLayer, LayerStats
+
+KIND = "norm"
+
+
+def _axes(axes, ndim: int) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def describe(module, x: jax.Array, use_mean: bool, kwargs: dict) -> tuple[tuple, int] | str:
+  """The normalisation's configuration, or why the call cannot be covered.
+
+  Args:
+    module: the `LayerNorm` / `RMSNorm` being called (linen or NNX).
+    x: its input.
+    use_mean: whether the layer subtracts the mean (LayerNorm) or not (RMSNorm).
+    kwargs: the call's keyword arguments.
+
+  Returns:
+    `(hashable configuration, 0)` (a scale has no input side), or a reason string.
+  """
+  if not getattr(module, "use_scale", True):
+    return "a norm layer without a scale (its shift alone is left to the fallback)"
+  if kwargs.get("mask") is not None:
+    return "a norm layer called with a mask"
+  if getattr(module, "axis_name", None) is not None:
+    return "a norm layer reducing over a device axis (axis_name)"
+  if jnp.ndim(x) < 1:
+    return "a scalar input"
+  cfg = dict(reduction=_axes(module.reduction_axes, jnp.ndim(x)),
+             features=_axes(module.feature_axes, jnp.ndim(x)), epsilon=float(module.epsilon),
+             use_mean=use_mean, fast=bool(getattr(module, "use_fast_variance", True)))
+  return tuple(sorted(cfg.items())), 0
+
+
+def normalized(config: tuple, x: jax.Array) -> jax.Array:
+  """x̂: `x` normalised as the layer does, before its scale and shift.
+
+  Args:
+    config: from `describe`.
+    x: the layer's input.
+
+  Returns:
+    x̂, computed in at least float32, in `x`'s shape.
+  """
+  cfg = dict(config)
+  x = jax.lax.stop_gradient(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = cfg["reduction"]
+  if cfg["use_mean"]:
+    mean = x.mean(axes, keepdims=True)
+    if cfg["fast"]:
+      var = jnp.maximum(0.0, jnp.square(x).mean(axes, keepdims=True) - jnp.square(mean))
+    else:
+      var = jnp.square(x - mean).mean(axes, keepdims=True)
+  else:
+    mean, var = 0.0, jnp.square(x).mean(axes, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + cfg["epsilon"])
+
+
+def slot_shapes(layer: KfacLayer) -> tuple[tuple[int, ...], ...]:
+  """One zero slot: the per-feature blocks `[*stack, features, k, k]`."""
+  return (layer.stat_shapes()[0],)
+
+
+def tap(described, slots, call, x, with_bias: bool) -> jax.Array:
+  """The layer's output, whose backward pass reports the per-feature blocks."""
+  cfg = dict(described[0])
+  y = call(x)
+  x_hat = normalized(described[0], x).astype(y.dtype)
+  return taps.tap_scale_shift(y, x_hat, slots[0], cfg["features"], with_bias)
+
+
+def statistics(layer: KfacLayer, first: tuple, fisher: tuple, m: int) -> LayerStats:
+  """`LayerStats(a=M Σ_rows blocks, s=None)` from the Fisher pass's cotangents."""
+  del layer, first
+  return LayerStats(a=m * fisher[0], s=None)

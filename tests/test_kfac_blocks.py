@@ -1,0 +1,235 @@
+"""K-FAC's embedding, tied-head and norm blocks against dense references (float64), and the
+fallback at K-FAC's learning rate."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from secondorder import capture
+from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
+
+V, D, K, B, T = 6, 3, 2, 2, 5
+F64 = dict(param_dtype=jnp.float64)
+# Repeated tokens (0 three times, 4 twice, ...) and one token (5) never used.
+TOKENS = jnp.array([[0, 1, 0, 4, 2], [4, 3, 0, 1, 1]])
+
+
+def _gauss(z, y):
+  """½‖z − y‖² per token, averaged over the B·T tokens (M = B·T examples)."""
+  return 0.5 * jnp.sum((z - y) ** 2) / (z.size // z.shape[-1])
+
+
+def _ggn(outputs, w):
+  """(1/M) Σ_m J_mᵀ J_m, J_m = ∂z_m/∂vec(w) for every token m: the exact GGN block."""
+  jac = jax.jacfwd(outputs)(w)
+  z_ndim = jac.ndim - w.ndim
+  jac = jac.reshape(-1, jac.shape[z_ndim - 1], w.size)      # [M, K, |w|]
+  return np.einsum("mki,mkj->ij", jac, jac) / jac.shape[0]
+
+
+def _close(got, want, rtol=1e-8):
+  np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class NnxEmbed(nnx.Module):
+
+  def __init__(self, rngs, tied=False):
+    self.tied = tied
+    self.embed = nnx.Embed(V, D, rngs=rngs, **F64)
+    self.mix = nnx.Linear(D, D if tied else K, use_bias=False, rngs=rngs, **F64)
+
+  def __call__(self, tokens):
+    h = self.mix(self.embed(tokens))
+    return self.embed.attend(h) if self.tied else h
+
+
+class LinenEmbed(nn.Module):
+  tied: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(V, D, name="embed", **F64)
+    h = nn.Dense(D if self.tied else K, use_bias=False, name="mix", **F64)(embed(tokens))
+    return embed.attend(h) if self.tied else h
+
+
+def _both(tied):
+  """(NNX model, linen module, linen params) with the same weights; (NNX captured stats,
+  linen captured stats) of the exact Fisher (= GGN) of the Gaussian likelihood."""
+  model = NnxEmbed(nnx.Rngs(0), tied)
+  model.embed.embedding.value = jax.random.normal(jax.random.key(3), (V, D), jnp.float64)
+  lin = LinenEmbed(tied)
+  params = {"embed": {"embedding": model.embed.embedding.value},
+            "mix": {"kernel": model.mix.kernel.value}}
+  y = jnp.zeros(TOKENS.shape + ((V,) if tied else (K,)), jnp.float64)
+  cap_n = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact",
+                              stats_dtype=jnp.float64)
+  cap_l = capture.linen_capture(lin, _gauss, likelihood="gaussian", fisher="exact",
+                                stats_dtype=jnp.float64)
+  kind = "tied" if tied else "embed"
+  for layers in (cap_n.layers(model, TOKENS), cap_l.layers(params, TOKENS)):
+    assert [l.kind for l in layers] == [kind, "dense"] and not layers.uncovered
+  st_n = nnx.jit(cap_n)(model, TOKENS, y)[2]
+  st_l = jax.jit(cap_l)(params, TOKENS, y)[2]
+  return model, lin, params, st_n, st_l
+
+
+def test_embedding_block_is_the_exact_ggn_with_repeated_tokens():
+  """Embed → linear: diag(token frequencies) ⊗ S is the embedding's exact GGN block; A is
+  stored as a vector (NNX and linen alike)."""
+  with jax.enable_x64(True):
+    model, lin, params, st_n, st_l = _both(tied=False)
+    out = lambda e: lin.apply({"params": dict(params, embed={"embedding": e})}, TOKENS)
+    ggn = _ggn(out, params["embed"]["embedding"])
+    counts = np.bincount(np.asarray(TOKENS).ravel(), minlength=V) / TOKENS.size
+    for st in (st_n["embed"], st_l["embed"]):
+      assert st.a.shape == (V,)
+      _close(st.a, counts)
+      _close(np.kron(np.diag(np.asarray(st.a)), np.asarray(st.s)), ggn)
+
+
+def _partial_traces(k):
+  """(vocabulary-side, feature-side) partial traces of a [V·D, V·D] block."""
+  k4 = k.reshape(V, D, V, D)
+  return np.einsum("adbd->ab", k4), np.einsum("vavb->ab", k4)
+
+
+def test_tied_embedding_head_is_kfac_expand_of_the_exact_use_blocks():
+  """A tied embedding/head: each use alone (the untied copies) has an exact Kronecker GGN
+  block; the captured pair is their K-FAC-expand combination (NumPy transcription)."""
+  with jax.enable_x64(True):
+    model, lin, params, st_n, st_l = _both(tied=True)
+    e0 = params["embed"]["embedding"]
+
+    def untied(e_lookup, e_head):
+      h = jnp.take(e_lookup, TOKENS, axis=0) @ params["mix"]["kernel"]
+      return h @ e_head.T
+
+    blocks = [_ggn(lambda e: untied(e, e0), e0), _ggn(lambda e: untied(e0, e), e0)]
+    left, right = 0.0, 0.0
+    for k in blocks:
+      lv, rd = _partial_traces(k)
+      # Each use's block is exactly one Kronecker pair ...
+      _close(np.kron(lv, rd) / np.trace(k), k)
+      # ... put on the common scale (vocabulary side of mean eigenvalue 1).
+      left = left + V * lv / np.trace(k) / len(blocks)
+      right = right + rd / V
+    for st in (st_n["embed"], st_l["embed"]):
+      assert st.a.shape == (V, V) and st.s.shape == (D, D)
+      _close(st.a, left)
+      _close(st.s, right)
+
+
+def test_embedding_updates_are_the_numpy_preconditioner():
+  """The transform applies a diagonal A as a vector: exact and factored damping against
+  the dense NumPy formulas (float64)."""
+  with jax.enable_x64(True):
+    model = NnxEmbed(nnx.Rngs(0))
+    cap = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact",
+                              stats_dtype=jnp.float64)
+    layers = cap.layers(model, TOKENS)
+    y = jax.random.normal(jax.random.key(1), TOKENS.shape + (K,), jnp.float64)
+    _, grads, stats = nnx.jit(cap)(model, TOKENS, y)
+    params = nnx.state(model, nnx.Param)
+    g = np.asarray(grads["embed"]["embedding"].value)
+    a, s = np.asarray(stats["embed"].a), np.asarray(stats["embed"].s)
+    lam = 1e-2
+    sigma, qs = np.linalg.eigh(s)
+    want = {"exact": ((g @ qs) / (np.outer(a, np.maximum(sigma, 0)) + lam)) @ qs.T}
+    pi = np.sqrt(a.mean() / (np.trace(s) / D))
+    want["factored"] = (g / (a + pi * np.sqrt(lam))[:, None]) @ np.linalg.inv(
+        s + np.sqrt(lam) / pi * np.eye(D))
+    for mode, ref in want.items():
+      tx = scale_by_kfac_factors(layers=layers, damping=lam, damping_mode=mode,
+                                 stats_dtype=jnp.float64)
+      upd, _ = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=stats)
+      _close(upd["embed"]["embedding"].value, ref, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class NnxNorms(nnx.Module):
+
+  def __init__(self, rngs):
+    self.ln = nnx.LayerNorm(D, rngs=rngs, **F64)
+    self.rms = nnx.RMSNorm(D, rngs=rngs, **F64)
+    self.out = nnx.Linear(D, K, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.out(self.rms(jnp.tanh(self.ln(x))))
+
+
+class LinenNorms(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RMSNorm(name="rms", **F64)(jnp.tanh(nn.LayerNorm(name="ln", **F64)(x)))
+    return nn.Dense(K, name="out", **F64)(h)
+
+
+def test_norm_blocks_are_the_exact_per_feature_fisher():
+  """LayerNorm (scale and shift: 2×2 per feature) and RMSNorm (scale: 1×1) blocks equal the
+  per-feature diagonal blocks of the exact GGN over their parameters (NNX and linen)."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float64)
+    y = jnp.zeros((B, T, K), jnp.float64)
+    model = NnxNorms(nnx.Rngs(0))
+    model.ln.scale.value = 1 + 0.3 * jax.random.normal(jax.random.key(1), (D,), jnp.float64)
+    model.ln.bias.value = 0.2 * jax.random.normal(jax.random.key(2), (D,), jnp.float64)
+    model.rms.scale.value = 1 + 0.3 * jax.random.normal(jax.random.key(3), (D,), jnp.float64)
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    lin = LinenNorms()
+    cap_n = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact",
+                                stats_dtype=jnp.float64)
+    cap_l = capture.linen_capture(lin, _gauss, likelihood="gaussian", fisher="exact",
+                                  stats_dtype=jnp.float64)
+    for layers in (cap_n.layers(model, x), cap_l.layers(pure, x)):
+      assert [(l.name, l.kind, l.a_dim) for l in layers] == [
+          ("ln", "norm", 2), ("rms", "norm", 1), ("out", "dense", D + 1)]
+    stats = [nnx.jit(cap_n)(model, x, y)[2], jax.jit(cap_l)(pure, x, y)[2]]
+
+    def out(theta):
+      p = dict(pure, ln={"scale": theta[0], "bias": theta[1]}, rms={"scale": theta[2]})
+      return lin.apply({"params": p}, x)
+
+    theta0 = jnp.stack([pure["ln"]["scale"], pure["ln"]["bias"], pure["rms"]["scale"]])
+    ggn = _ggn(out, theta0).reshape(3, D, 3, D)
+    ln_ref = np.stack([ggn[:2, j][:, :2, j] for j in range(D)])      # [D, 2, 2]
+    rms_ref = np.stack([ggn[2:, j][:, 2:, j] for j in range(D)])     # [D, 1, 1]
+    for st in stats:
+      assert st["ln"].s is None
+      _close(st["ln"].a, ln_ref)
+      _close(st["rms"].a, rms_ref)
+
+
+def test_norm_update_solves_each_feature_block():
+  """The transform's norm update is (F_j + λI)⁻¹ g_j per feature (NumPy solve)."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float64)
+    y = jax.random.normal(jax.random.key(1), (B, T, K), jnp.float64)
+    model = NnxNorms(nnx.Rngs(0))
+    cap = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact",
+                              stats_dtype=jnp.float64)
+    layers = cap.layers(model, x)
+    _, grads, stats = nnx.jit(cap)(model, x, y)
+    params = nnx.state(model, nnx.Param)
+    lam = 1e-3
+    tx = scale_by_kfac_factors(layers=layers, damping=lam, stats_dtype=jnp.float64)
+    upd, _ = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=stats)
+    g = np.stack([np.asarray(grads["ln"]["scale"].value), np.asarray(grads["ln"]["bias"].value)])
+    f = np.asarray(stats["ln"].a) + lam * np.eye(2)
+    want = np.stack([np.linalg.solve(f[j], g[:, j]) for j in range(D)], axis=1)
+    _close(np.stack([upd["ln"]["scale"].value, upd["ln"]["bias"].value]), want, rtol=1e-9)
+    g_rms = np.asarray(grads["rms"]["scale"].value)
+    _close(upd["rms"]["scale"].value, g_rms / (np.asarray(stats["rms"].a)[:, 0, 0] + lam),
+           rtol=1e-9)
