@@ -1,20 +1,25 @@
 """Hessian-free, natural gradient and L-BFGS against K-FAC and Adam: steps, time and passes.
 
-Problems (from `benchmarks.problems`, unchanged): the digits autoencoder (mini-batches of
-100, and a full-batch variant on all 1500 training images), the ill-conditioned 16x8 matrix
+Problems (from `benchmarks.problems`): the digits autoencoder (mini-batches of 100, and
+`autoencoder_full`, every step on all 1500 training images), the ill-conditioned 16x8 matrix
 quadratic, the 8-dimensional chained Rosenbrock and the digits MLP classifier. Every
 optimizer starts from the same parameters and sees the same batches; a run stops at its
 step budget or as soon as the full training loss reaches the problem's target.
 
-Rows:
-  * adam: `optax.adam`, the best learning rate of a grid spaced by 10^0.5, extended until
-    the best rate is not at an edge (bracketed);
+Rows, each tuned by the same rule (`bracketed`: a 3-point grid spaced by 10^0.5 around a
+centre, extended by up to 4 points while the best is at an edge; best = fewest steps to
+the target, then the lowest loss; a run is stopped once it has taken as many steps as the
+best run so far, which cannot change the choice):
+  * adam: `optax.adam`, its learning rate bracketed;
   * kfac: this library's K-FAC through the harness's registry entry (capture of the
-    model's layers), the best learning rate of a small grid;
+    model's layers), its learning rate bracketed, then its damping on a 3-point grid (0.01,
+    0.001, 0.1) at that rate;
   * hessian_free: `secondorder.hessian_free` (Gauss-Newton curvature; the autoencoder's
-    Bernoulli pixels as 2-class softmax logits, so H_ℓ has its closed form);
-    newton_cg: the same with `curvature="hessian"` on the quadratic and Rosenbrock;
-  * natural_gradient: `secondorder.natural_gradient` with a KL budget (best of a grid);
+    Bernoulli pixels as 2-class softmax logits, so H_ℓ has its closed form), its initial λ
+    bracketed around 1, then its CG budget on a 3-point grid (50, 5, 500) at that λ: the
+    same number of runs as K-FAC's; newton_cg: `curvature="hessian"` on the quadratic and
+    Rosenbrock;
+  * natural_gradient: `secondorder.natural_gradient`, its KL budget bracketed;
   * lbfgs: `optax.lbfgs` with its zoom line search, through
     `optax.value_and_grad_from_state`, on the deterministic problems only (full-batch
     autoencoder, quadratic, Rosenbrock).
@@ -104,14 +109,27 @@ def _score(result: dict) -> tuple:
   return (hit is None, hit if hit is not None else 0, final)
 
 
-def bracketed(run_at: Callable[[float], dict], centre: float, points: int = 3,
-              max_extend: int = 2) -> tuple[float, dict, dict]:
+def _limit(results: dict) -> int | None:
+  """The fewest steps to the target so far (None: none reached it).
+
+  A later run is stopped there: taking more steps it could not rank above the best, so the
+  choice is the one full-length runs would give, at a fraction of the cost.
+  """
+  hits = [r["steps_to_target"] for r in results.values() if r["steps_to_target"] is not None]
+  return min(hits) if hits else None
+
+
+def bracketed(run_at: Callable[[float, int | None], dict], centre: float, points: int = 3,
+              max_extend: int = 4) -> tuple[float, dict, dict]:
   """The best learning rate of a grid around `centre`, extended while the best is at an edge.
 
-  Returns (best rate, its result, every rate's result).
+  `run_at(value, limit)` runs at most `limit` steps (None: the full budget). The centre
+  runs first. Returns (best rate, its result, every rate's result).
   """
   grid = [centre * GRID_FACTOR ** (i - points // 2) for i in range(points)]
-  results = {lr: run_at(lr) for lr in grid}
+  results = {}
+  for lr in sorted(grid, key=lambda v: abs(np.log(v / centre))):
+    results[lr] = run_at(lr, _limit(results))
   for _ in range(max_extend):
     best = min(results, key=lambda lr: _score(results[lr]))
     rates = sorted(results)
@@ -121,7 +139,7 @@ def bracketed(run_at: Callable[[float], dict], centre: float, points: int = 3,
       new = rates[-1] * GRID_FACTOR
     else:
       break
-    results[new] = run_at(new)
+    results[new] = run_at(new, _limit(results))
   best = min(results, key=lambda lr: _score(results[lr]))
   return best, results[best], results
 
@@ -218,66 +236,89 @@ def lbfgs_passes(state) -> float:
 # ----------------------------------------------------------------------------- problems
 
 
-def full_batch(problem):
-  """The problem with every step on the whole training set (a deterministic objective)."""
-  import dataclasses
-  # One epoch of the problem's mini-batches holds every training image once.
-  stream = problem.batches(0)
-  first = next(stream)
-  epoch = [first] + [next(stream) for _ in range(1500 // len(first[0]) - 1)]
-  x_train = jnp.concatenate([b[0] for b in epoch])
+def second_grid(run_with: Callable[[Any, int | None], dict], values: tuple,
+                first: dict) -> tuple:
+  """The best of `values` (a 3-point grid; `first` is values[0]'s result, already run).
 
-  def batches(seed):
-    del seed
-    while True:
-      yield (x_train,)
+  `run_with(value, limit)` as `run_at` of `bracketed`. Returns (best value, its result,
+  every value's steps to target).
+  """
+  results = {values[0]: first}
+  for value in values[1:]:
+    results[value] = run_with(value, _limit(results))
+  best = min(results, key=lambda v: _score(results[v]))
+  return best, results[best], {f"{k:.3g}": v["steps_to_target"] for k, v in results.items()}
 
-  return dataclasses.replace(problem, name=problem.name + "_full_batch", batches=batches,
-                             stochastic=False)
+
+def _grid_summary(grid: dict) -> dict:
+  return {f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()}
 
 
 def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_centre: float,
-                 ng_centre: float, hf_kwargs: dict) -> dict:
-  """Adam, K-FAC, Hessian-free, natural gradient (and L-BFGS) on a network problem."""
+                 ng_centre: float, hf_cg: int, hf_reject: bool = False) -> dict:
+  """Adam, K-FAC, Hessian-free, natural gradient (and L-BFGS) on a network problem.
+
+  Tuning, the same rule for the two methods the target compares: K-FAC's learning rate and
+  Hessian-free's initial λ are bracketed (`bracketed`: 3 points spaced by 10^0.5, up to 4
+  more beyond a winning edge), then at that value K-FAC's damping and Hessian-free's CG
+  budget each take a 3-point grid (the default, a tenth, ten times). Adam's learning rate
+  and the natural gradient's KL budget are bracketed too. With `hf_reject`, a second
+  Hessian-free row (`reject_increase=True`) is tuned the same way.
+  """
   params0 = problem.init_params(0)
   target = problem.target_loss
   full = jax.jit(problem.train_loss)
   out = {}
 
-  def go(step, state, passes, n=steps):
+  def go(step, state, passes, limit=None):
+    n = steps if limit is None else limit
     res = run(step, params0, state, problem.batches(0), n, full, target, passes)
     res.pop("params")
     return res
 
-  def adam_at(lr):
+  def adam_at(lr, limit=None):
     tx = optax.adam(lr)
-    return go(plain_step(tx, problem.loss), tx.init(params0), lambda s: 1.0)
+    return go(plain_step(tx, problem.loss), tx.init(params0), lambda s: 1.0, limit)
 
   lr, res, grid = bracketed(adam_at, adam_centre)
-  out["adam"] = dict(res, lr=lr, grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
+  out["adam"] = dict(res, lr=lr, grid=_grid_summary(grid))
   _log(problem.name, "adam", out["adam"])
 
-  def kfac_at(lr):
-    tx = registry.OPTIMIZERS["kfac"].build(lr, steps, problem)
+  def kfac_at(lr, limit=None, damping=0.01):
+    tx = registry.OPTIMIZERS["kfac"].build(lr, steps, problem, damping=damping)
     return go(kfac_step(tx, problem), (tx.init(params0), jax.random.key(0)),
-              lambda s: 5.0 / 3.0)
+              lambda s: 5.0 / 3.0, limit)
 
-  lr, res, grid = bracketed(kfac_at, kfac_centre, max_extend=1)
-  out["kfac"] = dict(res, lr=lr, grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
+  lr, res, grid = bracketed(kfac_at, kfac_centre)
+  damping, res, dgrid = second_grid(lambda d, n: kfac_at(lr, n, d), (0.01, 0.001, 0.1),
+                                   res)
+  out["kfac"] = dict(res, lr=lr, damping=damping, grid=_grid_summary(grid),
+                     damping_grid=dgrid)
   _log(problem.name, "kfac", out["kfac"])
 
-  tx = so.hessian_free(**hf_kwargs)
-  out["hessian_free"] = dict(go(closure_step(tx, problem, ("logits_fn", "loss_fn")),
-                                tx.init(params0), hf_passes), config=hf_kwargs)
-  _log(problem.name, "hessian_free", out["hessian_free"])
+  for reject in (False, True) if hf_reject else (False,):
 
-  def ng_at(delta):
+    def hf_at(initial_damping, limit=None, cg_max_iterations=hf_cg):
+      config = dict(initial_damping=initial_damping, cg_max_iterations=cg_max_iterations,
+                    reject_increase=reject)
+      tx = so.hessian_free(**config)
+      res = go(closure_step(tx, problem, ("logits_fn", "loss_fn")), tx.init(params0),
+               hf_passes, limit)
+      return dict(res, config=config)
+
+    lam, res, grid = bracketed(hf_at, 1.0)
+    _, res, cgrid = second_grid(lambda c, n: hf_at(lam, n, int(c)),
+                                (hf_cg, hf_cg // 10, hf_cg * 10), res)
+    name = "hessian_free_reject" if reject else "hessian_free"
+    out[name] = dict(res, grid=_grid_summary(grid), cg_grid=cgrid)
+    _log(problem.name, name, out[name])
+
+  def ng_at(delta, limit=None):
     tx = so.natural_gradient(delta, damping=1e-3, cg_max_iterations=20)
-    return go(closure_step(tx, problem, ("logits_fn",)), tx.init(params0), ng_passes)
+    return go(closure_step(tx, problem, ("logits_fn",)), tx.init(params0), ng_passes, limit)
 
-  delta, res, grid = bracketed(ng_at, ng_centre, max_extend=1)
-  out["natural_gradient"] = dict(res, kl_budget=delta,
-                                 grid={f"{k:.3g}": v["steps_to_target"] for k, v in grid.items()})
+  delta, res, grid = bracketed(ng_at, ng_centre)
+  out["natural_gradient"] = dict(res, kl_budget=delta, grid=_grid_summary(grid))
   _log(problem.name, "natural_gradient", out["natural_gradient"])
 
   if lbfgs:
@@ -299,9 +340,10 @@ def synthetic_rows(problem, steps: int) -> dict:
     res = run(step, params, state, problem.batches(0), n_steps, full, tgt, passes)
     return res
 
-  def adam_at(lr):
+  def adam_at(lr, limit=None):
     tx = optax.adam(lr)
-    res = go(plain_step(tx, problem.loss), tx.init(params0), lambda s: 1.0)
+    res = go(plain_step(tx, problem.loss), tx.init(params0), lambda s: 1.0,
+             n_steps=steps if limit is None else limit)
     res.pop("params")
     return res
 
@@ -347,6 +389,23 @@ def _fmt(v, spec="{:.3g}"):
   return "—" if v is None else spec.format(v)
 
 
+def _setting(r: dict) -> str:
+  """The tuned hyperparameters of a row, in words."""
+  parts = []
+  if "lr" in r:
+    parts.append(f"lr {r['lr']:.3g}")
+  if "damping" in r:
+    parts.append(f"damping {r['damping']:.3g}")
+  if "kl_budget" in r:
+    parts.append(f"δ {r['kl_budget']:.3g}")
+  config = r.get("config", {})
+  if "initial_damping" in config:
+    parts.append(f"λ₀ {config['initial_damping']:.3g}")
+  if "cg_max_iterations" in config:
+    parts.append(f"CG ≤ {config['cg_max_iterations']}")
+  return ", ".join(parts)
+
+
 def table(name: str, rows: dict, target: float) -> str:
   lines = [f"### {name} (target {target:g})", "",
            "| optimizer | steps to target | wall to target (s) | passes to target | "
@@ -355,8 +414,7 @@ def table(name: str, rows: dict, target: float) -> str:
   for row, r in rows.items():
     if "steps_to_target" not in r:
       continue
-    setting = (f"lr {r['lr']:.3g}" if "lr" in r else f"δ {r['kl_budget']:.3g}"
-               if "kl_budget" in r else "")
+    setting = _setting(r)
     lines.append(
         f"| {row} | {_fmt(r['steps_to_target'], '{}')} | {_fmt(r['wall_to_target'])} | "
         f"{_fmt(r['passes_to_target'], '{:.0f}')} | {r['passes_per_step']:.1f} | "
@@ -393,24 +451,22 @@ def main():
   parser.add_argument("--out", default="bench_out/hessian_free")
   parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
   parser.add_argument("--only", default="", help="comma-separated subset of sections: "
-                      "autoencoder,autoencoder_full_batch,quadratic,rosenbrock,digits_mlp")
+                      "autoencoder,autoencoder_full,quadratic,rosenbrock,digits_mlp")
   args = parser.parse_args()
   only = set(filter(None, args.only.split(",")))
   os.makedirs(args.out, exist_ok=True)
   scale = 0.25 if args.quick else 1.0
   results, report = {}, []
-  hf_net = dict(initial_damping=1.0, cg_max_iterations=50)
 
   sections = [
       ("quadratic", lambda: synthetic_rows(get_problem("quadratic"), int(200 * scale))),
       ("rosenbrock", lambda: synthetic_rows(get_problem("rosenbrock"), int(1000 * scale))),
-      ("autoencoder_full_batch", lambda: network_rows(
-          full_batch(get_problem("autoencoder")), int(800 * scale), True, 3e-3, 0.1, 1e-2,
-          hf_net)),
+      ("autoencoder_full", lambda: network_rows(
+          get_problem("autoencoder_full"), int(800 * scale), True, 3e-3, 0.1, 1e-2, 50)),
       ("autoencoder", lambda: network_rows(
-          get_problem("autoencoder"), int(1200 * scale), False, 3e-3, 0.1, 1e-2, hf_net)),
+          get_problem("autoencoder"), int(1200 * scale), False, 3e-3, 0.1, 1e-2, 50)),
       ("digits_mlp", lambda: network_rows(
-          get_problem("digits_mlp"), int(800 * scale), False, 3e-3, 0.1, 3e-2, hf_net)),
+          get_problem("digits_mlp"), int(800 * scale), False, 3e-3, 0.1, 3e-2, 50, True)),
   ]
   for name, fn in sections:
     if only and name not in only:
@@ -418,7 +474,7 @@ def main():
     t0 = time.perf_counter()
     rows = fn()
     results[name] = rows
-    target = get_problem(name.replace("_full_batch", "")).target_loss
+    target = get_problem(name).target_loss
     report.append(table(name, rows, target))
     plot(name, rows, target, os.path.join(args.out, f"{name}.png"))
     print(report[-1], f"\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
