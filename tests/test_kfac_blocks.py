@@ -233,3 +233,96 @@ def test_norm_update_solves_each_feature_block():
     g_rms = np.asarray(grads["rms"]["scale"].value)
     _close(upd["rms"]["scale"].value, g_rms / (np.asarray(stats["rms"].a)[:, 0, 0] + lam),
            rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- the fallback
+
+
+class TiedDecoder(nnx.Module):
+  """Embed, causal attention, LayerNorm and MLP blocks in a Python loop, a tied head."""
+
+  def __init__(self, rngs, vocab=16, dim=8, layers=1):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.blocks = nnx.List([
+        nnx.Dict(ln1=nnx.LayerNorm(dim, rngs=rngs), ln2=nnx.LayerNorm(dim, rngs=rngs),
+                 attn=nnx.MultiHeadAttention(2, dim, decode=False, rngs=rngs),
+                 up=nnx.Linear(dim, 2 * dim, rngs=rngs), down=nnx.Linear(2 * dim, dim, rngs=rngs))
+        for _ in range(layers)])
+    self.ln = nnx.LayerNorm(dim, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    mask = nnx.make_causal_mask(tokens)
+    for b in self.blocks:
+      x = x + b["attn"](b["ln1"](x), mask=mask)
+      x = x + b["down"](jax.nn.gelu(b["up"](b["ln2"](x))))
+    return self.embed.attend(self.ln(x))
+
+
+def _tied_trainer(layers_of):
+  """`run(fallback_scale, steps) -> losses` of K-FAC at learning rate 0.3 on a next-token
+  task; one compiled step for every fallback_scale (an injected hyperparameter)."""
+  model = nnx.jit(lambda: TiedDecoder(nnx.Rngs(0)))()
+  cap = capture.nnx_capture(_ce, likelihood="softmax")
+  tokens = (jnp.arange(8)[None, :] * 3 + jnp.arange(4)[:, None] * 5) % 16
+  x, y = tokens[:, :-1], tokens[:, 1:]
+  layers = layers_of(cap.layers(model, x))
+  names = {l.name for l in layers}
+  tx = optax.inject_hyperparams(kfac)(learning_rate=0.3, layers=layers, fallback_scale=0.01)
+  graphdef, params0, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, state, key):
+    loss, grads, stats = cap(nnx.merge(graphdef, params, rest), x, y, key=key)
+    stats = {k: v for k, v in stats.items() if k in names}
+    updates, state = tx.update(grads, state, params, kfac_stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  def run(fallback_scale, steps):
+    params, state = params0, tx.init(params0)
+    state.hyperparams["fallback_scale"] = jnp.asarray(fallback_scale, jnp.float32)
+    losses = []
+    for i in range(steps):
+      params, state, loss = step(params, state, jax.random.key(i))
+      losses.append(float(loss))
+    return np.array(losses)
+
+  return layers, run
+
+
+def _ce(z, y):
+  return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+
+def test_tied_head_transformer_trains_at_kfac_learning_rate():
+  """The tied-head transformer at lr 0.3 trains without diverging, fully covered and with
+  embeddings and norms left to the fallback (the previous coverage)."""
+  layers, full = _tied_trainer(lambda l: l)
+  assert {l.kind for l in layers} == {"tied", "norm", "dense"} and not layers.uncovered
+  previous_layers, previous = _tied_trainer(lambda l: l.only("dense"))
+  assert "embed/embedding" in previous_layers.uncovered
+  for losses in (full(0.01, 15), previous(0.01, 15)):
+    assert np.all(np.isfinite(losses)) and losses.max() < 1.1 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fallback_has_its_own_step_size():
+  """kfac moves uncovered parameters by fallback_scale · η times the RMS-scaled gradient
+  (0.01 by default when some layer is covered, 1 when none is)."""
+  model = NnxEmbed(nnx.Rngs(0))
+  cap = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact")
+  layers = cap.layers(model, TOKENS).only("dense")
+  assert layers.uncovered == ("embed/embedding",)
+  y = jax.random.normal(jax.random.key(1), TOKENS.shape + (K,))
+  _, grads, stats = nnx.jit(cap)(model, TOKENS, y)
+  params = nnx.state(model, nnx.Param)
+  g = grads["embed"]["embedding"].value
+  rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
+  r, _ = rms.update(g, rms.init(g))
+  for tx, scale, st in (
+      (kfac(0.3, layers=layers, kl_clip=None), 0.01, {"mix": stats["mix"]}),
+      (kfac(0.3, layers=capture.no_layers(), kl_clip=None), 1.0, {})):
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=st)
+    np.testing.assert_allclose(u["embed"]["embedding"].value, -0.3 * scale * r, rtol=1e-5)
+  with pytest.raises(ValueError, match="fallback_scale"):
+    kfac(0.3, layers=layers, fallback_scale=-1.0)
