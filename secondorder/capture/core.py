@@ -92,7 +92,7 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
     spec = MuonDimensionNumbers(tuple(range(k, k + c.reduction_ndim)),
                                 tuple(range(k + c.reduction_ndim, ndim)))
     kind = "tied" if any(g.kind == "attend" for g in group) else c.kind
-    covered.append(KfacLayer(name, kind, c.kernel, c.bias, shapes[c.kernel], spec))
+    covered.append(KfacLayer(name, kind, c.kernel, c.bias, shapes[c.kernel], spec, c.groups))
   owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}
   uncovered = tuple("/".join(param_path(p)) for p, _ in leaves if param_path(p) not in owned)
   reasons = tuple((p, why.get(p, "not inside a covered layer kind")) for p in uncovered)

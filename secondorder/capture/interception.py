@@ -48,6 +48,7 @@ class Call:
     reduction_ndim: the kernel's number of input axes.
     config: the kind's hashable input configuration (`dense.describe`, `conv.describe`).
     problem: why the call cannot be covered, or None.
+    groups: a convolution's feature groups (each its own block); 1 otherwise.
   """
   name: str
   kind: str
@@ -57,6 +58,7 @@ class Call:
   reduction_ndim: int
   config: Any
   problem: str | None
+  groups: int = 1
 
 
 SLOT_NAMES = ("_secondorder_kfac_a", "_secondorder_kfac_s", "_secondorder_kfac_uses",
@@ -92,8 +94,9 @@ class Recorder:
       y = call(x)
       problem = described if isinstance(described, str) else None
       config, nin = (None, 0) if problem else described
+      groups = conv.num_groups(config) if kind == conv.KIND and not problem else 1
       self.calls.append(Call(name, kind, kernel_path, bias_path, tuple(kernel_shape()), nin,
-                             config, problem))
+                             config, problem, groups))
       return y
     found = None if isinstance(described, str) else slots()
     if found is None:

@@ -29,11 +29,14 @@ def tap_inputs(x: jax.Array, slot: jax.Array, count: jax.Array,
                rows_fn: Callable[[jax.Array], jax.Array], with_bias: bool) -> jax.Array:
   """`x`, whose backward pass returns Â of this use for `slot` and 1 for `count`.
 
+  A layer made of G independent blocks (a grouped convolution) has rows `[N, G, in]`, a
+  slot `[G, a_dim, a_dim]` and a count `[G]`: one Â per block.
+
   Args:
     x: the layer's input.
-    slot: zeros `[a_dim, a_dim]` in the statistics' dtype.
-    count: a zero scalar in the statistics' dtype (counts the uses of the layer).
-    rows_fn: `x -> [N, in]`, the layer kind's input rows.
+    slot: zeros `[a_dim, a_dim]` (or `[G, a_dim, a_dim]`) in the statistics' dtype.
+    count: a zero scalar (or `[G]`) in the statistics' dtype (counts the uses of the layer).
+    rows_fn: `x -> [N, in]` (or `[N, G, in]`), the layer kind's input rows.
     with_bias: append a constant 1 to every row.
 
   Returns:
@@ -52,9 +55,9 @@ def tap_inputs(x: jax.Array, slot: jax.Array, count: jax.Array,
   def bwd(x, ct):
     rows = rows_fn(jax.lax.stop_gradient(x)).astype(slot.dtype)
     if with_bias:
-      rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
-    a = jnp.matmul(rows.T, rows, precision=_HIGHEST) / rows.shape[0]
-    return ct, a, jnp.ones([], count.dtype)
+      rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), rows.dtype)], axis=-1)
+    a = jnp.einsum("n...i,n...j->...ij", rows, rows, precision=_HIGHEST) / rows.shape[0]
+    return ct, a, jnp.ones(count.shape, count.dtype)
 
   tap.defvjp(fwd, bwd)
   return tap(x, slot, count)
@@ -64,13 +67,14 @@ def tap_outputs(y: jax.Array, slot: jax.Array) -> jax.Array:
   """`y`, whose backward pass returns Σ ĝ ĝᵀ over its rows for `slot`.
 
   Args:
-    y: the layer's output; its trailing axes (`slot`'s side in all) are the output units.
-    slot: zeros `[s_dim, s_dim]` in the statistics' dtype.
+    y: the layer's output; its trailing axes (`slot`'s side in all, or G times it for a
+      slot `[G, s_dim, s_dim]`, block-major) are the output units.
+    slot: zeros `[s_dim, s_dim]` (or `[G, s_dim, s_dim]`) in the statistics' dtype.
 
   Returns:
     `y` unchanged.
   """
-  side = slot.shape[-1]
+  rows = (-1,) + slot.shape[:-1]          # [N, s_dim] or [N, G, s_dim]
 
   @jax.custom_vjp
   def tap(y, slot):
@@ -82,11 +86,12 @@ def tap_outputs(y: jax.Array, slot: jax.Array) -> jax.Array:
     return y, None
 
   def bwd(_, ct):
-    g = ct.reshape(-1, side).astype(slot.dtype)
-    return ct, jnp.matmul(g.T, g, precision=_HIGHEST)
+    g = ct.reshape(rows).astype(slot.dtype)
+    return ct, jnp.einsum("n...i,n...j->...ij", g, g, precision=_HIGHEST)
 
   tap.defvjp(fwd, bwd)
   return tap(y, slot)
+
 
 def tap_value(y: jax.Array, value: jax.Array, slot: jax.Array, count: jax.Array) -> jax.Array:
   """`y`, whose backward pass returns `value` for `slot` and 1 for `count`.

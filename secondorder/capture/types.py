@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 
+from secondorder.capture import conv
 from secondorder.dimension_numbers import LeafAxes, MuonDimensionNumbers, leaf_axes
 
 __all__ = ["LayerStats", "KfacLayer", "KfacLayers", "no_layers", "no_stats", "param_path"]
@@ -48,6 +49,8 @@ class KfacLayer:
     dimension_numbers: `MuonDimensionNumbers(reduction_axis, output_axis)` of the kernel;
       None means every axis but the last on the input side and the last on the output side
       (a dense `[in, out]` kernel, or a convolution's `[*window, in, out]`).
+    groups: G, a grouped convolution's `feature_group_count`: each group is its own block,
+      its factors stacked `[*stack, G, d, d]` (`secondorder.capture.conv.GroupedAxes`).
 
   Example::
 
@@ -60,19 +63,22 @@ class KfacLayer:
   bias: tuple[str, ...] | None
   kernel_shape: tuple[int, ...]
   dimension_numbers: MuonDimensionNumbers | None = None
+  groups: int = 1
 
   @property
   def axes(self) -> LeafAxes:
-    """The kernel's batch (stack), reduction and output axes."""
+    """The kernel's batch (stack), reduction and output axes (and groups, `conv.GroupedAxes`)."""
     spec = self.dimension_numbers
     if spec is None:
       n = len(self.kernel_shape)
       spec = MuonDimensionNumbers(tuple(range(n - 1)), n - 1)
-    return leaf_axes(spec, self.kernel_shape, "/".join(self.kernel))
+    return conv.grouped_axes(leaf_axes(spec, self.kernel_shape, "/".join(self.kernel)),
+                             self.groups)
 
   @property
   def num_stacked(self) -> int:
-    """L, the number of independent layers in the stack (1 for a single layer)."""
+    """L, the number of independent blocks in the stack (1 for a single layer; L·G for a
+    stack of L grouped convolutions with G groups)."""
     return self.axes.matrix_shape[0]
 
   @property
@@ -128,8 +134,10 @@ class KfacLayer:
     return tuple(self.kernel_shape[a] for a in ax.batch + ax.output)
 
   def factor_shape(self, side: int) -> tuple[int, ...]:
-    """`(side, side)`, or `(*stack axes, side, side)` for a stack (e.g. `(L, side, side)`)."""
-    return tuple(self.kernel_shape[a] for a in self.axes.batch) + (side, side)
+    """`(side, side)`, or `(*stack axes, side, side)` for a stack (e.g. `(L, side, side)`);
+    a grouped convolution's G comes after the stack axes (`(G, side, side)`)."""
+    groups = (self.groups,) if self.groups > 1 else ()
+    return tuple(self.kernel_shape[a] for a in self.axes.batch) + groups + (side, side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +221,8 @@ class KfacLayers:
              f"Kronecker or exact-diagonal blocks ({len(self.layers)} blocks, "
              f"{len(self.uncovered)} parameters on the fallback)"]
     for l in self.layers:
-      stack = f", {l.num_stacked} stacked" if l.stacked else ""
+      stack = f", {l.num_stacked // l.groups} stacked" if l.stacked else ""
+      stack += f", {l.groups} groups" if l.groups > 1 else ""
       bias = f" + {'/'.join(l.bias)} {l.bias_shape}" if l.bias is not None else ""
       if l.exact_diagonal:
         label, blocks = "diagonal ", f"{l.s_dim} exact {l.a_dim}x{l.a_dim} blocks"
