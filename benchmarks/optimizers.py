@@ -266,8 +266,10 @@ def _kfac_capture(problem):
     cap = capture.nnx_capture(problem.output_loss, likelihood=problem.likelihood)
     params = problem.init_params(0)
     batch = next(problem.batches(0))
-    _KFAC_CAPTURES[problem.name] = (
-        cap, cap.layers(problem.bind(params), problem.inputs(batch)))
+    layers = cap.layers(problem.bind(params), problem.inputs(batch))
+    if problem.kind == "language_model":   # what K-FAC covers, printed once per run
+      print(f"[{problem.name}] {layers}", flush=True)
+    _KFAC_CAPTURES[problem.name] = (cap, layers)
   return _KFAC_CAPTURES[problem.name]
 
 
@@ -284,15 +286,59 @@ def _kfac_value_grad(problem, params, batch, opt_state, key):
   return loss, nnx.to_pure_dict(grads), {"kfac_stats": stats}
 
 
+def _kfac_interval(problem) -> dict:
+  # The language model refreshes its inverses every 10 steps (its factors are the largest).
+  is_lm = problem is not None and problem.kind == "language_model"
+  return {"update_interval": 10} if is_lm else {}
+
+
 def _kfac(lr, n, problem, damping=0.01):
   return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1],
-                                                      damping=damping)
+                                                      damping=damping, **_kfac_interval(problem))
 
 
 register(OptimizerSpec(
     "kfac", _kfac, 0.1, needs=("kfac_stats",), family="secondorder",
-    note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, KL clipping)",
+    note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, 10 on the "
+         "language model, KL clipping)",
     value_grad=_kfac_value_grad, second=second_grid("damping", 0.01)))
+
+
+def _dense_only(problem):
+  """The language model's layers at K-FAC's previous coverage: dense kernels only."""
+  return _kfac_capture(problem)[1].only("dense")
+
+
+def _kfac_prev_value_grad(problem, params, batch, opt_state, key):
+  loss, grads, extra = _kfac_value_grad(problem, params, batch, opt_state, key)
+  names = {layer.name for layer in _dense_only(problem)}
+  return loss, grads, {"kfac_stats": {k: v for k, v in extra["kfac_stats"].items()
+                                      if k in names}}
+
+
+def _kfac_prev(lr, n, problem, damping=0.01):
+  return _module("secondorder.transforms.kfac").kfac(lr, layers=_dense_only(problem),
+                                                      damping=damping, **_kfac_interval(problem))
+
+
+register(OptimizerSpec(
+    "kfac_prev", _kfac_prev, 0.1, needs=("kfac_stats",), family="secondorder",
+    note="K-FAC at its previous coverage on the language model: dense kernels only, the "
+         "embeddings, tied head and norms on the fallback (the gain from coverage)",
+    value_grad=_kfac_prev_value_grad, applies=lambda p: p.kind == "language_model",
+    second=second_grid("damping", 0.01)))
+
+
+def _kfac_jax(lr, n, problem):
+  raise ImportError(
+      "kfac-jax cannot run the language model: attention's parameter reuse is unsupported, "
+      "and kfac-jax 0.0.8 does not trace on jax 0.10 (benchmarks/kfac_bench.py runs it on "
+      "the digits models in its own environment)")
+
+
+register(OptimizerSpec(
+    "kfac_jax", _kfac_jax, 0.1, family="peer", applies=lambda p: p.kind == "language_model",
+    note="kfac-jax on the language model: cannot run (see the skip reason)"))
 def dimension_numbers_kwargs(make: Callable, problem) -> dict:
   """``{"weight_dimension_numbers": ...}`` when `problem` has them and `make` takes them.
 

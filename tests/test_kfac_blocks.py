@@ -326,3 +326,31 @@ def test_fallback_has_its_own_step_size():
     np.testing.assert_allclose(u["embed"]["embedding"].value, -0.3 * scale * r, rtol=1e-5)
   with pytest.raises(ValueError, match="fallback_scale"):
     kfac(0.3, layers=layers, fallback_scale=-1.0)
+
+
+# ----------------------------------------------------------------------------- the benchmark LM
+
+
+def test_language_model_coverage_lists_every_parameter():
+  """benchmarks/lm.py's scan-over-layers model (tiny): every parameter is listed, all in
+  Kronecker or exact-diagonal blocks (embedding tied to the head, position table, stacked
+  norms and kernels); the previous coverage (dense kernels only) leaves the rest listed."""
+  from benchmarks import lm
+
+  config = lm.SIZES["tiny"]
+  model = nnx.eval_shape(lambda: lm.DecoderLM(config, rngs=nnx.Rngs(0)))
+  layers = capture.nnx_capture(_ce, likelihood="softmax", strict=True).layers(
+      model, jnp.zeros((2, config.context), jnp.int32))
+  text = str(layers)
+  paths = ["/".join(capture.param_path(p)) for p, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
+  assert len(paths) == 11 and all(f" {p} " in text for p in paths)
+  assert layers.covered_fraction >= 0.95 and not layers.uncovered
+  kinds = {"/".join(l.kernel): l.kind for l in layers}
+  assert kinds["embed/embedding"] == "tied" and kinds["pos/embedding"] == "embed"
+  assert kinds["blocks/norm1/scale"] == "norm" and kinds["blocks/fc1/kernel"] == "dense"
+  previous = layers.only("dense")
+  assert set(previous.uncovered) == {"embed/embedding", "pos/embedding", "blocks/norm1/scale",
+                                     "blocks/norm2/scale", "norm/scale"}
+  assert previous.covered_fraction < layers.covered_fraction
+  assert all(f"fallback   {p} " in str(previous) for p in previous.uncovered)
