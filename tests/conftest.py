@@ -14,6 +14,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # jaxlib's CPU eigh/Cholesky call OpenBLAS, whose own threads thrash on a few shared cores and
 # have hung batched eigendecompositions (jaxlib 0.10.2); one BLAS thread per call avoids both.
 # It must be set before JAX (and so OpenBLAS) is first imported.
@@ -61,6 +63,46 @@ def pytest_xdist_auto_num_workers(config):
   except AttributeError:  # not on Linux
     cores = os.cpu_count() or 1
   return max(1, min(cores, 4))
+
+
+# Scheduling on pytest-xdist workers (`--dist loadgroup`, pyproject.toml). Each test is its own
+# unit of work, handed to whichever worker is free, in collection order, except:
+#
+# * Tests that share one expensive module fixture run on one worker, as one group: the
+#   sharding tests all read the report of one subprocess (a minute or more of training on a
+#   simulated 8-device mesh); spread over two workers, the second sat idle, waiting for the
+#   first to write it.
+# * The longest single tests start first, so that neither worker is left at the end running
+#   one of them alone while the other has nothing to do.
+_GROUPS = {
+    "tests/test_sharding.py::": "sharding_report",
+}
+_START_FIRST = (
+    "tests/test_docs.py::test_docs_build",                 # Sphinx, runs the notebooks
+    "tests/test_docs.py::test_code_blocks_run",            # every page's code, one process
+    "tests/test_kfac_models.py::test_nnx_scanned_layers",  # scanned vs unrolled K-FAC
+    "tests/test_kfac_models.py::test_linen_scanned_layers",
+    "tests/test_real_models.py::test_methods_train_a_cnn",  # BatchNorm/Dropout, 5 methods
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(config, items):
+  """Marks the groups of `_GROUPS` and moves the tests of `_START_FIRST` to the front (in
+  that order; the rest keep theirs). Every worker collects the same order, as xdist needs."""
+  del config
+  for item in items:
+    for prefix, group in _GROUPS.items():
+      if item.nodeid.startswith(prefix):
+        item.add_marker(pytest.mark.xdist_group(group))
+
+  def rank(item):
+    for i, prefix in enumerate(_START_FIRST):
+      if item.nodeid.startswith(prefix):
+        return i
+    return len(_START_FIRST)
+
+  items[:] = sorted(items, key=rank)   # stable: the others keep pytest's order
 
 
 def pytest_unconfigure(config):
