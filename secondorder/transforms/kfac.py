@@ -317,6 +317,42 @@ def _precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Arr
   return jnp.where(weight > 0, jnp.swapaxes(v, 1, 2), g)
 
 
+def _precondition_layers(layers, leaves: list, where: dict, decomp: tuple, a: dict, weight,
+                         lam, damping_mode: str, dtype) -> tuple[list, jax.Array]:
+  """Every covered layer's preconditioned gradient, and the KL sum `Σ_layers ⟨V, G⟩`.
+
+  Returns:
+    `(new_leaves, kl_sum)`: the gradient's leaves with every covered kernel and bias
+    replaced by its preconditioned value (the others unchanged).
+  """
+  new_leaves = list(leaves)
+  kl_sum = jnp.zeros([], dtype)
+  for layer in layers:
+    g = _layer_gradient(layer, leaves, where, dtype)
+    if layer.exact_diagonal:
+      v = _precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
+    else:
+      v = _precondition(layer, g, decomp, lam, damping_mode)
+    kl_sum += jnp.sum(v * g)
+    _write_back(layer, v, leaves, new_leaves, where)
+  return new_leaves, kl_sum
+
+
+def _fall_back(fallback, fallback_scale, without_covered, updates, fallback_state, params,
+               where: dict, leaves: list, new_leaves: list) -> optax.OptState:
+  """The fallback's step, times `fallback_scale`, for every parameter outside the blocks.
+
+  Writes those leaves of `new_leaves` in place and returns the fallback's new state.
+  """
+  fb_updates, fb_state = fallback.update(without_covered(updates), fallback_state,
+                                         without_covered(params))
+  covered_idx = {i for pair in where.values() for i in pair if i is not None}
+  for i, x in enumerate(jax.tree_util.tree_leaves(fb_updates)):
+    if i not in covered_idx:
+      new_leaves[i] = (x * jnp.asarray(fallback_scale, x.dtype)).astype(leaves[i].dtype)
+  return fb_state
+
+
 def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> jax.Array:
   """ν = min(1, sqrt(κ / (η² Σ⟨V, G⟩)))."""
   eta = jnp.asarray(_value_at(learning_rate, count), dtype)
@@ -521,23 +557,10 @@ def scale_by_kfac_factors(
       decomp = kept
 
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    new_leaves = list(leaves)
-    kl_sum = jnp.zeros([], stats_dtype)
-    for layer in layer_list:
-      g = _layer_gradient(layer, leaves, where, stats_dtype)
-      if layer.exact_diagonal:
-        v = _precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
-      else:
-        v = _precondition(layer, g, decomp, lam, damping_mode)
-      kl_sum += jnp.sum(v * g)
-      _write_back(layer, v, leaves, new_leaves, where)
-
-    fb_updates, fb_state = fallback.update(without_covered(updates), state.fallback,
-                                           without_covered(params))
-    covered_idx = {i for pair in where.values() for i in pair if i is not None}
-    for i, x in enumerate(jax.tree_util.tree_leaves(fb_updates)):
-      if i not in covered_idx:
-        new_leaves[i] = (x * jnp.asarray(fallback_scale, x.dtype)).astype(leaves[i].dtype)
+    new_leaves, kl_sum = _precondition_layers(layer_list, leaves, where, decomp, a, weight,
+                                              lam, damping_mode, stats_dtype)
+    fb_state = _fall_back(fallback, fallback_scale, without_covered, updates, state.fallback,
+                          params, where, leaves, new_leaves)
 
     nu = jnp.ones([], stats_dtype)
     if kl_clip is not None and layer_list:
