@@ -8,7 +8,9 @@
 * `test_code_blocks_run` executes every Python block of README.md and of every Markdown page
   under `docs/` (`docs/index.md`, "Code blocks", states the rule): the blocks of one page run
   in order in one namespace, as one program; all pages run in one fresh Python process with
-  eight simulated CPU devices, so the sharding guide runs as written.
+  eight simulated CPU devices, so the sharding guide runs as written. A page whose code must
+  also achieve something has a check of the namespace its blocks leave (`PAGE_CHECKS`): the
+  README's quickstart must train its model, so it runs once, here.
 
 Run as a script (`python tests/test_docs.py REPORT.json PAGE.md ...`) it executes the pages'
 blocks and writes their failures to REPORT.json, which is what `test_code_blocks_run` does in
@@ -76,8 +78,27 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
   return blocks
 
 
-def run_pages(paths: list[str]) -> dict[str, str]:
-  """Runs each page's blocks in order in a fresh namespace; page -> traceback of a failure."""
+def _quickstart_trains(namespace: dict) -> None:
+  """The README's quickstart trains its model: the final loss is under a fifth of the loss of
+  the best constant predictor (the variance of the targets)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  assert "optimizer" in namespace and "y" in namespace and "loss" in namespace, (
+      "the README has no NNX quickstart (an `optimizer` trained on targets `y`)")
+  y = namespace["y"]
+  final = float(namespace["loss"])
+  baseline = float(jnp.mean((y - y.mean()) ** 2))
+  assert final < 0.2 * baseline, f"final loss {final} vs the constant predictor's {baseline}"
+
+
+# Page (relative to the repository root) -> a check of the namespace its blocks leave.
+PAGE_CHECKS = {"README.md": _quickstart_trains}
+
+
+def run_pages(paths: list[str], checks=None) -> dict[str, str]:
+  """Runs each page's blocks in order in a fresh namespace, then the page's check if it has
+  one (`checks`, by default `PAGE_CHECKS`); page -> traceback of a failure."""
+  checks = PAGE_CHECKS if checks is None else checks
   failures = {}
   for path in paths:
     page = pathlib.Path(path)
@@ -91,6 +112,12 @@ def run_pages(paths: list[str]) -> dict[str, str]:
       except BaseException:  # pylint: disable=broad-except
         failures[name] = f"block at line {line}:\n" + traceback.format_exc(limit=-6)
         break
+    else:
+      if name in checks:
+        try:
+          checks[name](module.__dict__)
+        except BaseException:  # pylint: disable=broad-except
+          failures[name] = "the page's check:\n" + traceback.format_exc(limit=-3)
   return failures
 
 
@@ -112,6 +139,18 @@ def test_a_failing_block_is_reported(tmp_path):
   failures = run_pages([str(page)])
   assert list(failures) == [str(page)]
   assert "block at line 8" in failures[str(page)] and "x is 1" in failures[str(page)]
+
+
+def test_a_failing_page_check_is_reported(tmp_path):
+  page = tmp_path / "page.md"
+  page.write_text("```python\nx = 1\n```\n")
+
+  def x_is_two(namespace):
+    assert namespace["x"] == 2, "x is " + str(namespace["x"])
+
+  assert not run_pages([str(page)], checks={str(page): lambda namespace: None})
+  failures = run_pages([str(page)], checks={str(page): x_is_two})
+  assert "the page's check" in failures[str(page)] and "x is 1" in failures[str(page)]
 
 
 def test_code_blocks_run(tmp_path):
