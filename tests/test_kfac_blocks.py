@@ -354,3 +354,26 @@ def test_language_model_coverage_lists_every_parameter():
                                      "blocks/norm2/scale", "norm/scale"}
   assert previous.covered_fraction < layers.covered_fraction
   assert all(f"fallback   {p} " in str(previous) for p in previous.uncovered)
+
+
+class RawKernel(nnx.Module):
+  """A covered embedding and norm, and a hand-applied matrix no layer kind covers."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.ln = nnx.LayerNorm(D, rngs=rngs)
+    self.w = nnx.Param(jnp.zeros((D, K)))
+
+  def __call__(self, tokens):
+    return self.ln(self.embed(tokens)) @ self.w
+
+
+def test_uncovered_kernel_warns_and_strict_raises():
+  """Only the hand-applied matrix falls back: a warning names it, strict=True raises."""
+  model = nnx.eval_shape(lambda: RawKernel(nnx.Rngs(0)))
+  with pytest.warns(UserWarning, match=r"fall back.*: w \(not inside a covered layer"):
+    layers = capture.nnx_capture(_gauss, likelihood="gaussian").layers(model, TOKENS)
+  assert layers.uncovered == ("w",) and layers.fallback_kernels() == ("w",)
+  assert [l.kind for l in layers] == ["embed", "norm"]
+  with pytest.raises(ValueError, match=r": w \(not inside.*strict=True"):
+    capture.nnx_capture(_gauss, likelihood="gaussian", strict=True).layers(model, TOKENS)
