@@ -33,7 +33,7 @@ linearised around) + 1.5 (CG iterations + 1) + 1/3 (the loss at the candidate), 
 gradient step 1 + 1/3 + 1.5 CG iterations (+1.5 with a warm start), a K-FAC step 5/3 (the
 capture: one forward and two backward passes), an L-BFGS step the number of value-and-
 gradient evaluations of its line search. The quadratic's Newton-CG row also runs in float64
-and reports the distance to the minimum after each step.
+and reports the loss after each step (its minimum is 0).
 
 Writes OUT/results.md (the tables), OUT/results.json (every run, with its curve) and
 OUT/<section>.png (training loss against steps and against passes).
