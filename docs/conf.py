@@ -37,7 +37,8 @@ extensions = [
     "public_api",
 ]
 
-exclude_patterns = ["_build", "**/.ipynb_checkpoints", "**/.jupyter_cache", "README.md"]
+exclude_patterns = ["_build", "**/.ipynb_checkpoints", "**/.jupyter_cache", "README.md",
+                    "results/*/results.md"]  # a run's own tables, kept beside its record
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
 
@@ -72,7 +73,8 @@ html_theme_options = {
 # A benchmark run's record (`runs.jsonl`: every run's curves and timings) is kept beside the
 # page that quotes it; its figures are drawn from it here, the way the harness draws them, so
 # no generated image is kept in the repository.
-RESULT_RUNS = {"lm_cpu": "cpu"}  # folder under docs/results -> the language model's size
+# Folder under docs/results -> the language model's size.
+RESULT_RUNS = {"lm_cpu": "cpu", "lm_race_soap": "cpu"}
 
 
 def _draw_result_figures() -> None:
