@@ -22,8 +22,9 @@ The statistics are already reduced (the factors are [in+1, in+1] and [out, out])
 
 Covered layers (exact types): `nn.Dense`, `nn.DenseGeneral`, `nn.Conv`, `nnx.Linear`,
 `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`'s projections), `nnx.Conv`. A
-multi-axis kernel `[d1..dk, e1..em]` is the matrix `(∏d) x (∏e)`. Convolutions: no
-feature groups, no mask, any padding mode. The statistics reach the
+multi-axis kernel `[d1..dk, e1..em]` is the matrix `(∏d) x (∏e)`. Convolutions: any
+padding mode; a grouped or depthwise one (`feature_group_count` G) is G blocks, its factors
+stacked `[G, d, d]`; a masked one falls back. The statistics reach the
 capture through identity functions on each layer's input and output whose backward pass
 reports them (`secondorder.capture.taps`), so `jax.checkpoint` / `nn.remat` / `nnx.remat`
 around a layer are transparent. Every parameter outside a covered layer is listed in
@@ -63,6 +64,14 @@ Example (linen)::
   cap = capture.linen_capture(model, loss_fn, likelihood="bernoulli")
   layers = cap.layers(params, x)
   loss, grads, stats = jax.jit(cap)(params, x, y, key=key)
+
+Models in training mode (BatchNorm, Dropout): the capture runs the training forward once
+and the Fisher's backward passes reuse it (same batch statistics, same dropout mask). An
+NNX model's new batch statistics and RNG counters are written into it; a linen call takes
+the written collections and the step's keys, and returns the new collections::
+
+  loss, grads, stats, new = cap(params, x, y, key=key, state={"batch_stats": bs},
+                                rngs={"dropout": dropout_key})
 
 For a parameter pytree with no Flax model (every parameter on the fallback), build the
 transform with `layers=no_layers()` and pass `kfac_stats=no_stats()`.
