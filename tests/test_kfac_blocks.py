@@ -301,7 +301,7 @@ def test_tied_head_transformer_trains_at_kfac_learning_rate():
   assert {l.kind for l in layers} == {"tied", "norm", "dense"} and not layers.uncovered
   previous_layers, previous = _tied_trainer(lambda l: l.only("dense"))
   assert "embed/embedding" in previous_layers.uncovered
-  for losses in (full(0.01, 15), previous(0.01, 15)):
+  for losses in (full(0.01, 10), previous(0.01, 10)):
     assert np.all(np.isfinite(losses)) and losses.max() < 1.1 * losses[0]
     assert losses[-1] < 0.5 * losses[0]
 
