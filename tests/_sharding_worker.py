@@ -26,6 +26,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -127,10 +128,66 @@ class StackedSetup:
     return ts.find_state(state, "ShampooState").stats
 
 
+# SOAP on the classifier with a squared-error head. A softmax head has a direction with an
+# exactly zero gradient (adding one number to every logit, i.e. shifting each row of the
+# output kernel and the output bias, leaves the loss unchanged); SOAP rotates that zero into
+# a rounding-sized component which Adam divides by sqrt(v) + eps, so the output kernel drifts
+# along it by an amount set by the reductions' order, different on every mesh, without
+# changing the loss (here 1e-4 of the kernel's entries, 1000 times the other differences).
+# A squared error against one-hot labels has no such direction: on it the mesh's
+# parameters, factors, bases and moments are comparable to one device's.
+# Blocks of 4: the hidden kernel [8, 32] is 2 x 8 blocks and the output kernel [32, 4] 8 x 1,
+# so the one stack of 4x4 factors (and of their bases) is [48, 4, 4].
+
+
+def _squared_error_grads(params, batch, key):
+  del key
+
+  def loss(params):
+    logits = ts.logits_fn(params, batch)
+    return jnp.mean((logits - jax.nn.one_hot(batch["y"], ts.CLASSES)) ** 2)
+
+  return jax.grad(loss)(params), {}
+
+
+class SoapSetup:
+  """SOAP on the squared-error classifier (the interface of `_training_setups.Setup`).
+
+  Its programs compile at XLA's backend optimisation level 0 (one device and both meshes
+  alike), which takes a third off each of its three compilations, the bulk of its share of
+  this worker's time.
+  """
+
+  name = "soap"
+  make_for_mesh = None
+  compiler_options = {"xla_backend_optimization_level": 0}
+  grads_and_args = staticmethod(_squared_error_grads)
+
+  @staticmethod
+  def make_on(mesh=None):
+    del mesh
+    from secondorder.transforms.soap import soap  # pylint: disable=g-import-not-at-top
+    return soap(1e-2, block_size=4, eps=1e-4, precondition_frequency=5)
+
+  @staticmethod
+  def statistics(state):
+    return ts.find_state(state, "ScaleBySoapState").factors
+
+
+def soap_setup():
+  """`SoapSetup()`, or None when SOAP's module is not present."""
+  if importlib.util.find_spec("secondorder.transforms.soap") is None:
+    return None
+  return SoapSetup()
+
+
 def all_setups() -> dict:
   setups = ts.available_setups()
   if "shampoo" in setups:
     setups["shampoo_stacked"] = StackedSetup()
+  soap = soap_setup()
+  if soap is not None:
+    setups["soap"] = soap
   return setups
 
 
@@ -198,12 +255,13 @@ def first_shard_only(batch, data_shards: int):
       lambda x: jnp.concatenate([x[: x.shape[0] // data_shards]] * data_shards), batch)
 
 
-def decomposition_shapes(hlo_text: str) -> list[list[int]]:
+def decomposition_shapes(hlo_text: str, kinds=("syevd", "potrf")) -> list[list[int]]:
   """Per-device shapes of the LAPACK eigendecompositions (syevd) and Cholesky
-  factorizations (potrf) in compiled HLO."""
+  factorizations (potrf) in compiled HLO (with ``kinds=("geqrf",)``: the QR
+  factorizations)."""
   shapes = []
   for line in hlo_text.splitlines():
-    if "custom-call" in line and ("syevd" in line or "potrf" in line):
+    if "custom-call" in line and any(kind in line for kind in kinds):
       # The first tuple element is the eigenvector array, e.g. (f32[3,8,8]{...}, ...).
       m = re.search(r"=\s*\(?\w+\[([\d,]*)\]", line)
       if m:
@@ -238,15 +296,18 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
   batches = ts.make_batches(STEPS)
   keys = jax.random.split(jax.random.key(2), STEPS)
 
+  options = getattr(setup, "compiler_options", None)
+
   def compile_and_run(train, params, batches):
-    compiled = train.lower(params, batches, keys).compile()
+    compiled = train.lower(params, batches, keys).compile(options)
     return compiled(params, batches, keys), compiled
 
   t0 = time.perf_counter()
-  (single_params, single_state, single_stats), compiled = compile_and_run(
+  (single_params, single_state, single_stats), single = compile_and_run(
       train, params0, batches)
   result = {"single_seconds": time.perf_counter() - t0, "meshes": {},
-            "single_decomposition_shapes": decomposition_shapes(compiled.as_text())}
+            "single_decomposition_shapes": decomposition_shapes(single.as_text()),
+            "single_qr_shapes": decomposition_shapes(single.as_text(), ("geqrf",))}
 
   for mesh_name, mesh in meshes_.items():
     t0 = time.perf_counter()
@@ -263,19 +324,23 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
         "params_max_abs_diff": max_abs_diff(mesh_params, single_params),
         "params_max_abs": max_abs(single_params),
         "state_max_abs_diff": max_abs_diff(no_keys(mesh_state), no_keys(single_state)),
+        "state_max_abs": max_abs([x for x in no_keys(single_state)
+                                  if jnp.issubdtype(x.dtype, jnp.floating)]),
         "params": describe(mesh_params),
         "params_in": describe(params),
         "state": describe(mesh_state),
         "decomposition_shapes": decomposition_shapes(compiled.as_text()),
+        "qr_shapes": decomposition_shapes(compiled.as_text(), ("geqrf",)),
     }
     if setup.statistics is not None:
       # After one step from the same start: on the mesh, on one device with the whole
-      # batch, on one device with the first data shard only (same shapes: no recompile).
+      # batch, on one device with the first data shard only (the single-device executable: no
+      # recompile).
       data_shards = mesh.shape["data"]
       first_only = jax.tree.map(lambda x: x, batches)
       first_only = {k: v.at[0].set(first_shard_only({k: v[0]}, data_shards)[k])
                     for k, v in batches.items()}
-      shard_stats = train(params0, first_only, keys)[2]
+      shard_stats = single(params0, first_only, keys)[2]
       entry["statistics"] = {
           "mesh_vs_full": max_abs_diff(mesh_stats, single_stats),
           "mesh_vs_first_shard": max_abs_diff(mesh_stats, shard_stats),
