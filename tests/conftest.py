@@ -71,7 +71,9 @@ def pytest_xdist_auto_num_workers(config):
 # * Tests that share one expensive module fixture run on one worker, as one group: the
 #   sharding tests all read the report of one subprocess (a minute or more of training on a
 #   simulated 8-device mesh); spread over two workers, the second sat idle, waiting for the
-#   first to write it.
+#   first to write it. The contract checks of one case run on one worker, which then
+#   traces that case's shared update function and masked reference once (tests/contract.py
+#   caches them per process): 5% less CPU for the checks of six cases (296 s -> 281 s).
 # * The longest single tests start first, so that neither worker is left at the end running
 #   one of them alone while the other has nothing to do.
 _GROUPS = {
@@ -88,13 +90,16 @@ _START_FIRST = (
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
-  """Marks the groups of `_GROUPS` and moves the tests of `_START_FIRST` to the front (in
-  that order; the rest keep theirs). Every worker collects the same order, as xdist needs."""
+  """Marks the groups (`_GROUPS`, and one per contract case) and moves the tests of
+  `_START_FIRST` to the front (in that order; the rest keep theirs). Every worker collects
+  the same order, as xdist needs. xdist hands out the largest groups first."""
   del config
   for item in items:
     for prefix, group in _GROUPS.items():
       if item.nodeid.startswith(prefix):
         item.add_marker(pytest.mark.xdist_group(group))
+    if item.nodeid.startswith("tests/test_contract.py::test_contract["):
+      item.add_marker(pytest.mark.xdist_group("contract_" + item.callspec.params["case"].name))
 
   def rank(item):
     for i, prefix in enumerate(_START_FIRST):
