@@ -74,7 +74,7 @@ html_theme_options = {
 # page that quotes it; its figures are drawn from it here, the way the harness draws them, so
 # no generated image is kept in the repository.
 # Folder under docs/results -> the language model's size.
-RESULT_RUNS = {"lm_cpu": "cpu", "lm_race_soap": "cpu"}
+RESULT_RUNS = {"lm_cpu": "cpu", "lm_race_soap": "cpu", "lm_kfac": "cpu"}
 
 
 def _draw_result_figures() -> None:
