@@ -90,20 +90,24 @@ def test_cg_solves_spd_systems_on_pytrees():
 def test_cg_warm_start_and_restart():
   """The exact solution as a start costs no iteration; a start worse than zero (φ > 0) is
   replaced by zero and gives the cold-start iterates exactly."""
+  # n = 200 with condition 100: CG converges gradually (about 0.8 per iteration), far from
+  # its finite termination at n, so a start 20 times closer saves iterations whatever the
+  # rounding (at n = 9 both starts end at n, give or take one iteration of rounding).
+  n = 200
   rng = np.random.default_rng(1)
-  a, b = _spd(rng, 9, 2.0), rng.normal(size=9)
+  a, b = _spd(rng, n, 2.0), rng.normal(size=n)
   x_star = np.linalg.solve(a, b)
   with jax.enable_x64(True):
     solve = jax.jit(lambda x0: conjugate_gradient(
         lambda v: _split(jnp.asarray(a) @ _flat(v)), _split(jnp.asarray(b)), _split(x0),
-        max_iterations=30, tol=1e-10))
+        max_iterations=n, tol=1e-10))
     exact = solve(jnp.asarray(x_star))
     assert int(exact.iterations) == 0
-    cold = solve(jnp.zeros(9))
+    cold = solve(jnp.zeros(n))
     bad = solve(jnp.asarray(-3.0 * x_star))        # φ(−3x*) = 7.5 bᵀx* > 0
     assert int(bad.iterations) == int(cold.iterations) > 0
     np.testing.assert_array_equal(np.asarray(_flat(bad.x)), np.asarray(_flat(cold.x)))
-    warm = solve(jnp.asarray(0.95 * x_star + 1e-3 * rng.normal(size=9)))
+    warm = solve(jnp.asarray(0.95 * x_star + 1e-3 * rng.normal(size=n)))
     assert int(warm.iterations) < int(cold.iterations)
     np.testing.assert_allclose(np.asarray(_flat(warm.x)), x_star, rtol=1e-8, atol=1e-9)
 

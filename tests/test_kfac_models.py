@@ -140,11 +140,21 @@ V, D, L, T, HEADS = 11, 8, 2, 4, 2
 F64 = dict(param_dtype=jnp.float64)
 
 
+def attention_f64(query, key, value, mask=None, **kwargs):
+  """Attention whose softmax runs in the inputs' dtype. Flax's default (through
+  `jax.nn.dot_product_attention`) takes the softmax in float32 even for float64 inputs,
+  which would cap these float64 comparisons at float32's rounding."""
+  del kwargs
+  weights = nn.dot_product_attention_weights(query, key, mask=mask)
+  return jnp.einsum("...hqk,...khd->...qhd", weights, value)
+
+
 class NnxBlock(nnx.Module):
 
   def __init__(self, rngs):
     self.ln1 = nnx.LayerNorm(D, rngs=rngs, **F64)
-    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs, **F64)
+    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs,
+                                       attention_fn=attention_f64, **F64)
     self.ln2 = nnx.RMSNorm(D, rngs=rngs, **F64)
     self.up = nnx.Linear(D, 2 * D, rngs=rngs, **F64)
     self.down = nnx.Linear(2 * D, D, rngs=rngs, **F64)
@@ -188,7 +198,8 @@ class LinenBlock(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    x = x + nn.MultiHeadDotProductAttention(HEADS, **F64)(nn.LayerNorm(**F64)(x), mask=mask)
+    x = x + nn.MultiHeadDotProductAttention(HEADS, attention_fn=attention_f64, **F64)(
+        nn.LayerNorm(**F64)(x), mask=mask)
     h = nn.Dense(2 * D, **F64)(nn.RMSNorm(**F64)(x))
     return x + nn.Dense(D, **F64)(jax.nn.gelu(h)), None
 
