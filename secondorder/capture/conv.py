@@ -141,6 +141,26 @@ def describe(module, x: jax.Array) -> tuple[tuple, int] | str:
   return tuple(sorted(cfg.items(), key=lambda kv: kv[0])), nd + 1
 
 
+def _patches(config: tuple, x: jax.Array) -> jax.Array:
+  """im2col patches `[B, *out_spatial, in · ∏window]` (channel-major features)."""
+  cfg = dict(config)
+  nd = len(cfg["kernel_size"])
+  if cfg["pre_pad"] is not None:
+    mode, pads = cfg["pre_pad"]
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  spatial = "".join("HWDABCEFG"[i] for i in range(nd))
+  dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+  return jax.lax.conv_general_dilated_patches(
+      x, cfg["kernel_size"], cfg["strides"], cfg["padding"], lhs_dilation=cfg["lhs_dilation"],
+      rhs_dilation=cfg["rhs_dilation"], dimension_numbers=dn,
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def positions(config: tuple, x: jax.Array) -> tuple[int, ...]:
+  """The shape of the row index of `input_rows`: batch, then the output's spatial axes."""
+  return tuple(jax.eval_shape(lambda v: _patches(config, v), x).shape[:-1])
+
+
 def input_rows(config: tuple, x: jax.Array) -> jax.Array:
   """im2col rows `[N, ∏window · in]` (`[N, G, ∏window · in/G]` for G groups), ordered like
   the flattened kernel (of each group).
@@ -150,19 +170,10 @@ def input_rows(config: tuple, x: jax.Array) -> jax.Array:
     x: the layer's input.
 
   Returns:
-    One row per example and output location (per group).
+    One row per example and output location (per group), in the order of `positions`.
   """
   cfg = dict(config)
-  nd = len(cfg["kernel_size"])
-  if cfg["pre_pad"] is not None:
-    mode, pads = cfg["pre_pad"]
-    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
-  spatial = "".join("HWDABCEFG"[i] for i in range(nd))
-  dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-  p = jax.lax.conv_general_dilated_patches(
-      x, cfg["kernel_size"], cfg["strides"], cfg["padding"], lhs_dilation=cfg["lhs_dilation"],
-      rhs_dilation=cfg["rhs_dilation"], dimension_numbers=dn,
-      precision=jax.lax.Precision.HIGHEST)
+  p = _patches(config, x)
   c, g = x.shape[-1], cfg["groups"]
   # The feature axis comes out channel-major (c, k1, k2, ...); the kernel is (k1, k2, ..., c)
   # within each group of c/g channels.

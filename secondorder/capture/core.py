@@ -12,7 +12,7 @@ from flax import linen as nn
 from flax import nnx
 
 from secondorder._validation import check_choice
-from secondorder.capture import interception, likelihoods, state as model_state
+from secondorder.capture import interception, likelihoods, padding, state as model_state
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
 from secondorder.capture.types import KfacLayer, KfacLayers, LayerStats, param_path
 from secondorder.dimension_numbers import MuonDimensionNumbers
@@ -116,6 +116,10 @@ def check_coverage(layers: KfacLayers, strict: bool) -> None:
   warnings.warn(message, stacklevel=3)
 
 
+def _positive(total: jax.Array) -> jax.Array:
+  return jnp.where(total > 0, total, 1.0)
+
+
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
   """Per covered layer (keyed by its module path) the zero slots of its kind's taps."""
   return {l.kernel[:-1]: tuple(jnp.zeros(shape, dtype)
@@ -165,31 +169,38 @@ class Capture:
     Returns:
       The `KfacLayers` to build `scale_by_kfac_factors` / `kfac` with.
     """
-    layers = self._discover(model_or_params, inputs, state, rngs)
+    layers, _ = self._discover(model_or_params, inputs, state, rngs)
     check_coverage(layers, self.strict)
     return layers
 
-  def _discover(self, model_or_params, inputs, state, rngs) -> KfacLayers:
+  def _discover(self, model_or_params, inputs, state, rngs):
+    """The `KfacLayers`, and the shape of the model's output."""
     params = self._params_of(model_or_params)
     rec = interception.Recorder()
-    jax.eval_shape(lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
-                   params, inputs, state, rngs)
-    return layers_from_calls(rec.calls, params)
+    out, _ = jax.eval_shape(
+        lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
+        params, inputs, state, rngs)
+    return layers_from_calls(rec.calls, params), out
 
-  def _output_cotangents(self, out, vjp_fn, slot_ct, key):
-    """The slots' cotangents carrying Ŝ: from the data labels, sampled labels, or exactly."""
+  def _output_cotangents(self, out, vjp_fn, slot_ct, key, weights):
+    """The slots' cotangents carrying Ŝ: from the data labels, sampled labels, or exactly.
+
+    With padding `weights`, the sampled and exact cotangents are those of the masked mean
+    loss (zero at padded positions, the rest scaled by M / M')."""
     if self.fisher == "empirical":
       return slot_ct
+    scale = (1.0 if weights is None else
+             (likelihoods.num_examples(out) / _positive(jnp.sum(weights)) * weights)[..., None])
     if self.fisher == "sampled":
       y_hat = likelihoods.sample(self.likelihood, key, out)
       dsampled = jax.grad(lambda z: likelihoods.nll(self.likelihood, z, y_hat))(out)
-      return vjp_fn(dsampled)[1]
-    cots = likelihoods.sqrt_fisher_cotangents(self.likelihood, out).astype(out.dtype)
-    per = jax.vmap(lambda c: vjp_fn(c)[1])(cots)
+      return vjp_fn((dsampled * scale).astype(out.dtype))[1]
+    cots = likelihoods.sqrt_fisher_cotangents(self.likelihood, out)
+    per = jax.vmap(lambda c: vjp_fn((c * scale).astype(out.dtype))[1])(cots)
     return jax.tree.map(lambda v: v.sum(0), per)
 
   def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None,
-               state=None, rngs=None):
+               state=None, rngs=None, mask: jax.Array | None = None):
     """Loss, gradients and per-layer statistics of one batch, from one training forward.
 
     The model runs once, in training mode; the gradient and the Fisher's backward passes
@@ -203,6 +214,10 @@ class Capture:
       key: PRNG key for fisher="sampled".
       state: linen only: the collections the forward writes (`{"batch_stats": ...}`).
       rngs: linen only: the forward's PRNG keys (`{"dropout": key}`).
+      mask: a padding mask of the output's example shape (`[B, T]` for outputs
+        `[B, T, C]`), True (or 1) at real tokens: the statistics are those of the loss
+        averaged over the M' real tokens (`secondorder.capture.padding`). `loss_fn` must
+        then average over the real tokens too; the capture does not pass it the mask.
 
     Returns:
       `(loss, grads, kfac_stats)`; for linen with `state`, `(loss, grads, kfac_stats,
@@ -211,19 +226,22 @@ class Capture:
     """
     if self.fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' needs a PRNG key: call cap(model, x, y, key=key).")
-    covered = self._discover(model_or_params, inputs, state, rngs).layers
+    layers, out_shape = self._discover(model_or_params, inputs, state, rngs)
+    covered = layers.layers
     params = self._params_of(model_or_params)
+    weights = None if mask is None else padding.example_weights(mask, out_shape)
 
     def fwd(p, slots):
-      return self._forward(model_or_params, p, slots, interception.Recorder(capture=True),
+      return self._forward(model_or_params, p, slots,
+                           interception.Recorder(capture=True, mask=weights),
                            inputs, state, rngs)
 
     out, vjp_fn, new_state = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype),
                                      has_aux=True)
     loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
     grads, slot_ct = vjp_fn(dout)
-    s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key)
-    m = likelihoods.num_examples(out)
+    s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key, weights)
+    m = likelihoods.num_examples(out) if weights is None else jnp.sum(weights)
     stats = {}
     for layer in covered:
       key = layer.kernel[:-1]

@@ -57,6 +57,11 @@ def input_rows(axes: tuple[int, ...], x: jax.Array) -> jax.Array:
   return x.reshape(-1, _prod(x.shape[len(rest):]))
 
 
+def positions(axes: tuple[int, ...], x: jax.Array) -> tuple[int, ...]:
+  """The shape of the row index of `input_rows` (every axis of `x` not contracted)."""
+  return tuple(d for a, d in enumerate(x.shape) if a not in axes)
+
+
 def _prod(shape) -> int:
   n = 1
   for d in shape:

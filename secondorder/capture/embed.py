@@ -75,22 +75,29 @@ def slot_shapes(layer: KfacLayer) -> tuple[tuple[int, ...], ...]:
   return lookups + ((stack + (d, d), stack + (v, v), stack) if layer.kind == TIED else ())
 
 
-def tap_lookup(described, slots, call, x, with_bias: bool) -> jax.Array:
-  """A lookup whose backward pass reports the token frequencies and Σ ĝĝᵀ."""
+def tap_lookup(described, slots, call, x, with_bias: bool, weights) -> jax.Array:
+  """A lookup whose backward pass reports the token frequencies and Σ ĝĝᵀ.
+
+  `weights(positions)`: the padding weights of the looked-up positions (None: all count)."""
   del described, with_bias
   counts_slot, s_slot, uses = slots[:3]
   tokens = x.reshape(-1)
-  counts = jnp.zeros(counts_slot.shape, counts_slot.dtype).at[tokens].add(1.0)
-  y = taps.tap_value(call(x), counts / max(tokens.size, 1), counts_slot, uses)
+  w = weights(x.shape)
+  w = jnp.ones([], counts_slot.dtype) if w is None else w.astype(counts_slot.dtype)
+  counts = jnp.zeros(counts_slot.shape, counts_slot.dtype).at[tokens].add(
+      jnp.broadcast_to(w, tokens.shape))
+  total = jnp.sum(jnp.broadcast_to(w, tokens.shape))
+  y = taps.tap_value(call(x), counts / jnp.where(total > 0, total, 1.0), counts_slot, uses)
   return taps.tap_outputs(y, s_slot)
 
 
-def tap_attend(described, slots, call, query, with_bias: bool) -> jax.Array:
+def tap_attend(described, slots, call, query, with_bias: bool, weights) -> jax.Array:
   """The tied head `q Eᵀ`: mean q qᵀ over its rows and Σ ĝĝᵀ over the logits."""
   del described, with_bias
   cols_slot, rows_slot, uses = slots[3:6]
   rows = lambda q: dense.input_rows((q.ndim - 1,), q)
-  query = taps.tap_inputs(query, cols_slot, uses, rows, False)
+  w = weights(dense.positions((query.ndim - 1,), query))
+  query = taps.tap_inputs(query, cols_slot, uses, rows, False, w)
   return taps.tap_outputs(call(query), rows_slot)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from secondorder.capture import conv, dense, embed, norm, taps
+from secondorder.capture import conv, dense, embed, norm, padding, taps
 
 KINDS = {dense.KIND: dense, conv.KIND: conv}
 # Per kind of block (`KfacLayer.kind`): its taps' zero slots and how their cotangents make
@@ -65,12 +65,15 @@ SLOT_NAMES = ("_secondorder_kfac_a", "_secondorder_kfac_s", "_secondorder_kfac_u
               "_secondorder_kfac_3", "_secondorder_kfac_4", "_secondorder_kfac_5")
 
 
-def kronecker_tap(described, slots, call, x, with_bias: bool) -> jax.Array:
-  """A dense or convolution call tapped for Â (its input rows) and Ŝ (its outputs)."""
+def kronecker_tap(described, slots, call, x, with_bias: bool, weights) -> jax.Array:
+  """A dense or convolution call tapped for Â (its input rows) and Ŝ (its outputs).
+
+  `weights(positions)` gives the rows' padding weights, or None without a mask."""
   slot_a, slot_s, uses = slots[:3]
   kind, config = described
   rows = functools.partial(KINDS[kind].input_rows, config)
-  x = taps.tap_inputs(x, slot_a, uses, rows, with_bias)
+  w = weights(KINDS[kind].positions(config, x))
+  x = taps.tap_inputs(x, slot_a, uses, rows, with_bias, w)
   return taps.tap_outputs(call(x), slot_s)
 
 
@@ -80,11 +83,20 @@ class Recorder:
   Args:
     capture: False for discovery (record every call); True to tap the layers that carry
       slots (`SLOT_NAMES`, placed beside their parameters by the capture).
+    mask: the padding mask's weights over the output's examples
+      (`secondorder.capture.padding`), or None.
   """
 
-  def __init__(self, capture: bool = False):
+  def __init__(self, capture: bool = False, mask: jax.Array | None = None):
     self.capture = capture
+    self.mask = mask
     self.calls: list[Call] = []
+
+  def _weights(self, name: str):
+    """`positions -> row weights` of layer `name` (None throughout without a mask)."""
+    if self.mask is None:
+      return lambda positions: None
+    return functools.partial(padding.row_weights, self.mask, name)
 
   def handle(self, name: str, kind: str, described, kernel_path, bias_path,
              call: Callable[[jax.Array], jax.Array], kernel_shape: Callable[[], tuple],
@@ -101,9 +113,10 @@ class Recorder:
     found = None if isinstance(described, str) else slots()
     if found is None:
       return call(x)
+    weights = self._weights(name)
     if kind in TAPS:
-      return TAPS[kind](described, found, call, x, bias_path is not None)
-    return kronecker_tap((kind, described[0]), found, call, x, bias_path is not None)
+      return TAPS[kind](described, found, call, x, bias_path is not None, weights)
+    return kronecker_tap((kind, described[0]), found, call, x, bias_path is not None, weights)
 
 
 class _Active(threading.local):

@@ -85,8 +85,13 @@ def slot_shapes(layer: KfacLayer) -> tuple[tuple[int, ...], ...]:
   return (layer.stat_shapes()[0],)
 
 
-def tap(described, slots, call, x, with_bias: bool) -> jax.Array:
-  """The layer's output, whose backward pass reports the per-feature blocks."""
+def tap(described, slots, call, x, with_bias: bool, weights) -> jax.Array:
+  """The layer's output, whose backward pass reports the per-feature blocks.
+
+  Its block sums the rows' own gradients, which the masked loss already weights (a padded
+  position carries gradient only through what the real tokens read from it), so a padding
+  mask (`weights`) changes nothing here."""
+  del weights
   cfg = dict(described[0])
   y = call(x)
   x_hat = normalized(described[0], x).astype(y.dtype)

@@ -26,11 +26,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def tap_inputs(x: jax.Array, slot: jax.Array, count: jax.Array,
-               rows_fn: Callable[[jax.Array], jax.Array], with_bias: bool) -> jax.Array:
+               rows_fn: Callable[[jax.Array], jax.Array], with_bias: bool,
+               weights: jax.Array | None = None) -> jax.Array:
   """`x`, whose backward pass returns Â of this use for `slot` and 1 for `count`.
 
   A layer made of G independent blocks (a grouped convolution) has rows `[N, G, in]`, a
-  slot `[G, a_dim, a_dim]` and a count `[G]`: one Â per block.
+  slot `[G, a_dim, a_dim]` and a count `[G]`: one Â per block. With `weights` (a padding
+  mask, `secondorder.capture.padding`) Â is the weighted mean `Σ w aᵀa / Σ w`.
 
   Args:
     x: the layer's input.
@@ -38,29 +40,38 @@ def tap_inputs(x: jax.Array, slot: jax.Array, count: jax.Array,
     count: a zero scalar (or `[G]`) in the statistics' dtype (counts the uses of the layer).
     rows_fn: `x -> [N, in]` (or `[N, G, in]`), the layer kind's input rows.
     with_bias: append a constant 1 to every row.
+    weights: `[N]` row weights, or None for the plain mean.
 
   Returns:
     `x` unchanged.
   """
 
   @jax.custom_vjp
-  def tap(x, slot, count):
-    del slot, count
+  def tap(x, slot, count, weights):
+    del slot, count, weights
     return x
 
-  def fwd(x, slot, count):
+  def fwd(x, slot, count, weights):
     del slot, count
-    return x, x
+    return x, (x, weights)
 
-  def bwd(x, ct):
+  def bwd(res, ct):
+    x, w = res
     rows = rows_fn(jax.lax.stop_gradient(x)).astype(slot.dtype)
     if with_bias:
       rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), rows.dtype)], axis=-1)
-    a = jnp.einsum("n...i,n...j->...ij", rows, rows, precision=_HIGHEST) / rows.shape[0]
-    return ct, a, jnp.ones(count.shape, count.dtype)
+    if w is None:
+      a = jnp.einsum("n...i,n...j->...ij", rows, rows, precision=_HIGHEST) / rows.shape[0]
+      return ct, a, jnp.ones(count.shape, count.dtype), None
+    w = jax.lax.stop_gradient(w).astype(slot.dtype)
+    a = jnp.einsum("n...i,n...j->...ij", rows * w.reshape(w.shape + (1,) * (rows.ndim - 1)),
+                   rows, precision=_HIGHEST)
+    total = jnp.sum(w)
+    a = a / jnp.where(total > 0, total, 1.0)
+    return ct, a, jnp.ones(count.shape, count.dtype), jnp.zeros_like(w)
 
   tap.defvjp(fwd, bwd)
-  return tap(x, slot, count)
+  return tap(x, slot, count, weights)
 
 
 def tap_outputs(y: jax.Array, slot: jax.Array) -> jax.Array:
