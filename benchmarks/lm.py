@@ -107,8 +107,10 @@ class LMConfig:
       raise ValueError(f"LMConfig.final_fraction must be in [0, 1], got {self.final_fraction!r}")
 
 
-# "tiny": the quick preset and the tests; "cpu": the race on 2 CPU cores (a full race, every
-# row tuned and 3 seeds, in about an hour); "gpu": the same race scaled for one accelerator.
+# "tiny": the quick preset and the tests; "cpu": the race on 2 CPU cores; "gpu": the same race
+# scaled for one accelerator. At "cpu" a 200-step run takes 10-16 s on a quiet 2-core machine
+# (compile included), so `full`'s race, 22 rows of about 10 runs each (sweep, extensions,
+# the second setting, 3 seeds), takes well over an hour there: race a few rows with --only.
 SIZES: dict[str, LMConfig] = {
     "tiny": LMConfig(context=32, dim=32, heads=2, layers=2, batch_size=8, steps=120,
                      eval_every=20, eval_windows=32),
