@@ -17,6 +17,7 @@ from secondorder.capture import LayerStats
 from secondorder.capture import linen_capture
 from secondorder.capture import nnx_capture
 from secondorder.capture import no_layers
+from secondorder.capture import no_new_stats
 from secondorder.capture import no_stats
 from secondorder.dimension_numbers import MuonDimensionNumbers
 from secondorder.dimension_numbers import dimension_numbers_from_linen

@@ -185,6 +185,39 @@ def test_ema_bias_correction_and_nonfinite_skip():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), upd, ref)
 
 
+def test_step_without_new_statistics_keeps_the_factors():
+  """`kfac_stats=no_new_stats()` (a step that ran no capture): the running factors and
+  their weight stay, the refresh schedule runs on, the update is the one of a step fed the
+  current running averages (which leave them unchanged), and the state keeps one
+  structure, also under optax.inject_hyperparams."""
+  for mode in ("exact", "factored"):
+    tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, decay=0.8, update_interval=2,
+                               damping_mode=mode)
+    update = jax.jit(tx.update)
+    params = _params()
+    state = tx.init(params)
+    _, state = update(_grads(0), state, params, kfac_stats=_stats(1))
+    kept = {n: LayerStats(state.a[n] / state.factor_weight, state.s[n] / state.factor_weight)
+            for n in ("w", "k")}
+    for t in (1, 2):   # one plain step, then one that refreshes (count 2)
+      before = state
+      upd, state = update(_grads(t), before, params, kfac_stats=capture.no_new_stats())
+      ref, ref_state = update(_grads(t), before, params, kfac_stats=kept)
+      assert (jax.tree.structure(state) == jax.tree.structure(before)
+              == jax.tree.structure(ref_state))
+      for f in ("a", "s"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, f), getattr(before, f))
+      assert float(state.factor_weight) == float(before.factor_weight)
+      assert int(state.count) == t + 1 and int(state.num_skipped) == 0
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                   upd, ref)
+    assert int(state.num_refreshes) == 2
+  injected = optax.inject_hyperparams(kfac)(learning_rate=0.1, layers=SPEC)
+  st = injected.init(params)
+  _, st2 = jax.jit(injected.update)(_grads(0), st, params, kfac_stats=capture.no_new_stats())
+  assert jax.tree.structure(st2) == jax.tree.structure(st)
+
+
 def test_preconditioner_refreshes_every_t_steps():
   for mode, field in (("exact", "a_eigvecs"), ("factored", "a_inverse")):
     tx = scale_by_kfac_factors(layers=SPEC, damping=1e-2, update_interval=3, damping_mode=mode)

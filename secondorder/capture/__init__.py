@@ -74,13 +74,14 @@ the written collections and the step's keys, and returns the new collections::
                                 rngs={"dropout": dropout_key})
 
 For a parameter pytree with no Flax model (every parameter on the fallback), build the
-transform with `layers=no_layers()` and pass `kfac_stats=no_stats()`.
+transform with `layers=no_layers()` and pass `kfac_stats=no_stats()`. A step that runs no
+capture (statistics every k-th step only) passes `kfac_stats=no_new_stats()`.
 """
 
 from secondorder.capture.core import Capture, layers_from_calls, linen_capture, nnx_capture
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
-from secondorder.capture.types import (KfacLayer, KfacLayers, LayerStats, no_layers, no_stats,
-                                       param_path)
+from secondorder.capture.types import (KfacLayer, KfacLayers, LayerStats, NoNewStats,
+                                       no_layers, no_new_stats, no_stats, param_path)
 
 __all__ = [
     "LayerStats",
@@ -89,7 +90,9 @@ __all__ = [
     "Capture",
     "linen_capture",
     "nnx_capture",
+    "NoNewStats",
     "no_layers",
+    "no_new_stats",
     "no_stats",
     "param_path",
     "LIKELIHOODS",

@@ -18,7 +18,7 @@ import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_state_shapes, require_extra_arg)
-from secondorder.capture import KfacLayer, KfacLayers, param_path
+from secondorder.capture import KfacLayer, KfacLayers, NoNewStats, param_path
 from secondorder.transforms import _kfac_stacks
 from secondorder.transforms._float32 import in_float32
 
@@ -472,7 +472,8 @@ def scale_by_kfac_factors(
       its layout. The path to large models under data parallelism.
 
   Extra args of `update`: `kfac_stats`, the dict of `LayerStats` from a capture call (or
-  `capture.no_stats()`).
+  `capture.no_stats()` without covered layers, or `capture.no_new_stats()` on a step that
+  ran no capture: the factors then keep their running values).
 
   Example::
 
@@ -537,11 +538,14 @@ def scale_by_kfac_factors(
         "scale_by_kfac_factors", "kfac_stats", kfac_stats,
         "kfac_stats=stats)  # loss, grads, stats = cap(model, x, y, key=key"
         if layer_list else "kfac_stats=capture.no_stats()")
-    _check_stats(stats, layer_list)
     where = _check_layers_in(updates, layer_list, "updates")
     check_state_shapes("scale_by_kfac_factors", init_fn, updates, state)
 
-    a, s, weight, finite = _accumulate(state, stats, layer_list, decay, stats_dtype)
+    if isinstance(stats, NoNewStats):     # a step without a capture: factors as they are
+      a, s, weight, finite = state.a, state.s, state.factor_weight, jnp.array(True)
+    else:
+      _check_stats(stats, layer_list)
+      a, s, weight, finite = _accumulate(state, stats, layer_list, decay, stats_dtype)
     lam = jnp.asarray(_value_at(damping, state.count), stats_dtype)
     kept = (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs,
             state.a_inverse, state.s_inverse)
