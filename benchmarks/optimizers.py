@@ -64,7 +64,9 @@ class OptimizerSpec:
     host_refresh: refresh every this many steps, scheduled on the host: two compiled steps,
       `update(..., refresh=True)` on steps 0, n, 2n, ... and `update(..., refresh=False)`
       otherwise. `value_grad`, if given, then runs on refresh steps only (the plain steps
-      take `jax.value_and_grad` and no extras).
+      take `jax.value_and_grad` and no extras; a row that needs "kfac_stats" gets
+      `capture.no_new_stats()`). Or a ``problem -> int | None`` (None: not host-scheduled
+      on that problem).
     second: optional ``(keyword, values)``: a second sensitive hyperparameter, a keyword
       argument of `build`; ``values[0]`` is the default. In `full`, after the learning-rate
       sweep the runner tries the other values at the best learning rate (`second_grid`
@@ -81,8 +83,14 @@ class OptimizerSpec:
   applies: Callable[[Any], bool] | None = None
   static_lr: bool = False
   in_quick: Callable[[Any], bool] | None = None
-  host_refresh: int | None = None
+  host_refresh: int | Callable[[Any], int | None] | None = None
   second: tuple[str, tuple[float, ...]] | None = None
+
+  def refresh_every(self, problem) -> int | None:
+    """`host_refresh` on `problem` (None: the row schedules itself)."""
+    if callable(self.host_refresh):
+      return self.host_refresh(problem)
+    return self.host_refresh
 
   def applies_to(self, problem, preset: str = "full") -> bool:
     if preset == "quick" and self.in_quick is not None and not self.in_quick(problem):
@@ -292,6 +300,13 @@ def _kfac_interval(problem) -> dict:
   return {"update_interval": 10} if is_lm else {}
 
 
+def _kfac_stats_every(problem) -> int | None:
+  # On the language model the statistics (a training forward and two backward passes) are
+  # captured every other step; the steps between take a plain gradient and
+  # `kfac_stats=no_new_stats()`. Elsewhere every step captures.
+  return 2 if problem is not None and problem.kind == "language_model" else None
+
+
 def _kfac(lr, n, problem, damping=0.01):
   return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1],
                                                       damping=damping, **_kfac_interval(problem))
@@ -299,9 +314,10 @@ def _kfac(lr, n, problem, damping=0.01):
 
 register(OptimizerSpec(
     "kfac", _kfac, 0.1, needs=("kfac_stats",), family="secondorder",
-    note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, 10 on the "
-         "language model, KL clipping)",
-    value_grad=_kfac_value_grad, second=second_grid("damping", 0.01)))
+    note="K-FAC (sampled Fisher via capture, eigendecomposition every 5 steps, KL clipping; "
+         "on the language model statistics every 2 steps, eigendecomposition every 10)",
+    value_grad=_kfac_value_grad, host_refresh=_kfac_stats_every,
+    second=second_grid("damping", 0.01)))
 
 
 def _dense_only(problem):
@@ -326,7 +342,7 @@ register(OptimizerSpec(
     note="K-FAC at its previous coverage on the language model: dense kernels only, the "
          "embeddings, tied head and norms on the fallback (the gain from coverage)",
     value_grad=_kfac_prev_value_grad, applies=lambda p: p.kind == "language_model",
-    second=second_grid("damping", 0.01)))
+    host_refresh=_kfac_stats_every, second=second_grid("damping", 0.01)))
 
 
 def _kfac_jax(lr, n, problem):

@@ -181,12 +181,15 @@ class _Compiled:
           extra["obj_fn"] = lambda p: problem.loss(p, batch)
         if "logits_fn" in spec.needs and refresh is not False:
           extra["logits_fn"] = lambda p: problem.logits_fn(p, batch)
+        if "kfac_stats" in spec.needs and refresh is False:
+          from secondorder.capture import no_new_stats
+          extra["kfac_stats"] = no_new_stats()
       if refresh is not None:
         extra["refresh"] = refresh
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    if spec.host_refresh is None:
+    if spec.refresh_every(problem) is None:
       return jax.jit(init), {None: jax.jit(step)}
     return jax.jit(init), {r: jax.jit(functools.partial(step, refresh=r)) for r in (True, False)}
 
@@ -207,7 +210,7 @@ class _Compiled:
                              np.int32(0)).compile(options)
                   for r, f in steps.items()}
       self.compile_s += time.perf_counter() - t0
-      every = self.spec.host_refresh
+      every = self.spec.refresh_every(self.problem)
       if every is None:
         plain = compiled[None]
         step_c = lambda t, *args: plain(*args, np.int32(t))
@@ -226,7 +229,7 @@ class _Compiled:
     if key in self._warm:
       return
     lr_arr = jnp.asarray(lr, jnp.float32)
-    steps = (0,) if self.spec.host_refresh is None else (0, 1)
+    steps = (0,) if self.spec.refresh_every(self.problem) is None else (0, 1)
     for t in steps:
       jax.block_until_ready(step_c(t, params, opt_state, batch, lr_arr, jax.random.key(0)))
     self._warm.add(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -200,6 +201,41 @@ def test_host_scheduled_row_follows_the_in_step_schedule(name):
   np.testing.assert_allclose(runs[0].loss, want, rtol=2e-5)
   # The trajectory moved after the second refresh (a schedule off by one would differ).
   assert want[-1] != want[-2]
+
+
+def test_kfac_row_captures_every_other_step_on_the_language_model():
+  # On the language model the K-FAC row captures statistics on even steps and passes
+  # kfac_stats=no_new_stats() on odd ones; its trajectory is that loop's, written out here.
+  from benchmarks.optimizers import _kfac_value_grad
+  from secondorder.capture import no_new_stats
+
+  prob, steps = get_problem("lm", "quick"), 4
+  spec = OPTIMIZERS["kfac"]
+  assert spec.refresh_every(prob) == 2
+  assert spec.refresh_every(get_problem("digits_mlp", "quick")) is None
+  _, runs, notes = run_problem(prob, [spec], PRESETS["quick"], steps=steps, sweep_points=1,
+                               log=lambda s: None)
+  assert notes == [] and len(runs) == 1
+  tx = optax.chain(spec.build(spec.lr, steps, prob),
+                   optax.scale_by_schedule(prob.schedule(steps)))
+  params = prob.init_params(0)
+  state, batches, want = tx.init(params), prob.batches(0), []
+
+  @functools.partial(jax.jit, static_argnames="capture")
+  def step(params, state, batch, t, capture):
+    if capture:
+      key = jax.random.fold_in(jax.random.key(0), t)
+      loss, grads, extra = _kfac_value_grad(prob, params, batch, state[0], key)
+    else:
+      loss, grads = jax.value_and_grad(prob.loss)(params, batch)
+      extra = {"kfac_stats": no_new_stats()}
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, loss
+
+  for t in range(steps):
+    params, state, loss = step(params, state, next(batches), t, capture=t % 2 == 0)
+    want.append(float(loss))
+  np.testing.assert_allclose(runs[0].loss, want, rtol=2e-5)
 
 
 def test_problem_names():
