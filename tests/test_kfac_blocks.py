@@ -212,6 +212,52 @@ def test_norm_blocks_are_the_exact_per_feature_fisher():
       _close(st["rms"].a, rms_ref)
 
 
+class NnxGroupNorm(nnx.Module):
+
+  def __init__(self, rngs):
+    self.gn = nnx.GroupNorm(4, num_groups=2, rngs=rngs, **F64)
+    self.out = nnx.Linear(4, K, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.gn(x)))
+
+
+class LinenGroupNorm(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(K, name="out", **F64)(jnp.tanh(nn.GroupNorm(2, name="gn", **F64)(x)))
+
+
+def test_group_norm_block_is_the_exact_per_feature_fisher():
+  """GroupNorm (2 groups of 2 channels, statistics over the image and the group) gets the
+  exact 2×2 block per channel, like LayerNorm (NNX and linen): each equals the per-channel
+  diagonal block of the exact GGN over its scale and shift."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (B, 3, 3, 4), jnp.float64)
+    y = jnp.zeros((B, 3, 3, K), jnp.float64)
+    model = NnxGroupNorm(nnx.Rngs(0))
+    model.gn.scale.value = 1 + 0.3 * jax.random.normal(jax.random.key(1), (4,), jnp.float64)
+    model.gn.bias.value = 0.2 * jax.random.normal(jax.random.key(2), (4,), jnp.float64)
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    lin = LinenGroupNorm()
+    kw = dict(likelihood="gaussian", fisher="exact", stats_dtype=jnp.float64)
+    cap_n, cap_l = capture.nnx_capture(_gauss, **kw), capture.linen_capture(lin, _gauss, **kw)
+    for layers in (cap_n.layers(model, x), cap_l.layers(pure, x)):
+      assert [(l.name, l.kind, l.a_dim) for l in layers] == [
+          ("gn", "norm", 2), ("out", "dense", 5)] and not layers.uncovered
+    stats = [nnx.jit(cap_n)(model, x, y)[2], jax.jit(cap_l)(pure, x, y)[2]]
+
+    def out(theta):
+      return lin.apply({"params": dict(pure, gn={"scale": theta[0], "bias": theta[1]})}, x)
+
+    theta0 = jnp.stack([pure["gn"]["scale"], pure["gn"]["bias"]])
+    ggn = _ggn(out, theta0).reshape(2, 4, 2, 4)
+    want = np.stack([ggn[:, j][:, :, j] for j in range(4)])            # [4, 2, 2]
+    for st in stats:
+      _close(st["gn"].a, want)
+
+
 def test_norm_update_solves_each_feature_block():
   """The transform's norm update is (F_j + λI)⁻¹ g_j per feature (NumPy solve)."""
   with jax.enable_x64(True):

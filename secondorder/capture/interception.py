@@ -148,6 +148,8 @@ def _linen_describe(module, x, method="__call__", kwargs=None):
     return embed.KIND, embed.describe(x)
   if type(module) in (nn.LayerNorm, nn.RMSNorm):
     return norm.KIND, norm.describe(module, x, type(module) is nn.LayerNorm, kwargs or {})
+  if type(module) is nn.GroupNorm:
+    return norm.KIND, norm.describe_group(module, x, kwargs or {})
   if method != "__call__":
     return None, None
   if type(module) is nn.Dense:
@@ -203,6 +205,8 @@ def _nnx_describe(module, x, method="__call__", kwargs=None):
     return embed.KIND, embed.describe(x)
   if type(module) in (nnx.LayerNorm, nnx.RMSNorm):
     return norm.KIND, norm.describe(module, x, type(module) is nnx.LayerNorm, kwargs or {})
+  if type(module) is nnx.GroupNorm:
+    return norm.KIND, norm.describe_group(module, x, kwargs or {})
   if type(module) is nnx.Linear:
     return dense.KIND, dense.describe(x, -1, ())
   if type(module) is nnx.LinearGeneral:
@@ -214,7 +218,7 @@ def _nnx_describe(module, x, method="__call__", kwargs=None):
 
 _NNX_ORIGINAL = {(cls, "__call__"): cls.__call__
                  for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed,
-                             nnx.LayerNorm, nnx.RMSNorm)}
+                             nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)}
 _NNX_ORIGINAL[(nnx.Embed, "attend")] = nnx.Embed.attend
 _NNX_CLASSES = {cls for cls, _ in _NNX_ORIGINAL}
 

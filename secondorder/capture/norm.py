@@ -1,4 +1,5 @@
-r"""Scale-and-shift layers (`LayerNorm`, `RMSNorm` of linen and NNX): the exact Fisher per feature.
+r"""Scale-and-shift layers (`LayerNorm`, `RMSNorm`, `GroupNorm` of linen and NNX): the exact
+Fisher per feature.
 
 A norm layer's output is `y = x̂ ⊙ γ + β` with x̂ the normalised input. Its parameters are
 not a Kronecker pair: per feature j the per-row gradients are `u_j = ĝ_j x̂_j` (of γ) and
@@ -10,7 +11,8 @@ the other layers (K-FAC-expand over positions),
 
 (a 1×1 block for a scale alone): the exact per-feature diagonal of the Fisher, kept whole
 and inverted directly (`[features, 2, 2]`), never a Kronecker pair. x̂ is recomputed from
-the layer's input with its own configuration (mean or not, variance, epsilon, axes).
+the layer's input with its own configuration (mean or not, variance, epsilon, axes, and for
+a GroupNorm its channel groups).
 """
 
 from __future__ import annotations
@@ -55,6 +57,45 @@ def describe(module, x: jax.Array, use_mean: bool, kwargs: dict) -> tuple[tuple,
   return tuple(sorted(cfg.items())), 0
 
 
+def _reduction_axes(module, ndim: int) -> tuple[int, ...]:
+  """A GroupNorm's reduction axes: its own, or Flax's default (all but the batch axis)."""
+  axes = module.reduction_axes
+  if axes is None:
+    axes = tuple(range(1, ndim - 1)) + (ndim - 1,)
+  return _axes(axes, ndim)
+
+
+def describe_group(module, x: jax.Array, kwargs: dict) -> tuple[tuple, int] | str:
+  """A `GroupNorm`'s configuration, or why the call cannot be covered.
+
+  Args:
+    module: the `GroupNorm` being called (linen or NNX).
+    x: its input, channels last.
+    kwargs: the call's keyword arguments.
+
+  Returns:
+    `(hashable configuration, 0)`, or a reason string.
+  """
+  if not getattr(module, "use_scale", True):
+    return "a norm layer without a scale (its shift alone is left to the fallback)"
+  if kwargs.get("mask") is not None:
+    return "a norm layer called with a mask"
+  if getattr(module, "axis_name", None) is not None:
+    return "a norm layer reducing over a device axis (axis_name)"
+  if jnp.ndim(x) < 2:
+    return "a GroupNorm input of rank < 2"
+  ndim, channels = jnp.ndim(x), jnp.shape(x)[-1]
+  reduction = _reduction_axes(module, ndim)
+  if reduction[-1] != ndim - 1:
+    return "a GroupNorm whose reduction axes leave out the channel axis"
+  groups = (channels // module.group_size if module.group_size is not None
+            else module.num_groups)
+  cfg = dict(reduction=reduction[:-1], features=(ndim - 1,), epsilon=float(module.epsilon),
+             use_mean=True, fast=bool(getattr(module, "use_fast_variance", True)),
+             groups=int(groups))
+  return tuple(sorted(cfg.items())), 0
+
+
 def normalized(config: tuple, x: jax.Array) -> jax.Array:
   """x̂: `x` normalised as the layer does, before its scale and shift.
 
@@ -69,6 +110,16 @@ def normalized(config: tuple, x: jax.Array) -> jax.Array:
   x = jax.lax.stop_gradient(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   axes = cfg["reduction"]
+  groups = cfg.get("groups")
+  if groups:   # GroupNorm: the statistics of each channel group, over `axes` and the group
+    shape = x.shape
+    x = x.reshape(shape[:-1] + (groups, shape[-1] // groups))
+    return _standardize(x, axes + (x.ndim - 1,), cfg).reshape(shape)
+  return _standardize(x, axes, cfg)
+
+
+def _standardize(x: jax.Array, axes: tuple[int, ...], cfg: dict) -> jax.Array:
+  """`(x − mean) / sqrt(var + ε)` over `axes` (or `x / sqrt(mean x² + ε)` without a mean)."""
   if cfg["use_mean"]:
     mean = x.mean(axes, keepdims=True)
     if cfg["fast"]:
