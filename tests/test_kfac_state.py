@@ -55,8 +55,9 @@ def _aug(rows):
 
 
 def _hand_stats(p, x, scaled_mask, key):
-  """Â and Ŝ of the conv and the head, from the forward written with explicit patches, the
-  batch's statistics and a given dropout mask, at labels sampled from its logits with `key`.
+  """Â and Ŝ of the conv and the head, and the BatchNorm's per-channel blocks, from the
+  forward written with explicit patches, the batch's statistics and a given dropout mask, at
+  labels sampled from its logits with `key`.
 
   Ŝ = B Σ_rows ĝ ĝᵀ with ĝ the gradient of the mean loss with respect to the layer's
   output (perturbed by `eps`), Â the mean of [a, 1][a, 1]ᵀ over the layer's input rows.
@@ -68,18 +69,25 @@ def _hand_stats(p, x, scaled_mask, key):
     h = rows @ p["conv"]["kernel"].reshape(-1, rm.CHANNELS) + p["conv"]["bias"] + eps["conv"]
     mean = h.mean(0)
     var = ((h - mean) ** 2).mean(0)
-    h = (h - mean) / jnp.sqrt(var + rm.BN_EPS) * p["bn"]["scale"] + p["bn"]["bias"]
+    x_hat = (h - mean) / jnp.sqrt(var + rm.BN_EPS)
+    h = x_hat * p["bn"]["scale"] + p["bn"]["bias"] + eps["bn"]
     h = jnp.maximum(h, 0).reshape(b, *rm.IMAGE[:2], rm.CHANNELS) * scaled_mask
     pooled = h.mean(axis=(1, 2))
-    return pooled @ p["head"]["kernel"] + p["head"]["bias"] + eps["head"], pooled
+    return pooled @ p["head"]["kernel"] + p["head"]["bias"] + eps["head"], (pooled, x_hat)
 
-  eps = {"conv": jnp.zeros((rows.shape[0], rm.CHANNELS)), "head": jnp.zeros((b, rm.CLASSES))}
-  logits, pooled = forward(eps)
+  eps = {"conv": jnp.zeros((rows.shape[0], rm.CHANNELS)), "head": jnp.zeros((b, rm.CLASSES)),
+         "bn": jnp.zeros((rows.shape[0], rm.CHANNELS))}
+  logits, (pooled, x_hat) = forward(eps)
   labels = jax.random.categorical(key, logits, axis=-1)
   g = jax.grad(lambda e: _ce(forward(e)[0], labels))(eps)
   a = {"conv": _aug(rows), "head": _aug(pooled)}
-  return {k: capture.LayerStats(a=a[k].T @ a[k] / a[k].shape[0], s=b * g[k].T @ g[k])
-          for k in a}
+  out = {k: capture.LayerStats(a=a[k].T @ a[k] / a[k].shape[0], s=b * g[k].T @ g[k])
+         for k in a}
+  # BatchNorm in training mode: per channel j, B Σ_rows [u_j, g_j][u_j, g_j]ᵀ with g the
+  # gradient at its output and u = g ⊙ x̂ (x̂ standardised with the batch's statistics).
+  per_row = jnp.stack([g["bn"] * x_hat, g["bn"]], axis=-1)                # [rows, C, 2]
+  out["bn"] = capture.LayerStats(a=b * jnp.einsum("ncj,nck->cjk", per_row, per_row), s=None)
+  return out
 
 
 def _eval_loss(p, x, y):
@@ -194,6 +202,11 @@ def test_kfac_trains_a_cnn_with_batchnorm_and_dropout(framework):
     for name in ("conv", "head"):
       np.testing.assert_allclose(stats[name].a, want[name].a, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(stats[name].s, want[name].s, rtol=1e-4, atol=1e-7)
+    # BatchNorm's scale and shift: the exact per-channel block, x̂ from the batch's
+    # statistics as the training forward computed them.
+    assert stats["bn"].s is None
+    np.testing.assert_allclose(stats["bn"].a, want["bn"].a, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want["bn"].a).max()))
   moved = [not np.array_equal(a, b) for a, b in zip(_numeric(state), first_state)]
   assert any(moved)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses

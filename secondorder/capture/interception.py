@@ -141,7 +141,7 @@ def recording(rec: Recorder):
 # ----------------------------------------------------------------------------- linen
 
 
-def _linen_describe(module, x, method="__call__", kwargs=None):
+def _linen_describe(module, x, method="__call__", kwargs=None, args=()):
   if type(module) is nn.Embed:
     if method == "attend":
       return embed.ATTEND, embed.describe_attend(x, module.features)
@@ -150,6 +150,8 @@ def _linen_describe(module, x, method="__call__", kwargs=None):
     return norm.KIND, norm.describe(module, x, type(module) is nn.LayerNorm, kwargs or {})
   if type(module) is nn.GroupNorm:
     return norm.KIND, norm.describe_group(module, x, kwargs or {})
+  if type(module) is nn.BatchNorm:
+    return norm.KIND, norm.describe_batch(module, x, args, kwargs or {})
   if method != "__call__":
     return None, None
   if type(module) is nn.Dense:
@@ -167,7 +169,7 @@ def linen_interceptor(next_fun, args, kwargs, context):
   module = context.module
   if rec is None or context.method_name not in ("__call__", "attend") or not args:
     return next_fun(*args, **kwargs)
-  kind, described = _linen_describe(module, args[0], context.method_name, kwargs)
+  kind, described = _linen_describe(module, args[0], context.method_name, kwargs, args[1:])
   if kind is None:
     return next_fun(*args, **kwargs)
   path = tuple(str(p) for p in module.path)
@@ -198,7 +200,7 @@ def linen_intercept():
 _PATH_ATTR = "_secondorder_capture_path"
 
 
-def _nnx_describe(module, x, method="__call__", kwargs=None):
+def _nnx_describe(module, x, method="__call__", kwargs=None, args=()):
   if type(module) is nnx.Embed:
     if method == "attend":
       return embed.ATTEND, embed.describe_attend(x, module.features)
@@ -207,6 +209,8 @@ def _nnx_describe(module, x, method="__call__", kwargs=None):
     return norm.KIND, norm.describe(module, x, type(module) is nnx.LayerNorm, kwargs or {})
   if type(module) is nnx.GroupNorm:
     return norm.KIND, norm.describe_group(module, x, kwargs or {})
+  if type(module) is nnx.BatchNorm:
+    return norm.KIND, norm.describe_batch(module, x, args, kwargs or {})
   if type(module) is nnx.Linear:
     return dense.KIND, dense.describe(x, -1, ())
   if type(module) is nnx.LinearGeneral:
@@ -218,7 +222,7 @@ def _nnx_describe(module, x, method="__call__", kwargs=None):
 
 _NNX_ORIGINAL = {(cls, "__call__"): cls.__call__
                  for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed,
-                             nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)}
+                             nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm)}
 _NNX_ORIGINAL[(nnx.Embed, "attend")] = nnx.Embed.attend
 _NNX_CLASSES = {cls for cls, _ in _NNX_ORIGINAL}
 
@@ -232,7 +236,7 @@ def _nnx_wrapped(cls, method):
     path = getattr(self, _PATH_ATTR, None)
     if rec is None or path is None or type(self) is not cls:
       return original(self, x, *args, **kwargs)
-    kind, described = _nnx_describe(self, x, method, kwargs)
+    kind, described = _nnx_describe(self, x, method, kwargs, args)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
     kernel = KERNEL_NAMES.get(kind, "kernel")
 

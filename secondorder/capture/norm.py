@@ -1,5 +1,5 @@
-r"""Scale-and-shift layers (`LayerNorm`, `RMSNorm`, `GroupNorm` of linen and NNX): the exact
-Fisher per feature.
+r"""Scale-and-shift layers (`LayerNorm`, `RMSNorm`, `GroupNorm`, and `BatchNorm` in training
+mode, of linen and NNX): the exact Fisher per feature.
 
 A norm layer's output is `y = x̂ ⊙ γ + β` with x̂ the normalised input. Its parameters are
 not a Kronecker pair: per feature j the per-row gradients are `u_j = ĝ_j x̂_j` (of γ) and
@@ -93,6 +93,44 @@ def describe_group(module, x: jax.Array, kwargs: dict) -> tuple[tuple, int] | st
   cfg = dict(reduction=reduction[:-1], features=(ndim - 1,), epsilon=float(module.epsilon),
              use_mean=True, fast=bool(getattr(module, "use_fast_variance", True)),
              groups=int(groups))
+  return tuple(sorted(cfg.items())), 0
+
+
+def describe_batch(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[tuple, int] | str:
+  """A `BatchNorm`'s configuration in training mode, or why the call cannot be covered.
+
+  In training mode x̂ is `x` standardised with the batch's own statistics, over every axis
+  but the feature axes, which the capture recomputes; in evaluation mode (running
+  averages) the layer is left to the fallback.
+
+  Args:
+    module: the `BatchNorm` being called (linen or NNX).
+    x: its input.
+    args: the call's positional arguments after `x` (`use_running_average`).
+    kwargs: the call's keyword arguments.
+
+  Returns:
+    `(hashable configuration, 0)`, or a reason string.
+  """
+  running = kwargs.get("use_running_average", args[0] if args else None)
+  if running is None:
+    running = module.use_running_average
+  if running is None or bool(running):
+    return ("a BatchNorm in evaluation mode (running averages): its scale and shift are "
+            "left to the fallback")
+  if not getattr(module, "use_scale", True):
+    return "a norm layer without a scale (its shift alone is left to the fallback)"
+  if kwargs.get("mask") is not None:
+    return "a norm layer called with a mask"
+  if getattr(module, "axis_name", None) is not None:
+    return "a norm layer reducing over a device axis (axis_name)"
+  if jnp.ndim(x) < 2:
+    return "a BatchNorm input of rank < 2"
+  ndim = jnp.ndim(x)
+  features = _axes(module.axis, ndim)
+  cfg = dict(reduction=tuple(a for a in range(ndim) if a not in features), features=features,
+             epsilon=float(module.epsilon), use_mean=True,
+             fast=bool(getattr(module, "use_fast_variance", True)))
   return tuple(sorted(cfg.items())), 0
 
 
