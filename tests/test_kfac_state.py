@@ -184,6 +184,17 @@ class _Linen:
     return loss, stats, want, self.state, want_state
 
 
+def test_abstract_model_with_batch_statistics_is_read():
+  """An NNX model built abstractly (`nnx.eval_shape`), BatchStat and RNG state included,
+  gives the same layers as the built model, and nothing is computed."""
+  x, _ = rm.images(0)
+  cap = capture.nnx_capture(_ce, likelihood="softmax")
+  built = cap.layers(nnx.jit(lambda: rm.NnxCNN(nnx.Rngs(0)))(), x)
+  abstract = cap.layers(nnx.eval_shape(lambda: rm.NnxCNN(nnx.Rngs(0))), x)
+  assert abstract == built
+  assert [l.kind for l in abstract] == ["conv", "norm", "dense"] and not abstract.uncovered
+
+
 @pytest.mark.parametrize("framework", ["nnx", "linen"])
 def test_kfac_trains_a_cnn_with_batchnorm_and_dropout(framework):
   """Every step: the new model state equals the plain adam step's, and the captured factors

@@ -174,12 +174,26 @@ class Capture:
     return layers
 
   def _discover(self, model_or_params, inputs, state, rngs):
-    """The `KfacLayers`, and the shape of the model's output."""
+    """The `KfacLayers`, and the shape of the model's output.
+
+    An NNX model goes through `jax.eval_shape` whole (every variable an argument), so a
+    model built abstractly (`nnx.eval_shape`), batch statistics and RNG state included,
+    can be read.
+    """
     params = self._params_of(model_or_params)
     rec = interception.Recorder()
-    out, _ = jax.eval_shape(
-        lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
-        params, inputs, state, rngs)
+    if isinstance(model_or_params, nnx.Module):
+      graphdef, variables = nnx.split(model_or_params)
+
+      def run(variables, x):
+        model = nnx.merge(graphdef, variables)
+        return self._forward(model, self._params_of(model), {}, rec, x, state, rngs)
+
+      out, _ = jax.eval_shape(run, variables, inputs)
+    else:
+      out, _ = jax.eval_shape(
+          lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
+          params, inputs, state, rngs)
     return layers_from_calls(rec.calls, params), out
 
   def _output_cotangents(self, out, vjp_fn, slot_ct, key, weights):
