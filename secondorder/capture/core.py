@@ -116,10 +116,6 @@ def check_coverage(layers: KfacLayers, strict: bool) -> None:
   warnings.warn(message, stacklevel=3)
 
 
-def _positive(total: jax.Array) -> jax.Array:
-  return jnp.where(total > 0, total, 1.0)
-
-
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
   """Per covered layer (keyed by its module path) the zero slots of its kind's taps."""
   return {l.kernel[:-1]: tuple(jnp.zeros(shape, dtype)
@@ -196,15 +192,15 @@ class Capture:
           params, inputs, state, rngs)
     return layers_from_calls(rec.calls, params), out
 
-  def _output_cotangents(self, out, vjp_fn, slot_ct, key, weights):
+  def _output_cotangents(self, out, vjp_fn, slot_ct, key, weights, m):
     """The slots' cotangents carrying Ŝ: from the data labels, sampled labels, or exactly.
 
-    With padding `weights`, the sampled and exact cotangents are those of the masked mean
-    loss (zero at padded positions, the rest scaled by M / M')."""
+    With padding `weights` (M' = `m` real examples), the sampled and exact cotangents are
+    those of the masked mean loss (zero at padded positions, the rest scaled by M / M')."""
     if self.fisher == "empirical":
       return slot_ct
     scale = (1.0 if weights is None else
-             (likelihoods.num_examples(out) / _positive(jnp.sum(weights)) * weights)[..., None])
+             (likelihoods.num_examples(out) / padding.positive(m) * weights)[..., None])
     if self.fisher == "sampled":
       y_hat = likelihoods.sample(self.likelihood, key, out)
       dsampled = jax.grad(lambda z: likelihoods.nll(self.likelihood, z, y_hat))(out)
@@ -254,8 +250,8 @@ class Capture:
                                      has_aux=True)
     loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
     grads, slot_ct = vjp_fn(dout)
-    s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key, weights)
     m = likelihoods.num_examples(out) if weights is None else jnp.sum(weights)
+    s_ct = self._output_cotangents(out, vjp_fn, slot_ct, key, weights, m)
     stats = {}
     for layer in covered:
       key = layer.kernel[:-1]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from secondorder.capture import dense, taps
+from secondorder.capture import dense, padding, taps
 from secondorder.capture.types import KfacLayer, LayerStats
 
 KIND = "embed"     # table lookups only
@@ -82,12 +82,14 @@ def tap_lookup(described, slots, call, x, with_bias: bool, weights) -> jax.Array
   del described, with_bias
   counts_slot, s_slot, uses = slots[:3]
   tokens = x.reshape(-1)
+  zeros = jnp.zeros(counts_slot.shape, counts_slot.dtype)
   w = weights(x.shape)
-  w = jnp.ones([], counts_slot.dtype) if w is None else w.astype(counts_slot.dtype)
-  counts = jnp.zeros(counts_slot.shape, counts_slot.dtype).at[tokens].add(
-      jnp.broadcast_to(w, tokens.shape))
-  total = jnp.sum(jnp.broadcast_to(w, tokens.shape))
-  y = taps.tap_value(call(x), counts / jnp.where(total > 0, total, 1.0), counts_slot, uses)
+  if w is None:
+    freq = zeros.at[tokens].add(1.0) / max(tokens.size, 1)
+  else:
+    w = w.astype(counts_slot.dtype)
+    freq = zeros.at[tokens].add(w) / padding.positive(jnp.sum(w))
+  y = taps.tap_value(call(x), freq, counts_slot, uses)
   return taps.tap_outputs(y, s_slot)
 
 

@@ -31,6 +31,17 @@ def _axes(axes, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
+def _unsupported(module, kwargs: dict) -> str | None:
+  """Why a norm layer's call cannot be covered whatever its kind, or None."""
+  if not getattr(module, "use_scale", True):
+    return "a norm layer without a scale (its shift alone is left to the fallback)"
+  if kwargs.get("mask") is not None:
+    return "a norm layer called with a mask"
+  if getattr(module, "axis_name", None) is not None:
+    return "a norm layer reducing over a device axis (axis_name)"
+  return None
+
+
 def describe(module, x: jax.Array, use_mean: bool, kwargs: dict) -> tuple[tuple, int] | str:
   """The normalisation's configuration, or why the call cannot be covered.
 
@@ -43,12 +54,9 @@ def describe(module, x: jax.Array, use_mean: bool, kwargs: dict) -> tuple[tuple,
   Returns:
     `(hashable configuration, 0)` (a scale has no input side), or a reason string.
   """
-  if not getattr(module, "use_scale", True):
-    return "a norm layer without a scale (its shift alone is left to the fallback)"
-  if kwargs.get("mask") is not None:
-    return "a norm layer called with a mask"
-  if getattr(module, "axis_name", None) is not None:
-    return "a norm layer reducing over a device axis (axis_name)"
+  reason = _unsupported(module, kwargs)
+  if reason:
+    return reason
   if jnp.ndim(x) < 1:
     return "a scalar input"
   cfg = dict(reduction=_axes(module.reduction_axes, jnp.ndim(x)),
@@ -76,12 +84,9 @@ def describe_group(module, x: jax.Array, kwargs: dict) -> tuple[tuple, int] | st
   Returns:
     `(hashable configuration, 0)`, or a reason string.
   """
-  if not getattr(module, "use_scale", True):
-    return "a norm layer without a scale (its shift alone is left to the fallback)"
-  if kwargs.get("mask") is not None:
-    return "a norm layer called with a mask"
-  if getattr(module, "axis_name", None) is not None:
-    return "a norm layer reducing over a device axis (axis_name)"
+  reason = _unsupported(module, kwargs)
+  if reason:
+    return reason
   if jnp.ndim(x) < 2:
     return "a GroupNorm input of rank < 2"
   ndim, channels = jnp.ndim(x), jnp.shape(x)[-1]
@@ -118,12 +123,9 @@ def describe_batch(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[tup
   if running is None or bool(running):
     return ("a BatchNorm in evaluation mode (running averages): its scale and shift are "
             "left to the fallback")
-  if not getattr(module, "use_scale", True):
-    return "a norm layer without a scale (its shift alone is left to the fallback)"
-  if kwargs.get("mask") is not None:
-    return "a norm layer called with a mask"
-  if getattr(module, "axis_name", None) is not None:
-    return "a norm layer reducing over a device axis (axis_name)"
+  reason = _unsupported(module, kwargs)
+  if reason:
+    return reason
   if jnp.ndim(x) < 2:
     return "a BatchNorm input of rank < 2"
   ndim = jnp.ndim(x)

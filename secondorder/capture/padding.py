@@ -22,7 +22,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["example_weights", "row_weights"]
+__all__ = ["example_weights", "positive", "row_weights"]
+
+
+def positive(total: jax.Array) -> jax.Array:
+  """`total`, or 1 where it is 0 (a divisor for a weighted mean whose weights are all 0)."""
+  return jnp.where(total > 0, total, 1.0)
 
 
 def example_weights(mask: jax.Array, out: jax.Array) -> jax.Array:

@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from secondorder.capture import padding
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -66,8 +68,7 @@ def tap_inputs(x: jax.Array, slot: jax.Array, count: jax.Array,
     w = jax.lax.stop_gradient(w).astype(slot.dtype)
     a = jnp.einsum("n...i,n...j->...ij", rows * w.reshape(w.shape + (1,) * (rows.ndim - 1)),
                    rows, precision=_HIGHEST)
-    total = jnp.sum(w)
-    a = a / jnp.where(total > 0, total, 1.0)
+    a = a / padding.positive(jnp.sum(w))
     return ct, a, jnp.ones(count.shape, count.dtype), jnp.zeros_like(w)
 
   tap.defvjp(fwd, bwd)

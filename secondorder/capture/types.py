@@ -268,12 +268,6 @@ class NoNewStats:
     del aux, children
     return cls()
 
-  def __eq__(self, other) -> bool:
-    return isinstance(other, NoNewStats)
-
-  def __hash__(self) -> int:
-    return hash(NoNewStats)
-
   def __repr__(self) -> str:
     return "NoNewStats()"
 
