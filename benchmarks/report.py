@@ -310,7 +310,10 @@ def read_jsonl(path) -> tuple[list, list]:
     if rec["kind"] != "row":
       continue
     second = rec.get("second")
-    overrides = {second["name"]: second["best"]} if second else {}
+    # The best setting's runs carry the second hyperparameter as an override, unless its
+    # default (the first value the sweep tried) won: those runs were built without one.
+    default_won = second and float(second["best"]) == float(next(iter(second["sweep"])))
+    overrides = {second["name"]: second["best"]} if second and not default_won else {}
     mine = [r for r in runs if r.problem == rec["problem"] and r.optimizer == rec["optimizer"]
             and r.lr == rec["best_lr"] and (r.overrides or {}) == overrides]
     by_seed = {r.seed: r for r in mine}

@@ -73,8 +73,10 @@ html_theme_options = {
 # A benchmark run's record (`runs.jsonl`: every run's curves and timings) is kept beside the
 # page that quotes it; its figures are drawn from it here, the way the harness draws them, so
 # no generated image is kept in the repository.
-# Folder under docs/results -> the language model's size.
-RESULT_RUNS = {"lm_cpu": "cpu", "lm_race_soap": "cpu", "lm_kfac": "cpu"}
+# Every folder under docs/results with a `runs.jsonl` gets its figures; all the records kept
+# there so far ran the language model at its cpu size (a record of another size would name
+# its folder here).
+LM_SIZE = {}
 
 
 def _draw_result_figures() -> None:
@@ -83,9 +85,10 @@ def _draw_result_figures() -> None:
   matplotlib.use("Agg")
   from benchmarks import report
   from benchmarks.problems import get_problem
-  for folder, size in RESULT_RUNS.items():
-    out = DOCS / "results" / folder
-    rows, _ = report.read_jsonl(out / "runs.jsonl")
+  for record in sorted((DOCS / "results").glob("*/runs.jsonl")):
+    out = record.parent
+    size = LM_SIZE.get(out.name, "cpu")
+    rows, _ = report.read_jsonl(record)
     names = dict.fromkeys(r.problem for r in rows)
     problems = {n: get_problem(n, size if n == "lm" else "quick") for n in names}
     for n in names:

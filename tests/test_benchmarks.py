@@ -595,6 +595,23 @@ def test_second_hyperparameter_grid_is_tried_at_the_best_rate():
   assert row.runs[0].final_train == min(r.final_train for r in runs)
 
 
+def test_runs_jsonl_reads_back_a_row_whose_second_default_won(tmp_path):
+  from benchmarks import report
+
+  # The default `scale` (the grid's first value) is the largest here, so it wins and the best
+  # setting's runs carry no override; reading the record back must still find them.
+  spec = OptimizerSpec("sgd_scaled", lambda lr, n, p, scale=0.1: optax.sgd(lr * scale), 0.3,
+                       second=("scale", (0.1, 0.01, 1e-3)))
+  preset = dataclasses.replace(PRESETS["quick"], extend=0, second_sweep=True, seeds=2)
+  rows, runs, _ = run_problem(_scalar_problem(), [spec], preset, sweep_points=1,
+                              log=lambda s: None)
+  assert rows[0].second["best"] == pytest.approx(0.1) and rows[0].runs[0].overrides == {}
+  report.write_jsonl(tmp_path / "runs.jsonl", runs, rows)
+  (row,), _ = report.read_jsonl(tmp_path / "runs.jsonl")
+  assert [(r.seed, r.overrides, r.final_train) for r in row.runs] == [
+      (r.seed, r.overrides, r.final_train) for r in rows[0].runs]
+
+
 def test_runs_jsonl_reads_back_into_the_same_tables(smoke):
   from benchmarks import report
 

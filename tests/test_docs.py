@@ -177,6 +177,29 @@ def test_all_lists_every_public_name():
   assert public == set(secondorder.__all__)
 
 
+def test_every_figure_is_committed_or_drawn():
+  """An image a page shows is in the repository or drawn at build time from a committed run
+  record (`docs/conf.py` draws `<problem>.png` and `speedups.png` beside every
+  `docs/results/*/runs.jsonl`): a figure left over from a local run would let the build pass
+  here and fail on a clean checkout."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.splitlines())
+  missing = []
+  for page in markdown_pages():
+    for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+      if "://" in target:
+        continue
+      image = (page.parent / target).resolve()
+      relative = str(image.relative_to(ROOT)) if image.is_relative_to(ROOT) else str(image)
+      drawn = image.suffix == ".png" and (image.parent / "runs.jsonl").relative_to(ROOT).as_posix() in tracked \
+          if image.is_relative_to(ROOT) else False
+      if relative not in tracked and not drawn:
+        missing.append(f"{page.relative_to(ROOT)}: {target}")
+  assert not missing, f"figures neither committed nor drawn from a committed record: {missing}"
+
+
 def test_docs_build(tmp_path):
   from sphinx.util.inventory import InventoryFile  # pylint: disable=import-outside-toplevel
   import secondorder  # pylint: disable=import-outside-toplevel
