@@ -279,20 +279,25 @@ class DecoderLM(nnx.Module):
 
 
 def weight_dimension_numbers(params) -> object:
-  """``MuonDimensionNumbers(1, 2)`` for the stacked block kernels, None for other leaves.
+  """The dimension numbers of the stacked blocks; None for the unstacked leaves.
 
   Args:
     params: the model's params as a pure dict (``nnx.to_pure_dict``).
 
   Returns:
     A pytree of the params' structure: each ``[layers, d_in, d_out]`` kernel of a block is
-    ``layers`` independent ``d_in x d_out`` matrices; embeddings, norms and biases are None
-    (each method's default for that leaf).
+    ``layers`` independent ``d_in x d_out`` matrices (``MuonDimensionNumbers(1, 2)``); each
+    ``[layers, d]`` bias or norm scale of a block is ``layers`` independent vectors
+    (``MuonDimensionNumbers((), 1)``), so no method mixes two layers' vectors in one
+    factor; the embeddings and the final norm are None (each method's default for that
+    leaf). `secondorder.dimension_numbers_from_nnx` reads the same from the model.
   """
   def spec(path, leaf):
     keys = [getattr(k, "key", None) for k in path]
-    if keys and keys[0] == "blocks" and keys[-1] == "kernel" and leaf.ndim == 3:
+    if keys and keys[0] == "blocks" and leaf.ndim == 3 and keys[-1] == "kernel":
       return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+    if keys and keys[0] == "blocks" and leaf.ndim == 2:
+      return MuonDimensionNumbers(reduction_axis=(), output_axis=1)
     return None
 
   return jax.tree_util.tree_map_with_path(spec, params)

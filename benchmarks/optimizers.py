@@ -496,7 +496,22 @@ def _muon(lr, n, problem):
   # learning rate (3e-3 at the grid's centre 0.02).
   dims = getattr(problem, "weight_dimension_numbers", None)
   return optax.contrib.muon(lr, adam_learning_rate=0.15 * lr,
-                            muon_weight_dimension_numbers=dims)
+                            muon_weight_dimension_numbers=_matrices_only(dims))
+
+
+def _matrices_only(dims):
+  """`dims` with every stack of vectors (an empty reduction side) replaced by None:
+  optax's Muon reads such a spec as matrices of one row and orthogonalises them, where the
+  stacked biases and norm scales belong with its Adam."""
+  if dims is None:
+    return None
+
+  def keep(spec):
+    return None if spec is not None and spec.reduction_axis == () else spec
+
+  return lambda params: jax.tree.map(keep, dims(params) if callable(dims) else dims,
+                                     is_leaf=lambda x: x is None or isinstance(
+                                         x, optax.contrib.MuonDimensionNumbers))
 
 
 register(OptimizerSpec(

@@ -97,6 +97,27 @@ def test_stacked_leaves_and_dimension_numbers(problem):
   qkv = by_path["['blocks']['qkv']['kernel']"]
   assert qkv.matrix_shape == (layers, dim, 3 * dim)
   assert by_path["['embed']['embedding']"] is None
+  # Every stacked bias and norm scale is `layers` vectors, never a [layers, d] matrix.
+  hidden = params["blocks"]["fc1"]["bias"].shape[-1]
+  assert by_path["['blocks']['fc1']['bias']"].matrix_shape == (layers, 1, hidden)
+  assert by_path["['blocks']['norm1']['scale']"].vectors
+
+  # The blocks' hand-written numbers are those the library reads from the model's layers.
+  import secondorder as so
+  is_spec = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+  read = nnx.to_pure_dict(so.dimension_numbers_from_nnx(problem.make_model(0)))
+  assert jax.tree.leaves(problem.weight_dimension_numbers(params)["blocks"], is_leaf=is_spec) \
+      == jax.tree.leaves(read["blocks"], is_leaf=is_spec)
+
+
+def test_muon_keeps_adam_on_the_stacked_vectors(problem):
+  from benchmarks.optimizers import _matrices_only
+
+  is_spec = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+  dims = _matrices_only(problem.weight_dimension_numbers)(problem.init_params(0))
+  assert dims["blocks"]["fc1"]["bias"] is None and dims["blocks"]["norm1"]["scale"] is None
+  assert dims["blocks"]["fc1"]["kernel"] == optax.contrib.MuonDimensionNumbers(1, 2)
+  assert sum(d is not None for d in jax.tree.leaves(dims, is_leaf=is_spec)) == 4
 
 
 def test_schedule_warms_up_then_decays():
