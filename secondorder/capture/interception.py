@@ -138,29 +138,53 @@ def recording(rec: Recorder):
     _ACTIVE.recorder = prev
 
 
-# ----------------------------------------------------------------------------- linen
+# ----------------------------------------------------------------------------- layer kinds
 
 
-def _linen_describe(module, x, method="__call__", kwargs=None, args=()):
-  if type(module) is nn.Embed:
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+  """One API's covered layer classes, by the kind of block each gets, and how its
+  multi-axis dense layer names the kernel's batch axes."""
+  embed: type
+  layer_norm: type
+  rms_norm: type
+  group_norm: type
+  batch_norm: type
+  dense: type
+  dense_general: type
+  conv: type
+  batch_axes: Callable[[Any], Any]
+
+
+def _describe(layers: _Layers, module, x, method="__call__", kwargs=None, args=()):
+  """(kind, description) of a call of `module` on `x`; (None, None) when not covered."""
+  kwargs = kwargs or {}
+  cls = type(module)
+  if cls is layers.embed:
     if method == "attend":
       return embed.ATTEND, embed.describe_attend(x, module.features)
     return embed.KIND, embed.describe(x)
-  if type(module) in (nn.LayerNorm, nn.RMSNorm):
-    return norm.KIND, norm.describe(module, x, type(module) is nn.LayerNorm, kwargs or {})
-  if type(module) is nn.GroupNorm:
-    return norm.KIND, norm.describe_group(module, x, kwargs or {})
-  if type(module) is nn.BatchNorm:
-    return norm.KIND, norm.describe_batch(module, x, args, kwargs or {})
+  if cls in (layers.layer_norm, layers.rms_norm):
+    return norm.KIND, norm.describe(module, x, cls is layers.layer_norm, kwargs)
+  if cls is layers.group_norm:
+    return norm.KIND, norm.describe_group(module, x, kwargs)
+  if cls is layers.batch_norm:
+    return norm.KIND, norm.describe_batch(module, x, args, kwargs)
   if method != "__call__":
     return None, None
-  if type(module) is nn.Dense:
+  if cls is layers.dense:
     return dense.KIND, dense.describe(x, -1, ())
-  if type(module) is nn.DenseGeneral:
-    return dense.KIND, dense.describe(x, module.axis, module.batch_dims)
-  if type(module) is nn.Conv:
+  if cls is layers.dense_general:
+    return dense.KIND, dense.describe(x, module.axis, layers.batch_axes(module))
+  if cls is layers.conv:
     return conv.KIND, conv.describe(module, x)
   return None, None
+
+
+# ----------------------------------------------------------------------------- linen
+
+_LINEN = _Layers(nn.Embed, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm, nn.Dense,
+                 nn.DenseGeneral, nn.Conv, batch_axes=lambda m: m.batch_dims)
 
 
 def linen_interceptor(next_fun, args, kwargs, context):
@@ -169,7 +193,8 @@ def linen_interceptor(next_fun, args, kwargs, context):
   module = context.module
   if rec is None or context.method_name not in ("__call__", "attend") or not args:
     return next_fun(*args, **kwargs)
-  kind, described = _linen_describe(module, args[0], context.method_name, kwargs, args[1:])
+  kind, described = _describe(_LINEN, module, args[0], context.method_name, kwargs,
+                               args[1:])
   if kind is None:
     return next_fun(*args, **kwargs)
   path = tuple(str(p) for p in module.path)
@@ -198,27 +223,8 @@ def linen_intercept():
 # ----------------------------------------------------------------------------- NNX
 
 _PATH_ATTR = "_secondorder_capture_path"
-
-
-def _nnx_describe(module, x, method="__call__", kwargs=None, args=()):
-  if type(module) is nnx.Embed:
-    if method == "attend":
-      return embed.ATTEND, embed.describe_attend(x, module.features)
-    return embed.KIND, embed.describe(x)
-  if type(module) in (nnx.LayerNorm, nnx.RMSNorm):
-    return norm.KIND, norm.describe(module, x, type(module) is nnx.LayerNorm, kwargs or {})
-  if type(module) is nnx.GroupNorm:
-    return norm.KIND, norm.describe_group(module, x, kwargs or {})
-  if type(module) is nnx.BatchNorm:
-    return norm.KIND, norm.describe_batch(module, x, args, kwargs or {})
-  if type(module) is nnx.Linear:
-    return dense.KIND, dense.describe(x, -1, ())
-  if type(module) is nnx.LinearGeneral:
-    return dense.KIND, dense.describe(x, module.axis, dict(module.batch_axis))
-  if type(module) is nnx.Conv:
-    return conv.KIND, conv.describe(module, x)
-  return None, None
-
+_NNX = _Layers(nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm,
+               nnx.Linear, nnx.LinearGeneral, nnx.Conv, batch_axes=lambda m: dict(m.batch_axis))
 
 _NNX_ORIGINAL = {(cls, "__call__"): cls.__call__
                  for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed,
@@ -236,7 +242,7 @@ def _nnx_wrapped(cls, method):
     path = getattr(self, _PATH_ATTR, None)
     if rec is None or path is None or type(self) is not cls:
       return original(self, x, *args, **kwargs)
-    kind, described = _nnx_describe(self, x, method, kwargs, args)
+    kind, described = _describe(_NNX, self, x, method, kwargs, args)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
     kernel = KERNEL_NAMES.get(kind, "kernel")
 
