@@ -4,7 +4,7 @@
   python -m benchmarks quick                     # small sizes, one seed, a few minutes on a CPU
   python -m benchmarks full                      # longer runs, 3 seeds, 5-point lr sweeps
   python -m benchmarks quick --only digits_mlp,adam,sophia_g --steps 100 --out /tmp/b
-  python -m benchmarks full --skip char_transformer,dist_shampoo  # ~45 min on a CPU core
+  python -m benchmarks full --skip char_transformer,dist_shampoo  # about 1 h on 2 CPU cores
   python -m benchmarks full --only lm --size gpu  # the language-model race, GPU-sized
 
 `--only` takes a comma-separated list of problem and optimizer names (each restricts its
