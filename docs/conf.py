@@ -73,10 +73,9 @@ html_theme_options = {
 # A benchmark run's record (`runs.jsonl`: every run's curves and timings) is kept beside the
 # page that quotes it; its figures are drawn from it here, the way the harness draws them, so
 # no generated image is kept in the repository.
-# Every folder under docs/results with a `runs.jsonl` gets its figures; all the records kept
-# there so far ran the language model at its cpu size (a record of another size would name
-# its folder here).
-LM_SIZE = {}
+# Every folder under docs/results with a `runs.jsonl` gets its figures; every record kept
+# there ran the language model at its cpu size.
+RECORD_LM_SIZE = "cpu"
 
 
 def _draw_result_figures() -> None:
@@ -87,10 +86,9 @@ def _draw_result_figures() -> None:
   from benchmarks.problems import get_problem
   for record in sorted((DOCS / "results").glob("*/runs.jsonl")):
     out = record.parent
-    size = LM_SIZE.get(out.name, "cpu")
     rows, _ = report.read_jsonl(record)
     names = dict.fromkeys(r.problem for r in rows)
-    problems = {n: get_problem(n, size if n == "lm" else "quick") for n in names}
+    problems = {n: get_problem(n, RECORD_LM_SIZE if n == "lm" else "quick") for n in names}
     for n in names:
       report.plot_problem(str(out / f"{n}.png"), problems[n], [r for r in rows if r.problem == n])
     report.plot_speedups(str(out / "speedups.png"), rows, problems)

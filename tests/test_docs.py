@@ -192,10 +192,13 @@ def test_every_figure_is_committed_or_drawn():
       if "://" in target:
         continue
       image = (page.parent / target).resolve()
-      relative = str(image.relative_to(ROOT)) if image.is_relative_to(ROOT) else str(image)
-      drawn = image.suffix == ".png" and (image.parent / "runs.jsonl").relative_to(ROOT).as_posix() in tracked \
-          if image.is_relative_to(ROOT) else False
-      if relative not in tracked and not drawn:
+      if not image.is_relative_to(ROOT):
+        missing.append(f"{page.relative_to(ROOT)}: {target}")
+        continue
+      relative = image.relative_to(ROOT)
+      record = (relative.parent / "runs.jsonl").as_posix()
+      drawn = relative.suffix == ".png" and record in tracked
+      if relative.as_posix() not in tracked and not drawn:
         missing.append(f"{page.relative_to(ROOT)}: {target}")
   assert not missing, f"figures neither committed nor drawn from a committed record: {missing}"
 

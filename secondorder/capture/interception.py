@@ -155,6 +155,11 @@ class _Layers:
   conv: type
   batch_axes: Callable[[Any], Any]
 
+  def classes(self) -> tuple[type, ...]:
+    """Every covered class of the API."""
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "batch_axes")
+
 
 def _describe(layers: _Layers, module, x, method="__call__", kwargs=None, args=()):
   """(kind, description) of a call of `module` on `x`; (None, None) when not covered."""
@@ -226,9 +231,7 @@ _PATH_ATTR = "_secondorder_capture_path"
 _NNX = _Layers(nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm,
                nnx.Linear, nnx.LinearGeneral, nnx.Conv, batch_axes=lambda m: dict(m.batch_axis))
 
-_NNX_ORIGINAL = {(cls, "__call__"): cls.__call__
-                 for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed,
-                             nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm)}
+_NNX_ORIGINAL = {(cls, "__call__"): cls.__call__ for cls in _NNX.classes()}
 _NNX_ORIGINAL[(nnx.Embed, "attend")] = nnx.Embed.attend
 _NNX_CLASSES = {cls for cls, _ in _NNX_ORIGINAL}
 
