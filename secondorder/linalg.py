@@ -9,6 +9,7 @@ along leading axes, and works under `jax.jit` and `jax.vmap`. Products use
   * `inverse_pth_root`: (A + eps I)^(-1/p) by eigendecomposition or by a coupled Newton
     iteration, with a residual that tells a failed root from a good one.
   * `damped_inverse`: (A + damping I)^(-1) by Cholesky or by eigendecomposition.
+  * `orthonormal_factor`: the Q of a QR decomposition (a power-iteration step's basis).
 
 On CPU, batches of matrices of side `CPU_ONE_AT_A_TIME` (32) or more are decomposed one
 matrix at a time: jaxlib 0.10's batched CPU LAPACK kernels can deadlock inside a larger
@@ -32,6 +33,7 @@ __all__ = [
     "max_eigenvalue",
     "inverse_pth_root",
     "damped_inverse",
+    "orthonormal_factor",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -305,3 +307,13 @@ def damped_inverse(a: jax.Array, damping: float | jax.Array, *, method: str = "c
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(x), True), _eye_like(x))
 
   return _symmetrize(_batched(inverse, _symmetrize(a) + damping * eye))
+
+
+def orthonormal_factor(a: jax.Array) -> jax.Array:
+  """The orthonormal factor Q of `a = Q R`, for a square matrix or a batch `[..., n, n]`.
+
+  One step of power iteration towards the eigenbasis of a factor H is
+  `orthonormal_factor(H @ Q)`; on CPU a batch of large matrices is factored one at a time,
+  like the decompositions above.
+  """
+  return _batched(lambda x: jnp.linalg.qr(x)[0], a)
