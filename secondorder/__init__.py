@@ -7,6 +7,7 @@ The public API is flat::
   hv = so.hvp(loss_fn, params, v)           # curvature products on pytrees
 """
 
+from secondorder._version import __version__
 from secondorder import capture
 from secondorder import closures
 from secondorder import curvature
@@ -28,7 +29,9 @@ from secondorder.closures import nnx_forward
 from secondorder.curvature.cg import CGResult
 from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import empirical_fisher_diag
+from secondorder.curvature.estimators import fisher_diag
 from secondorder.curvature.estimators import gnb_diag
+from secondorder.curvature.estimators import hessian_diag
 from secondorder.curvature.estimators import hutchinson_diag
 from secondorder.curvature.estimators import value_grad_and_gnb_diag
 from secondorder.curvature.losses import softmax_cross_entropy
@@ -83,7 +86,6 @@ from secondorder.transforms.sophia import sophia_clip
 from secondorder.transforms.sophia import value_grad_and_gnb_estimate
 from secondorder.transforms.sophia import value_grad_and_hutchinson_estimate
 
-__version__ = "0.1.0"
 
 # Every public name imported above, so that a name added to the imports is exported (and
 # documented: the API reference is generated from this list). Submodules stay attributes.

@@ -1,10 +1,13 @@
-"""Stochastic estimators of curvature diagonals.
+"""Estimators of curvature diagonals: stochastic and matrix-free, or exact for small models.
 
 - `hutchinson_diag`: diag(H) of a scalar loss from Rademacher probes, E[z ⊙ H z] = diag(H).
 - `gnb_diag`: Sophia-G's Gauss-Newton-Bartlett estimate of diag(G) for softmax
   cross-entropy, from one backward pass with labels sampled from the model.
 - `empirical_fisher_diag`: the diagonal of the empirical Fisher (data labels), from
   per-example gradients.
+- `hessian_diag`, `fisher_diag`: optax.second_order's exact Hessian diagonal (one
+  Hessian-vector product per parameter) and squared batch gradient, as flat vectors with
+  optax's arguments `(loss, params, inputs, targets)`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from secondorder._validation import check_int
 from secondorder.curvature import products as _products
@@ -245,3 +249,85 @@ def empirical_fisher_diag(
     return jnp.mean(jnp.square(g.astype(acc)), axis=0).astype(g.dtype)
 
   return jax.tree.map(mean_sq, per_example)
+
+
+def _check_loss(name: str, loss: Any, caller: str) -> None:
+  if not callable(loss):
+    raise TypeError(f"{caller}: {name} must be a callable (params, inputs, targets) -> scalar, "
+                    f"got {type(loss).__name__}.")
+
+
+def hessian_diag(
+    loss: Callable[[PyTree, Any, Any], jax.Array],
+    params: PyTree,
+    inputs: Any,
+    targets: Any,
+) -> jax.Array:
+  """The exact Hessian diagonal of `loss(params, inputs, targets)`, as a flat vector.
+
+    diag(H)_i = e_iᵀ H e_i,   H = ∇²_θ loss(θ, inputs, targets),
+
+  from one Hessian-vector product per parameter (∇ loss is linearised once, then applied
+  to every basis vector e_i of the raveled parameters): n products for n parameters, so it
+  is meant for small models and for checking an estimator. For large models use the
+  matrix-free estimate `hutchinson_diag`.
+
+  The arguments, the result and its meaning are those of the deprecated
+  `optax.second_order.hessian_diag`.
+
+  Args:
+    loss: `(params, inputs, targets) -> scalar`.
+    params: the point θ (any pytree of arrays).
+    inputs: the inputs passed to `loss`.
+    targets: the targets passed to `loss`.
+
+  Returns:
+    A vector of the size of `jax.flatten_util.ravel_pytree(params)[0]`, in its order and
+    dtype: the diagonal of the Hessian with respect to the raveled parameters.
+
+  Example:
+    >>> d = hessian_diag(lambda p, x, y: jnp.mean((x @ p - y) ** 2), w, x, y)
+  """
+  _check_loss("loss", loss, "hessian_diag")
+  flat, unravel = ravel_pytree(params)
+  matvec = _products.hessian_operator(lambda p: loss(p, inputs, targets), params)
+
+  def entry(basis: jax.Array) -> jax.Array:
+    return jnp.vdot(basis, ravel_pytree(matvec(unravel(basis)))[0])
+
+  return jax.vmap(entry)(jnp.eye(flat.size, dtype=flat.dtype))
+
+
+def fisher_diag(
+    negative_log_likelihood: Callable[[PyTree, Any, Any], jax.Array],
+    params: PyTree,
+    inputs: Any,
+    targets: Any,
+) -> jax.Array:
+  """The square of the batch gradient of the negative log-likelihood, as a flat vector.
+
+    g ⊙ g,   g = ∇_θ nll(θ, inputs, targets) raveled,
+
+  the diagonal of the rank-one "observed Fisher" g gᵀ of the whole batch taken as one
+  example, from one gradient pass. With the data's labels as `targets` it is neither the
+  Fisher information (`fisher_vp`, `gnb_diag` sample labels from the model) nor the mean of
+  per-example squared gradients (`empirical_fisher_diag`): it squares the batch's gradient.
+
+  The arguments, the result and its meaning are those of the deprecated
+  `optax.second_order.fisher_diag`.
+
+  Args:
+    negative_log_likelihood: `(params, inputs, targets) -> scalar`.
+    params: the point θ (any pytree of arrays).
+    inputs: the inputs passed to `negative_log_likelihood`.
+    targets: the targets passed to `negative_log_likelihood`.
+
+  Returns:
+    A vector of the size of `jax.flatten_util.ravel_pytree(params)[0]`, in its order.
+
+  Example:
+    >>> d = fisher_diag(nll, params, x, y)
+  """
+  _check_loss("negative_log_likelihood", negative_log_likelihood, "fisher_diag")
+  grads = jax.grad(negative_log_likelihood)(params, inputs, targets)
+  return jnp.square(ravel_pytree(grads)[0])
