@@ -12,6 +12,7 @@ and the API reference is generated from the docstrings of every name in
 
 import os
 import pathlib
+import re
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -60,6 +61,59 @@ autodoc_default_options = {"undoc-members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+
+# -- Math: MathJax served with the site, never from a CDN ---------------------------------
+# Sphinx loads MathJax 3 from jsDelivr by default, so a page opened offline shows raw LaTeX.
+# The django-static-mathjax package (a docs/test requirement, no Django needed) holds
+# MathJax 3.2.2's distribution; the parts the pages use are copied into `_static/mathjax`
+# after the build: the TeX/MathML-to-HTML component, its TeX extensions (loaded on demand),
+# its CommonHTML output with the woff fonts, the menu and the accessibility code the menu loads.
+# The speech rule engine (`sre`) is left out. Every page is then checked for a script or a
+# stylesheet that loads from another host (`_check_no_remote_assets`).
+MATHJAX_COMPONENT = "tex-mml-chtml.js"
+MATHJAX_PARTS = (MATHJAX_COMPONENT, "input", "output/chtml", "ui", "a11y", "adaptors")
+mathjax_path = f"mathjax/{MATHJAX_COMPONENT}"   # relative: under the site's _static/
+
+
+def _mathjax_distribution() -> pathlib.Path:
+  import mathjax  # the django-static-mathjax distribution
+  return pathlib.Path(mathjax.__file__).resolve().parent / "static" / "mathjax" / "es5"
+
+
+def _copy_mathjax(app, exception) -> None:
+  if exception is not None or app.builder.format != "html":
+    return
+  import shutil
+  source, target = _mathjax_distribution(), pathlib.Path(app.outdir) / "_static" / "mathjax"
+  for part in MATHJAX_PARTS:
+    (target / part).parent.mkdir(parents=True, exist_ok=True)
+    if (source / part).is_dir():
+      shutil.copytree(source / part, target / part, dirs_exist_ok=True)
+    else:
+      shutil.copy2(source / part, target / part)
+
+
+# A <script src=...> or a <link href=...> (stylesheet, font, preload) on another host.
+_REMOTE_ASSET = re.compile(
+    r"<(?:script|link)\b[^>]*\s(?:src|href)=[\"'](?:https?:)?//[^\"']*[\"']", re.IGNORECASE)
+
+
+def _check_no_remote_assets(app, exception) -> None:
+  if exception is not None or app.builder.format != "html":
+    return
+  remote = []
+  for page in sorted(pathlib.Path(app.outdir).rglob("*.html")):
+    for tag in _REMOTE_ASSET.findall(page.read_text(encoding="utf-8")):
+      remote.append(f"{page.relative_to(app.outdir)}: {tag}")
+  if remote:
+    raise RuntimeError("pages load assets from another host (the site must work offline):\n"
+                       + "\n".join(remote[:20]))
+
+
+def setup(app):
+  app.connect("build-finished", _copy_mathjax)
+  app.connect("build-finished", _check_no_remote_assets)
+
 
 # -- HTML ---------------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
