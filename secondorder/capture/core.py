@@ -44,9 +44,9 @@ def _why_not(calls: list[interception.Call], shapes: dict) -> str | None:
   if stack is None:
     return (f"its kernel has shape {shapes[first.kernel]} in the parameters but "
             f"{first.kernel_shape} inside the call")
+  emitted = tuple(first.kernel_shape[a] for a in first.axes[1])
   if first.bias is not None and (
-      first.bias not in shapes
-      or shapes[first.bias] != stack + first.kernel_shape[first.reduction_ndim:]):
+      first.bias not in shapes or shapes[first.bias] != stack + emitted):
     return f"its bias {'/'.join(first.bias)} does not match the kernel"
   return None
 
@@ -88,9 +88,8 @@ def layers_from_calls(calls: Sequence[interception.Call], params) -> KfacLayers:
       continue
     c = group[0]
     k = len(shapes[c.kernel]) - len(c.kernel_shape)
-    ndim = len(shapes[c.kernel])
-    spec = MuonDimensionNumbers(tuple(range(k, k + c.reduction_ndim)),
-                                tuple(range(k + c.reduction_ndim, ndim)))
+    spec = MuonDimensionNumbers(tuple(k + a for a in c.axes[0]),
+                                tuple(k + a for a in c.axes[1]))
     kind = "tied" if any(g.kind == "attend" for g in group) else c.kind
     covered.append(KfacLayer(name, kind, c.kernel, c.bias, shapes[c.kernel], spec, c.groups))
   owned = {l.kernel for l in covered} | {l.bias for l in covered if l.bias is not None}

@@ -23,15 +23,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from secondorder.capture import conv, dense, embed, norm, padding, taps
+from secondorder.capture import conv, dense, einsum, embed, norm, padding, registry, taps
 
 KINDS = {dense.KIND: dense, conv.KIND: conv}
 # Per kind of block (`KfacLayer.kind`): its taps' zero slots and how their cotangents make
 # its statistics (`slot_shapes(layer)`, `statistics(layer, first, fisher, m)`).
-BLOCKS = {dense.KIND: dense, conv.KIND: dense, embed.KIND: embed, embed.TIED: embed,
-          norm.KIND: norm}
+BLOCKS = {dense.KIND: dense, conv.KIND: dense, einsum.KIND: dense, embed.KIND: embed,
+          embed.TIED: embed, norm.KIND: norm}
 # The layer kinds whose taps are not the Kronecker pair of `kronecker_tap`.
-TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap}
+TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap,
+        einsum.KIND: einsum.tap}
 # The parameter a kind calls its kernel (default "kernel").
 KERNEL_NAMES = {embed.KIND: "embedding", embed.ATTEND: "embedding", norm.KIND: "scale"}
 
@@ -45,7 +46,8 @@ class Call:
     kind: "dense" or "conv".
     kernel, bias: parameter paths (bias None when absent).
     kernel_shape: the kernel's shape as the call sees it.
-    reduction_ndim: the kernel's number of input axes.
+    axes: the kernel's reduction (input) axes and output axes as the call sees it (the
+      output axes in the order the layer's output holds them).
     config: the kind's hashable input configuration (`dense.describe`, `conv.describe`).
     problem: why the call cannot be covered, or None.
     groups: a convolution's feature groups (each its own block); 1 otherwise.
@@ -55,7 +57,7 @@ class Call:
   kernel: tuple[str, ...]
   bias: tuple[str, ...] | None
   kernel_shape: tuple[int, ...]
-  reduction_ndim: int
+  axes: tuple[tuple[int, ...], tuple[int, ...]]
   config: Any
   problem: str | None
   groups: int = 1
@@ -91,6 +93,7 @@ class Recorder:
     self.capture = capture
     self.mask = mask
     self.calls: list[Call] = []
+    self.entered: set = set()   # (path, method) of linen overrides running their base call
 
   def _weights(self, name: str):
     """`positions -> row weights` of layer `name` (None throughout without a mask)."""
@@ -107,8 +110,11 @@ class Recorder:
       problem = described if isinstance(described, str) else None
       config, nin = (None, 0) if problem else described
       groups = conv.num_groups(config) if kind == conv.KIND and not problem else 1
-      self.calls.append(Call(name, kind, kernel_path, bias_path, tuple(kernel_shape()), nin,
-                             config, problem, groups))
+      shape = tuple(kernel_shape())
+      axes = nin if isinstance(nin, tuple) else (tuple(range(nin)),
+                                                  tuple(range(nin, len(shape))))
+      self.calls.append(Call(name, kind, kernel_path, bias_path, shape, axes, config,
+                             problem, groups))
       return y
     found = None if isinstance(described, str) else slots()
     if found is None:
@@ -138,71 +144,50 @@ def recording(rec: Recorder):
     _ACTIVE.recorder = prev
 
 
-# ----------------------------------------------------------------------------- layer kinds
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layers:
-  """One API's covered layer classes, by the kind of block each gets, and how its
-  multi-axis dense layer names the kernel's batch axes."""
-  embed: type
-  layer_norm: type
-  rms_norm: type
-  group_norm: type
-  batch_norm: type
-  dense: type
-  dense_general: type
-  conv: type
-  batch_axes: Callable[[Any], Any]
-
-  def classes(self) -> tuple[type, ...]:
-    """Every covered class of the API."""
-    return tuple(getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name != "batch_axes")
-
-
-def _describe(layers: _Layers, module, x, method="__call__", kwargs=None, args=()):
-  """(kind, description) of a call of `module` on `x`; (None, None) when not covered."""
-  kwargs = kwargs or {}
-  cls = type(module)
-  if cls is layers.embed:
-    if method == "attend":
-      return embed.ATTEND, embed.describe_attend(x, module.features)
-    return embed.KIND, embed.describe(x)
-  if cls in (layers.layer_norm, layers.rms_norm):
-    return norm.KIND, norm.describe(module, x, cls is layers.layer_norm, kwargs)
-  if cls is layers.group_norm:
-    return norm.KIND, norm.describe_group(module, x, kwargs)
-  if cls is layers.batch_norm:
-    return norm.KIND, norm.describe_batch(module, x, args, kwargs)
-  if method != "__call__":
-    return None, None
-  if cls is layers.dense:
-    return dense.KIND, dense.describe(x, -1, ())
-  if cls is layers.dense_general:
-    return dense.KIND, dense.describe(x, module.axis, layers.batch_axes(module))
-  if cls is layers.conv:
-    return conv.KIND, conv.describe(module, x)
-  return None, None
-
-
 # ----------------------------------------------------------------------------- linen
 
-_LINEN = _Layers(nn.Embed, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm, nn.Dense,
-                 nn.DenseGeneral, nn.Conv, batch_axes=lambda m: m.batch_dims)
+
+def _override_problem(layer: registry.Layer, module, klass: type, method: str) -> str:
+  return (f"{klass.__name__}, a subclass of {layer.cls.__module__.split('.')[1]}."
+          f"{layer.cls.__name__}, overrides {method} without calling "
+          f"{layer.cls.__name__}.{method}, so the block's inputs are never seen")
+
+
+def _problem_call(name: str, layer: registry.Layer, path: tuple, shape, problem: str) -> Call:
+  return Call(name, layer.kind, path + (layer.kernel,), None, tuple(shape), ((), ()), None,
+              problem)
 
 
 def linen_interceptor(next_fun, args, kwargs, context):
-  """`flax.linen.intercept_methods` hook sending covered layers' calls to the recorder."""
+  """`flax.linen.intercept_methods` hook sending covered layers' calls to the recorder.
+
+  A subclass overriding a tapped method is tapped at the base method its override calls
+  (`super().__call__`): the outer call passes through, the inner one is the layer's."""
   rec = _ACTIVE.recorder
   module = context.module
-  if rec is None or context.method_name not in ("__call__", "attend") or not args:
-    return next_fun(*args, **kwargs)
-  kind, described = _describe(_LINEN, module, args[0], context.method_name, kwargs,
-                               args[1:])
-  if kind is None:
+  layer = None if rec is None else registry.lookup(registry.LINEN, module)
+  if layer is None or context.method_name not in layer.methods or not args:
     return next_fun(*args, **kwargs)
   path = tuple(str(p) for p in module.path)
+  key = (path, context.method_name)
+  klass = registry.overriding(layer, module, context.method_name)
+  if klass is not None and key not in rec.entered:
+    rec.entered.add(key)
+    before = len(rec.calls)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      rec.entered.discard(key)
+    if not rec.capture and not any(c.name == "/".join(path) for c in rec.calls[before:]):
+      shape = (jnp.shape(module.get_variable("params", layer.kernel))
+               if module.has_variable("params", layer.kernel) else ())
+      rec.calls.append(_problem_call("/".join(path), layer, path, shape, _override_problem(
+          layer, module, klass, context.method_name)))
+    return out
+  kind, described = registry.describe(layer, module, args[0], context.method_name,
+                                      args[1:], kwargs)
+  if kind is None:
+    return next_fun(*args, **kwargs)
   bias = path + ("bias",) if getattr(module, "use_bias", False) else None
   kernel = KERNEL_NAMES.get(kind, "kernel")
 
@@ -228,12 +213,9 @@ def linen_intercept():
 # ----------------------------------------------------------------------------- NNX
 
 _PATH_ATTR = "_secondorder_capture_path"
-_NNX = _Layers(nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm,
-               nnx.Linear, nnx.LinearGeneral, nnx.Conv, batch_axes=lambda m: dict(m.batch_axis))
 
-_NNX_ORIGINAL = {(cls, "__call__"): cls.__call__ for cls in _NNX.classes()}
-_NNX_ORIGINAL[(nnx.Embed, "attend")] = nnx.Embed.attend
-_NNX_CLASSES = {cls for cls, _ in _NNX_ORIGINAL}
+_NNX_ORIGINAL = {(layer.cls, method): getattr(layer.cls, method)
+                 for layer in registry.NNX for method in layer.methods}
 
 
 def _nnx_wrapped(cls, method):
@@ -243,9 +225,10 @@ def _nnx_wrapped(cls, method):
   def call(self, x, *args, **kwargs):
     rec = _ACTIVE.recorder
     path = getattr(self, _PATH_ATTR, None)
-    if rec is None or path is None or type(self) is not cls:
+    layer = None if rec is None or path is None else registry.lookup(registry.NNX, self)
+    if layer is None or layer.cls is not cls:
       return original(self, x, *args, **kwargs)
-    kind, described = _describe(_NNX, self, x, method, kwargs, args)
+    kind, described = registry.describe(layer, self, x, method, args, kwargs)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
     kernel = KERNEL_NAMES.get(kind, "kernel")
 
@@ -294,14 +277,59 @@ def nnx_intercept(model):
 
   `model` must be the capture's own copy (from `nnx.merge`), never the user's module.
   """
+  marked = {}
   for path, m in nnx.iter_modules(model):
-    if type(m) in _NNX_CLASSES:
-      setattr(m, _PATH_ATTR, tuple(str(p) for p in path))
+    layer = registry.lookup(registry.NNX, m)
+    if layer is not None:
+      path = tuple(str(p) for p in path)
+      setattr(m, _PATH_ATTR, path)
+      marked[path] = (layer, m)
+  overrides = {(klass, method): layer for layer, m in marked.values()
+               for method in layer.methods
+               for klass in [registry.overriding(layer, m, method)] if klass is not None}
+  rec = _ACTIVE.recorder
   with _NNX_LOCK:
+    patched = {key: getattr(*key) for key in list(_NNX_ORIGINAL) + list(overrides)}
     for cls, method in _NNX_ORIGINAL:
       setattr(cls, method, _nnx_wrapped(cls, method))
+    for (klass, method), layer in overrides.items():
+      setattr(klass, method, _nnx_override_wrapped(layer, patched[(klass, method)], klass,
+                                                   method))
     try:
       yield
     finally:
-      for (cls, method), fn in _NNX_ORIGINAL.items():
+      for (cls, method), fn in patched.items():
         setattr(cls, method, fn)
+  if rec is not None and not rec.capture:
+    _note_uncalled(rec, marked)
+
+
+def _nnx_override_wrapped(layer: registry.Layer, override, klass: type, method: str):
+  """A subclass's override of a tapped method, noting (in discovery) a call that never
+  reaches the base method: the layer then falls back, since a use of its kernel is unseen."""
+
+  @functools.wraps(override)
+  def call(self, *args, **kwargs):
+    rec = _ACTIVE.recorder
+    path = getattr(self, _PATH_ATTR, None)
+    if rec is None or path is None or rec.capture:
+      return override(self, *args, **kwargs)
+    name, before = "/".join(path), len(rec.calls)
+    out = override(self, *args, **kwargs)
+    if not any(c.name == name for c in rec.calls[before:]):
+      rec.calls.append(_problem_call(name, layer, path,
+                                     jnp.shape(getattr(self, layer.kernel)[...]),
+                                     _override_problem(layer, self, klass, method)))
+    return out
+  return call
+
+
+def _note_uncalled(rec: Recorder, marked: dict) -> None:
+  """Records why a covered layer the forward pass never called has no block."""
+  called = {c.name for c in rec.calls}
+  for path, (layer, m) in marked.items():
+    name = "/".join(path)
+    if name in called or getattr(m, layer.kernel, None) is None:
+      continue
+    rec.calls.append(_problem_call(name, layer, path, jnp.shape(getattr(m, layer.kernel)[...]),
+                                   "the forward pass never calls the layer"))
