@@ -18,6 +18,7 @@ callable ``params -> such a pytree``, or ``None`` (the default for every leaf).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
-__all__ = ["MuonDimensionNumbers", "LeafAxes", "leaf_axes", "resolve_leaf_axes",
+__all__ = ["MuonDimensionNumbers", "LeafAxes", "leaf_axes", "plain_reading", "resolve_leaf_axes",
            "WeightDimensionNumbers"]
 
 WeightDimensionNumbers = Union[Any, Callable[[Any], Any], None]
@@ -163,22 +164,23 @@ def resolve_leaf_axes(weight_dimension_numbers: WeightDimensionNumbers, params: 
 # --- Deriving dimension numbers from a Flax model ------------------------------------------
 #
 # Flax records no stacking in a parameter's metadata (an `nnx.vmap` / `nnx.scan` / `nn.scan`
-# leaf is a plain array with one more axis), but each layer knows its own kernel's layout:
+# leaf is a plain array with one more axis), but each layer knows its own kernel's layout.
+# Which classes are layers, and how each one's kernel splits into a reduction side and an
+# output side, is the table the K-FAC capture reads too (`secondorder.capture.registry`:
 # `Linear` / `Dense` `[in, out]`, `LinearGeneral` / `DenseGeneral`
-# `[*batch, *in_features, *out_features]`, `Conv` `[*kernel_size, in, out]`, `Embed`
-# `[num_embeddings, features]`. A stored kernel with more axes than its layer's own kernel is
-# a stack; where the stack axes sit is declared by `stack_axis` (default 0, where
-# `nnx.vmap`, `nnx.scan` and `nn.scan` put them unless told otherwise) and checked against
-# the shapes, never searched for.
+# `[*batch, *in_features, *out_features]`, `Einsum` by its equation, `Conv`
+# `[*kernel_size, in, out]`, `Embed` `[num_embeddings, features]`; subclasses included). A
+# stored kernel with more axes than its layer's own kernel is a stack; where the stack axes
+# sit is declared by `stack_axis` (default 0, where `nnx.vmap`, `nnx.scan` and `nn.scan` put
+# them unless told otherwise) and checked against the shapes, never searched for.
 
-_KernelLayout = tuple[int, int, int]   # (batch, reduction, output) axis counts of one layer
+_Axes = tuple[tuple[int, ...], tuple[int, ...]]   # (reduction, output) axes of one layer
 
 
-def _stacked_spec(shape: tuple[int, ...], layer_shape: tuple[int, ...],
-                  layout: _KernelLayout, stack_axis: int, path: str
-                  ) -> MuonDimensionNumbers:
-  """The spec of a stored kernel of `shape` whose layer's own kernel is `layer_shape`."""
-  n_batch, n_red, n_out = layout
+def _stacked_spec(shape: tuple[int, ...], layer_shape: tuple[int, ...], axes: _Axes,
+                  stack_axis: int, path: str) -> MuonDimensionNumbers:
+  """The spec of a stored kernel of `shape` whose layer's own kernel is `layer_shape`, read
+  as `axes` (its reduction and output axes; any other axis of the layer is a batch axis)."""
   extra = len(shape) - len(layer_shape)
   where = (f"{path}: stored shape {shape}, the layer's own kernel {layer_shape} "
            f"(stack_axis={stack_axis})")
@@ -193,9 +195,8 @@ def _stacked_spec(shape: tuple[int, ...], layer_shape: tuple[int, ...],
     raise ValueError(f"{where}: removing the stack axes {stack} does not leave the layer's "
                      "kernel; pass the stack_axis the stacking transform used "
                      "(its out_axes / variable_axes).")
-  red = kept[n_batch:n_batch + n_red]
-  out = kept[n_batch + n_red:]
-  assert len(out) == n_out, (where, layout)
+  red = tuple(kept[a] for a in axes[0])
+  out = tuple(kept[a] for a in axes[1])
   return MuonDimensionNumbers(red if len(red) != 1 else red[0],
                               out if len(out) > 1 else out[0])
 
@@ -209,7 +210,7 @@ def _stacked_vector_spec(shape: tuple[int, ...], extra: int, stack_axis: int, pa
     return None
   return _stacked_spec(shape, tuple(d for i, d in enumerate(shape)
                                     if not _in_stack(i, extra, stack_axis)),
-                       (0, 0, 1), stack_axis, path)
+                       ((), (0,)), stack_axis, path)
 
 
 def _in_stack(axis: int, extra: int, stack_axis: int) -> bool:
@@ -218,28 +219,20 @@ def _in_stack(axis: int, extra: int, stack_axis: int) -> bool:
   return start <= axis < start + extra
 
 
-def _nnx_kernel_layouts(module: Any) -> dict[str, tuple[tuple[int, ...], _KernelLayout]]:
-  """{attribute: (the layer's own kernel shape, its layout)} of a known NNX layer."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  if isinstance(module, nnx.Linear):
-    return {"kernel": ((module.in_features, module.out_features), (0, 1, 1))}
-  if isinstance(module, nnx.LinearGeneral):
-    batch = tuple(module.batch_axis.values())
-    return {"kernel": ((*batch, *module.in_features, *module.out_features),
-                       (len(batch), len(module.in_features), len(module.out_features)))}
-  if isinstance(module, nnx.Conv):
-    spatial = tuple(module.kernel_size)
-    shape = (*spatial, module.in_features // module.feature_group_count, module.out_features)
-    return {"kernel": (shape, (0, len(spatial) + 1, 1))}
-  if isinstance(module, nnx.Embed):
-    return {"embedding": ((module.num_embeddings, module.features), (0, 1, 1))}
-  return {}
-
-
-def _nnx_vector_layer(module: Any) -> bool:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.LayerNorm,
-                             nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm))
+def _nnx_kernel_layouts(module: Any
+                        ) -> tuple[Any, dict[str, tuple[tuple[int, ...], _Axes]]]:
+  """(`module`'s entry of the layer table or None, {kernel attribute: (the layer's own
+  kernel shape, its axes)}); no kernel for a norm, or for an Einsum whose equation is given
+  only at its call or cannot be read (its kernel then gets the plain reading)."""
+  from secondorder.capture import registry  # pylint: disable=g-import-not-at-top
+  layer = registry.lookup(registry.NNX, module)
+  if layer is None:
+    return None, {}
+  own = tuple(layer.own_shape(module)) if layer.own_shape is not None else None
+  axes = None if own is None else registry.spec_axes(layer, module, own)
+  if axes is None or isinstance(axes, str):
+    return layer, {}
+  return layer, {layer.kernel: (own, axes)}
 
 
 def _path_key(path) -> tuple[str, ...]:
@@ -253,20 +246,57 @@ def _path_key(path) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _specs_like(params: Any, specs: dict, unknown: dict, what: str, on_unknown: str) -> Any:
-  """`params` with each leaf replaced by its spec (None where none applies)."""
-  if on_unknown not in ("raise", "none"):
-    raise ValueError(f"on_unknown must be 'raise' or 'none', got {on_unknown!r}.")
+_ON_UNKNOWN = ("plain", "raise", "none")
+
+
+def plain_reading(shape: Sequence[int], own_shape: Sequence[int] | None = None,
+                  stack_axis: int = 0) -> tuple[MuonDimensionNumbers, str]:
+  """The dimension numbers of a parameter of rank >= 2 that no known layer owns, and why.
+
+  A free matrix ``[m, n]`` is read as its own two axes, ``MuonDimensionNumbers(0, 1)``. A
+  free parameter of rank >= 3 (a position table ``[1, N, D]``, a stack whose layout no
+  layer declares) gets no matrix reading: ``MuonDimensionNumbers((), ndim - 1)``, vectors
+  over its last axis, which each method treats as it treats a 1-D parameter (Adam's step in
+  SOAP, the diagonal path in Shampoo). With `own_shape`, the shape one layer of a stack
+  sees (linen's `nn.scan`), the reading is that of one layer, the extra axes at
+  `stack_axis` being the stack.
+  """
+  own = tuple(shape if own_shape is None else own_shape)
+  axes = ((0,), (1,)) if len(own) == 2 else ((), (len(own) - 1,))
+  why = ("a free matrix, read as its own two axes" if len(own) == 2 else
+         f"a free parameter of rank {len(own)}, no matrix reading (vectors over its last axis)")
+  if len(own) < len(shape):
+    try:
+      spec = _stacked_spec(tuple(shape), own, axes, stack_axis, "")
+      return spec, why + f", in each of the stacked layers (one layer sees {own})"
+    except ValueError:
+      own, axes = tuple(shape), ((), (len(shape) - 1,))
+      why = f"a free parameter of rank {len(shape)}, no matrix reading (vectors over its last axis)"
+  if not axes[0]:
+    return MuonDimensionNumbers((), axes[1][0]), why
+  return MuonDimensionNumbers(0, 1), why
+
+
+def _specs_like(params: Any, specs: dict, unknown: dict, what: str, on_unknown: str,
+                with_summary: bool, own_shapes: dict | None = None, stack_axis: int = 0
+                ) -> Any:
+  """`params` with each leaf replaced by its spec (None where none applies); with
+  `with_summary`, also the text saying what was read plainly (`plain_reading`)."""
+  if on_unknown not in _ON_UNKNOWN:
+    raise ValueError(f"on_unknown must be one of {_ON_UNKNOWN}, got {on_unknown!r}.")
+  plain = {}
 
   def pick(path, leaf):
     key = _path_key(path)
     if key not in specs and key[-1:] == ("value",):   # an nnx.Variable's array
       key = key[:-1]
-    if key in specs:
-      return specs[key]
-    if key not in unknown and np.ndim(leaf) >= 2:
+    if key not in specs and key not in unknown and np.ndim(leaf) >= 2:
       unknown[key] = tuple(np.shape(leaf))
-    return None
+    if key in unknown and on_unknown == "plain":
+      spec, why = plain_reading(unknown[key], (own_shapes or {}).get(key), stack_axis)
+      plain[key] = why
+      return spec
+    return specs.get(key)
 
   tree = jax.tree_util.tree_map_with_path(pick, params)
   if unknown and on_unknown == "raise":
@@ -274,12 +304,19 @@ def _specs_like(params: Any, specs: dict, unknown: dict, what: str, on_unknown: 
     raise ValueError(
         f"{what}: no layer that Flax knows how to read owns these parameters of rank >= 2, "
         f"so their axes are unknown: {listed}. Give them dimension numbers by hand (edit the "
-        "returned tree), or pass on_unknown='none' to leave them to each method's default.")
-  return tree
+        "returned tree), or pass on_unknown='plain' (the default: a free matrix is its own "
+        "two axes, anything else has no matrix reading) or 'none' (each method's default).")
+  lines = [f"{what}: {len(plain)} parameters of rank >= 2 outside every known layer"
+           + (", read plainly:" if plain else ".")]
+  lines += [f"  {'/'.join(k)} {unknown[k]}: {why}" for k, why in sorted(plain.items())]
+  summary = "\n".join(lines)
+  if plain:
+    logging.getLogger(__name__).info(summary)
+  return (tree, summary) if with_summary else tree
 
 
 def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = None,
-                               on_unknown: str = "raise") -> Any:
+                               on_unknown: str = "plain", with_summary: bool = False) -> Any:
   r"""`weight_dimension_numbers` for a Flax NNX model, read from its layers.
 
   Every kernel of a layer whose layout Flax defines gets a `MuonDimensionNumbers`:
@@ -297,8 +334,13 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
   ``MuonDimensionNumbers((), 1)``: L independent vectors, which each method treats as it
   treats a 1-D parameter of the unrolled model. Unstacked biases and scales, and those that
   are not vectors in one layer (a `LinearGeneral` bias ``[heads, head_dim]``), get None
-  (each method's default). A parameter of rank >= 2 that no known layer owns raises
-  (`on_unknown="raise"`) rather than being guessed. (`optax.contrib.muon` reads an empty
+  (each method's default). A parameter of rank >= 2 that no known layer owns is read
+  plainly by default (`plain_reading`: a free matrix is its own two axes, a free parameter
+  of rank >= 3 such as a position table has no matrix reading, vectors over its last
+  axis); `with_summary=True` also returns the text listing what was read that way, and
+  `on_unknown="raise"` raises instead, naming every such parameter. A kernel its layer
+  cannot read (an `nnx.Einsum` whose equation is given only at the call) is read plainly
+  too. (`optax.contrib.muon` reads an empty
   reduction side as L matrices of one row each and orthogonalises them; for Muon, replace
   those specs by None to keep its Adam on the vectors.)
 
@@ -309,12 +351,16 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
       `nnx.vmap`, default 0). Checked against every stacked kernel's shape.
     wrt: the filter of the optimized state (default `nnx.Param`), as in
       `nnx.state(model, wrt)`; the result has that state's structure.
-    on_unknown: "raise" (default) or "none" (leave unknown parameters to the defaults).
+    on_unknown: for parameters of rank >= 2 that no known layer owns: "plain" (default,
+      `plain_reading`), "raise" (a ValueError naming them) or "none" (each method's
+      default).
+    with_summary: also return the text saying which parameters were read plainly.
 
   Returns:
     A pytree like `nnx.state(model, wrt)` (an `nnx.State` whose variables hold a
     `MuonDimensionNumbers` or None), for any method's `weight_dimension_numbers` when the
     optimized params are that state; `nnx.to_pure_dict` of it matches pure-dict params.
+    With `with_summary`, the pair `(tree, summary)`.
 
   Raises:
     ValueError: naming the path and shapes, when a kernel does not fit its layer with the
@@ -336,15 +382,18 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
       continue
     path = tuple(str(p) for p in path)
     extra = None  # stack axes of this layer's parameters (None: no kernel to tell)
-    for name, (layer_shape, layout) in _nnx_kernel_layouts(node).items():
+    layer, kernels = _nnx_kernel_layouts(node)
+    for name, (layer_shape, axes) in kernels.items():
       shape = tuple(np.shape(getattr(node, name).get_value()))
-      specs[path + (name,)] = _stacked_spec(shape, layer_shape, layout, stack_axis,
+      specs[path + (name,)] = _stacked_spec(shape, layer_shape, axes, stack_axis,
                                             "/".join(path + (name,)))
       extra = len(shape) - len(layer_shape)
-    if _nnx_vector_layer(node):
+    if layer is not None:
       for n, v in vars(node).items():
         if not isinstance(v, nnx.Variable) or path + (n,) in specs:
           continue
+        if n == layer.kernel and layer.axes(node, (), (), {}) is not None:
+          continue   # a kernel its layer cannot read: the plain reading
         owned.add(path + (n,))
         shape = tuple(np.shape(v.get_value()))
         # A norm's own parameters are vectors: every further axis is a stack axis.
@@ -355,34 +404,34 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
   for key in owned - set(specs):
     specs[key] = None
   params = nnx.state(model, nnx.Param if wrt is None else wrt)
-  return _specs_like(params, specs, unknown, "dimension_numbers_from_nnx", on_unknown)
+  return _specs_like(params, specs, unknown, "dimension_numbers_from_nnx", on_unknown,
+                     with_summary)
 
 
-def _linen_kernel_layout(module: Any, variables: dict
-                         ) -> tuple[str, tuple[int, ...], _KernelLayout] | None:
-  """(param name, the layer's own kernel shape, layout) of a known linen layer."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+def _linen_kernel_layout(module: Any, variables: dict, args: tuple, kwargs: dict
+                         ) -> tuple[Any, tuple[str, tuple[int, ...], _Axes] | str | None]:
+  """(`module`'s entry of the layer table or None, (param name, the layer's own kernel
+  shape as its call sees it, its axes), or the name of a kernel it cannot read, or None)."""
+  from secondorder.capture import registry  # pylint: disable=g-import-not-at-top
+  layer = registry.lookup(registry.LINEN, module)
+  if layer is None:
+    return None, None
   params = variables.get("params", {})
-  if isinstance(module, nn.Embed) and "embedding" in params:
-    return "embedding", tuple(params["embedding"].shape), (0, 1, 1)
-  if "kernel" not in params:
-    return None
-  shape = tuple(params["kernel"].shape)
-  if isinstance(module, nn.Dense):
-    return "kernel", shape, (0, 1, 1)
-  if isinstance(module, nn.DenseGeneral):
-    count = lambda x: len(x) if isinstance(x, (tuple, list)) else 1
-    n_out = count(module.features)
-    n_batch = len(module.batch_dims) if isinstance(module.batch_dims, (tuple, list)) else 1
-    return "kernel", shape, (n_batch, len(shape) - n_batch - n_out, n_out)
-  if isinstance(module, nn.Conv):
-    return "kernel", shape, (0, len(shape) - 1, 1)
-  return None
+  if layer.kernel not in params:
+    return layer, None
+  shape = tuple(params[layer.kernel].shape)
+  axes = registry.spec_axes(layer, module, shape, args, kwargs)
+  if axes is None:
+    return layer, None
+  if isinstance(axes, str):
+    return layer, layer.kernel
+  return layer, (layer.kernel, shape, axes)
 
 
 def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
                                  stack_axis: int = 0, rngs: Any = None,
-                                 on_unknown: str = "raise", **kwargs: Any) -> Any:
+                                 on_unknown: str = "plain", with_summary: bool = False,
+                                 **kwargs: Any) -> Any:
   r"""`weight_dimension_numbers` for a Flax linen model's params, read from its layers.
 
   linen params are plain arrays, so the layers are found by tracing one call of the model
@@ -403,12 +452,15 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     *args: example inputs of its call (shapes are what matter).
     stack_axis: where the stacking transforms put the layer axes (`variable_axes`).
     rngs: the call's PRNG keys (`{"dropout": key}`) if it needs any.
-    on_unknown: "raise" (default) or "none", for params of rank >= 2 that no known layer
-      owns.
+    on_unknown: "plain" (default), "raise" or "none", for params of rank >= 2 that no
+      known layer owns, as in `dimension_numbers_from_nnx` (a free parameter inside a
+      stacked layer is read as one layer sees it, the stack axes at `stack_axis`).
+    with_summary: also return the text saying which parameters were read plainly.
     **kwargs: keyword arguments of the call (`train=True`).
 
   Returns:
-    A pytree like `variables["params"]` with a `MuonDimensionNumbers` or None per leaf.
+    A pytree like `variables["params"]` with a `MuonDimensionNumbers` or None per leaf
+    (with `with_summary`, the pair `(tree, summary)`).
 
   Raises:
     ValueError: naming the path and shapes, as `dimension_numbers_from_nnx`.
@@ -422,7 +474,7 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     MuonDimensionNumbers(reduction_axis=0, output_axis=1)
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  layers, layer_ranks, vector_shapes = {}, {}, {}
+  layers, layer_ranks, vector_shapes, own_shapes = {}, {}, {}, {}
 
   def record(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
@@ -430,18 +482,21 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     if mod.scope is None or "params" not in mod.variables:
       return out
     path = tuple(mod.scope.path)
-    known = isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.LayerNorm,
-                             nn.RMSNorm, nn.BatchNorm, nn.GroupNorm))
+    layer, found = _linen_kernel_layout(mod, mod.variables, tuple(call_args[1:]),
+                                        dict(call_kwargs))
+    unreadable = found if isinstance(found, str) else None
+    known = layer is not None
     for name, value in mod.variables["params"].items():
       if hasattr(value, "shape"):
         # A known layer's other params are its vectors (an attention bias is [heads, dim]).
-        layer_ranks[path + (name,)] = 0 if known else len(value.shape)
-        if known:
+        layer_ranks[path + (name,)] = (0 if known and name != unreadable
+                                       else len(value.shape))
+        if known and name != unreadable:
           vector_shapes[path + (name,)] = tuple(value.shape)  # as one layer sees it
-    found = _linen_kernel_layout(mod, mod.variables)
-    if found is not None:
-      name, shape, layout = found
-      layers[path + (name,)] = (shape, layout)
+        own_shapes[path + (name,)] = tuple(value.shape)
+    if isinstance(found, tuple):
+      name, shape, axes = found
+      layers[path + (name,)] = (shape, axes)
     return out
 
   def call(variables):
@@ -453,11 +508,11 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
   stored = {_path_key(p): tuple(np.shape(x))
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   specs = {}
-  for key, (layer_shape, layout) in layers.items():
+  for key, (layer_shape, axes) in layers.items():
     if key not in stored:
       raise ValueError(f"dimension_numbers_from_linen: the layer at {'/'.join(key)} has no "
                        "parameter at that path in variables['params'].")
-    specs[key] = _stacked_spec(stored[key], layer_shape, layout, stack_axis, "/".join(key))
+    specs[key] = _stacked_spec(stored[key], layer_shape, axes, stack_axis, "/".join(key))
   unknown = {}
   for key, shape in stored.items():
     if key in specs:
@@ -468,4 +523,5 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
     own = vector_shapes.get(key)
     specs[key] = None if own is None else _stacked_vector_spec(
         shape, len(shape) - len(own), stack_axis, "/".join(key))
-  return _specs_like(params, specs, unknown, "dimension_numbers_from_linen", on_unknown)
+  return _specs_like(params, specs, unknown, "dimension_numbers_from_linen", on_unknown,
+                     with_summary, own_shapes, stack_axis)

@@ -94,8 +94,10 @@ def test_dimension_numbers_of_the_cnns():
 
 
 def test_derivation_says_what_it_cannot_read():
-  """A stack axis other than the declared one, and a matrix no known layer owns, raise with
-  the path and the shapes instead of being guessed."""
+  """A stack axis other than the declared one raises with the path and the shapes. A
+  parameter no known layer owns is read plainly by default (this used to raise: the common
+  model has free parameters such as a position table, and the error sent users to drop the
+  dimension numbers altogether); on_unknown="raise" keeps the error."""
   model = _nnx_decoder()
   with pytest.raises(ValueError, match=r"blocks/attn/key/kernel: stored shape \(3, 8, 2, 4\)"
                                        r".*\(8, 2, 4\).*stack_axis=1"):
@@ -104,12 +106,48 @@ def test_derivation_says_what_it_cannot_read():
   class Custom(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.ones((2, 3, 4)))
+      self.m = nnx.Param(jnp.ones((3, 5)))
       self.lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
 
-  with pytest.raises(ValueError, match=r"w \(2, 3, 4\).*on_unknown='none'"):
-    so.dimension_numbers_from_nnx(Custom())
+  with pytest.raises(ValueError, match=r"m \(3, 5\), w \(2, 3, 4\).*on_unknown='plain'"):
+    so.dimension_numbers_from_nnx(Custom(), on_unknown="raise")
   got = _flat(so.dimension_numbers_from_nnx(Custom(), on_unknown="none"))
-  assert got == {"['lin']['bias']": None, "['lin']['kernel']": D(0, 1), "['w']": None}
+  assert got == {"['lin']['bias']": None, "['lin']['kernel']": D(0, 1), "['m']": None,
+                 "['w']": None}
+  tree, summary = so.dimension_numbers_from_nnx(Custom(), with_summary=True)
+  assert _flat(tree) == {"['lin']['bias']": None, "['lin']['kernel']": D(0, 1),
+                         "['m']": D(0, 1), "['w']": D((), 2)}
+  assert "2 parameters of rank >= 2 outside every known layer" in summary
+  assert "m (3, 5): a free matrix, read as its own two axes" in summary
+  assert "w (2, 3, 4): a free parameter of rank 3, no matrix reading" in summary
+  with pytest.raises(ValueError, match="on_unknown must be one of"):
+    so.dimension_numbers_from_nnx(Custom(), on_unknown="guess")
+
+
+def test_linen_free_parameter_in_a_scanned_layer_is_read_per_layer():
+  """A free self.param matrix inside nn.scan is L matrices; a position table [1, N, D]
+  outside has no matrix reading; the summary says both."""
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      w = self.param("mix", nn.initializers.normal(), (x.shape[-1], x.shape[-1]))
+      return x @ w, None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      pos = self.param("pos", nn.initializers.normal(), (1,) + x.shape[1:])
+      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="blocks")(x + pos, None)
+      return nn.Dense(2)(x)
+
+  x = jnp.ones((2, 5, 4))
+  variables = Net().init(jax.random.key(0), x)
+  tree, summary = so.dimension_numbers_from_linen(Net(), variables, x, with_summary=True)
+  assert tree["blocks"]["mix"] == D(1, 2) and tree["pos"] == D((), 2)
+  assert tree["Dense_0"]["kernel"] == D(0, 1)
+  assert "blocks/mix (3, 4, 4): a free matrix, read as its own two axes, in each" in summary
 
 
 # --- Training the CNN with BatchNorm and Dropout ----------------------------------------
