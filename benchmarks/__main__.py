@@ -1,4 +1,4 @@
-"""`python -m benchmarks quick|full|list`: every optimizer on every problem, side by side.
+"""`python -m benchmarks quick|full|list|ladder|retime|gpu`: every optimizer, side by side.
 
   python -m benchmarks list                      # problems and optimizers (and what is missing)
   python -m benchmarks quick                     # small sizes, one seed, a few minutes on a CPU
@@ -6,6 +6,9 @@
   python -m benchmarks quick --only digits_mlp,adam,sophia_g --steps 100 --out /tmp/b
   python -m benchmarks full --skip char_transformer,dist_shampoo  # about 1 h on 2 CPU cores
   python -m benchmarks full --only lm --size gpu  # the language-model race, GPU-sized
+  python -m benchmarks ladder                     # the size ladder, resumable (benchmarks.ladder)
+  python -m benchmarks retime                     # the ladder's step times, on a quiet machine
+  python -m benchmarks gpu                        # the race on one GPU (benchmarks.gpu_race)
 
 `--only` takes a comma-separated list of problem and optimizer names (each restricts its
 kind; each problem's baseline always runs, since time and memory are reported as multiples
@@ -185,8 +188,20 @@ def _synchronous_cpu_dispatch() -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+# Commands with their own modules: the size ladder, its timing pass and the GPU race.
+_DELEGATED = {"ladder": ("benchmarks.ladder", []), "retime": ("benchmarks.ladder", ["--retime"]),
+              "gpu": ("benchmarks.gpu_race", [])}
+
+
 def main(argv=None) -> int:
-  args = _parse(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in _DELEGATED:
+    import importlib
+
+    module, extra = _DELEGATED[argv[0]]
+    _synchronous_cpu_dispatch()
+    return importlib.import_module(module).main(extra + argv[1:])
+  args = _parse(argv)
   _synchronous_cpu_dispatch()
   if args.command == "list":
     _list()

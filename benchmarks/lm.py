@@ -56,7 +56,8 @@ from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
 __all__ = ["LMConfig", "SIZES", "QUICK_ROWS", "ByteCorpus", "Block", "DecoderLM", "schedule",
-           "lm_problem", "weight_dimension_numbers", "VOCAB"]
+           "lm_problem", "weight_dimension_numbers", "VOCAB", "is_validation_file",
+           "parameter_count"]
 
 VOCAB = 256  # bytes
 
@@ -117,15 +118,23 @@ SIZES: dict[str, LMConfig] = {
     "cpu": LMConfig(),
     "gpu": LMConfig(context=256, dim=384, heads=6, layers=6, batch_size=64, steps=2000,
                     eval_every=100, eval_windows=256),
+    # The size ladder's ends (`benchmarks.ladder`; "cpu" is its middle): 35,296 and 345,744
+    # parameters, heads of width 16 at every size. Steps and evaluations are set per run.
+    "small": LMConfig(context=64, dim=32, heads=2, layers=2, batch_size=8, eval_windows=128),
+    "large": LMConfig(context=128, dim=112, heads=7, layers=2, batch_size=16,
+                      eval_windows=128),
 }
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _is_validation(name: str) -> bool:
+def is_validation_file(name: str) -> bool:
   """One file in ten, chosen by a fixed hash of its name (the same on every machine)."""
   return zlib.crc32(name.encode()) % 10 == 0
+
+
+_is_validation = is_validation_file  # the name the corpus tests read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,14 +171,25 @@ class ByteCorpus:
     files: dict[bool, list[str]] = {False: [], True: []}
     for name in names:
       with open(os.path.join(directory, name), "rb") as f:
-        halves[_is_validation(name)].append(f.read())
-      files[_is_validation(name)].append(name)
+        halves[is_validation_file(name)].append(f.read())
+      files[is_validation_file(name)].append(name)
     if not files[False] or not files[True]:
       raise ValueError(f"directory {directory!r} has too few .py files to split by file "
                        f"({len(names)} found)")
     as_array = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8)
     return ByteCorpus(as_array(halves[False]), as_array(halves[True]),
                       tuple(files[False]), tuple(files[True]))
+
+
+def parameter_count(config: LMConfig) -> int:
+  """The number of parameters of `DecoderLM(config)` (tied head: the embedding counts once).
+
+  Per block: the attention's ``4 d^2`` kernels, the MLP's ``2 m d`` kernels and ``m + d``
+  biases, two RMSNorm scales; plus the token and position embeddings and the final norm.
+  """
+  d, m = config.dim, config.mlp_ratio * config.dim
+  block = 4 * d * d + 2 * m * d + m + d + 2 * d
+  return config.layers * block + (VOCAB + config.context) * d + d
 
 
 def _windows(data: np.ndarray, starts: np.ndarray, context: int) -> tuple[jax.Array, jax.Array]:

@@ -41,7 +41,8 @@ from benchmarks.optimizers import OptimizerSpec, sweep_grid
 from benchmarks.problems import Problem
 
 __all__ = ["Preset", "PRESETS", "RunResult", "RowResult", "compiler_options", "lr_grid",
-           "run_problem", "state_bytes", "bracketed_sweep", "TIMING_NOTE"]
+           "run_problem", "state_bytes", "bracketed_sweep", "TIMING_NOTE", "Trainer",
+           "interleaved_step_times"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +328,85 @@ def _time_steps(problem: Problem, rows: list[tuple[RowResult, _Compiled]], prese
       samples[row.optimizer].append((time.perf_counter() - t0) / n)
   for row, *_ in prepared:
     row.step_s = float(np.median(samples[row.optimizer]))
+
+
+class Trainer:
+  """Trains one (problem, row, second setting) at any learning rate and seed.
+
+  The step is compiled once (the rate is an argument of the compiled step) and warmed up
+  before any clock starts, as in `run_problem`; the size ladder (`benchmarks.ladder`) and the
+  GPU race drive their own sweeps through it, run by run.
+
+  Args:
+    problem: the problem.
+    spec: the row.
+    steps: steps of every run.
+    overrides: keyword arguments of `spec.build` (the second hyperparameter's value).
+    compiler_options: XLA options of the compiled steps (None: XLA's defaults).
+  """
+
+  def __init__(self, problem: Problem, spec: OptimizerSpec, steps: int,
+               overrides: dict | None = None, compiler_options: dict | None = None):
+    self.problem, self.spec, self.steps = problem, spec, steps
+    self.compiled = _Compiled(problem, spec, steps, compiler_options, overrides)
+    self.evaluate = jax.jit(lambda p: (problem.train_loss(p), problem.eval_loss(p)),
+                            compiler_options=compiler_options)
+
+  def run(self, lr: float, seed: int) -> tuple[RunResult, Any]:
+    """One run: ``(result, final optimizer state)``."""
+    result, state, _ = _run(self.problem, self.compiled, self.evaluate, lr, seed, self.steps,
+                            1)
+    return result, state
+
+  def prepared_step(self, lr: float):
+    """``(step, params, opt_state, batch, lr_array)`` ready to time: compiled and warm."""
+    params = self.problem.init_params(0)
+    batch = next(self.problem.batches(0))
+    init_c, step_c = self.compiled.get(lr, params, batch)
+    lr_arr = jnp.asarray(lr, jnp.float32)
+    state = init_c(params, lr_arr)
+    self.compiled.warm_up(lr, step_c, params, state, batch)
+    return step_c, params, state, batch, lr_arr
+
+
+def interleaved_step_times(entries: list[tuple[str, Trainer, float]], rounds: int,
+                           block: int, min_block_s: float = 0.02) -> dict[str, list[float]]:
+  """Seconds per step of each entry, measured in interleaved rounds (no compile, no first call).
+
+  Each round times every entry in turn over a block of steps (at least `block` steps and
+  about `min_block_s` seconds, in whole multiples of `block`), so a machine's slow moments
+  fall on every entry alike; the same rule as `run_problem`'s timing phase.
+
+  Args:
+    entries: ``(name, trainer, learning rate)`` per entry.
+    rounds: rounds over the entries.
+    block: the smallest block (a multiple of every update interval).
+    min_block_s: the shortest a block may take.
+
+  Returns:
+    ``{name: [seconds per step, one per round]}``.
+  """
+  key = jax.random.key(0)
+  prepared = [(name, trainer.prepared_step(lr)) for name, trainer, lr in entries]
+  sizes = {}
+  for name, (step_c, params, state, batch, lr_arr) in prepared:
+    t0 = time.perf_counter()
+    p, s = params, state
+    for t in range(block):
+      p, s, loss = step_c(t, p, s, batch, lr_arr, key)
+    jax.block_until_ready((p, s, loss))
+    est = (time.perf_counter() - t0) / block
+    sizes[name] = block * max(1, int(math.ceil(min_block_s / max(est * block, 1e-9))))
+  samples: dict[str, list[float]] = {name: [] for name, _ in prepared}
+  for _ in range(rounds):
+    for name, (step_c, params, state, batch, lr_arr) in prepared:
+      p, s, n = params, state, sizes[name]
+      t0 = time.perf_counter()
+      for t in range(n):
+        p, s, loss = step_c(t, p, s, batch, lr_arr, key)
+      jax.block_until_ready((p, s, loss))
+      samples[name].append((time.perf_counter() - t0) / n)
+  return samples
 
 
 def _grid_shape(problem: Problem, preset: Preset) -> tuple[int, float]:
