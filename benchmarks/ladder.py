@@ -213,10 +213,18 @@ def _score(entry: dict) -> float:
 
 
 def _code_version() -> str:
+  """The commit the harness runs from: git's, or a ``CODE_VERSION`` file beside the package
+  (a copy exported with ``git archive``, so that edits to the checkout do not reach a
+  ladder that runs for hours)."""
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                           capture_output=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
+    pass
+  try:
+    with open(os.path.join(os.path.dirname(HERE), "CODE_VERSION")) as f:
+      return f.read().strip()
+  except OSError:
     return "unknown"
 
 
