@@ -20,6 +20,8 @@ from secondorder.transforms.hessian_free import (hessian_free, natural_gradient,
                                                  scale_by_natural_gradient)
 from secondorder.transforms.hutchinson import adahessian, scale_by_hutchinson
 from secondorder.transforms.kfac import kfac, scale_by_kfac_factors
+from secondorder.transforms.kl_shampoo import STATIC_ARGS as KL_SHAMPOO_STATIC_ARGS
+from secondorder.transforms.kl_shampoo import kl_shampoo, scale_by_kl_shampoo
 from secondorder.transforms.shampoo import STATIC_ARGS as SHAMPOO_STATIC_ARGS
 from secondorder.transforms.shampoo import shampoo, shampoo_preconditioner
 from secondorder.transforms.soap import STATIC_ARGS as SOAP_STATIC_ARGS
@@ -123,6 +125,19 @@ CASES: list[Case] = [
              learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, precondition_frequency=2,
              weight_dimension_numbers=C.stacked_dimension_numbers),
          lr=0.05, alias=(soap, dict(learning_rate=0.05, precondition_frequency=2))),
+    # KL-Shampoo: the first step only collects statistics; bases refreshed every other step.
+    Case("scale_by_kl_shampoo",
+         _with_lr(lambda: scale_by_kl_shampoo(b1=0.9, b2=0.999, precondition_frequency=2)),
+         lr=0.05, steps={**C.DEFAULT_STEPS, "mixed_pytree": 400},
+         converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400)},
+         primitive=(scale_by_kl_shampoo, dict(b1=0.9, b2=0.99, eps=1e-8,
+                                              precondition_frequency=2, block_size=4),
+                    KL_SHAMPOO_STATIC_ARGS)),
+    # The alias reads 3-D leaves as stacked layers, and runs under inject_hyperparams itself.
+    Case("kl_shampoo", lambda learning_rate: kl_shampoo(
+             learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, precondition_frequency=2,
+             weight_dimension_numbers=C.stacked_dimension_numbers),
+         lr=0.05, alias=(kl_shampoo, dict(learning_rate=0.05, precondition_frequency=2))),
     # K-FAC on plain pytrees: every parameter on the diagonal fallback (RMS scaling, no
     # momentum in the primitive).
     Case("scale_by_kfac_factors",
