@@ -1,7 +1,8 @@
 """Argument checks shared by every public function and transform.
 
-Hyperparameters are checked only when they are concrete Python numbers:
-`optax.inject_hyperparams` passes arrays, and a schedule is a callable.
+Hyperparameters are checked when they are concrete: Python numbers, and the concrete scalar
+arrays `optax.inject_hyperparams` passes at init. Traced values (inside `jit`) and schedules
+(callables) pass unchecked.
 """
 
 from __future__ import annotations
@@ -11,10 +12,43 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _is_concrete_number(value: Any) -> bool:
   return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def concrete_scalar(value: Any) -> Any:
+  """`value` as a Python number when it is one, or a concrete (not traced) scalar array;
+  None for tracers, schedules and anything else."""
+  if _is_concrete_number(value):
+    return value
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.size(value) == 1:
+    if isinstance(value, jax.core.Tracer):
+      return None
+    return np.asarray(value).reshape(()).item()
+  return None
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+  """Raises unless `value` is an integer >= `minimum`: a Python int, or a concrete integer
+  array (`optax.inject_hyperparams` at init). A traced value passes (the transforms read it
+  as at least `minimum`, see their docstrings)."""
+  if callable(value):
+    return
+  concrete = concrete_scalar(value)
+  if concrete is None:
+    if not isinstance(value, (jax.Array, np.ndarray)):
+      check_int(name, value, minimum=minimum)
+    return
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    if not (jnp.issubdtype(jnp.result_type(value), jnp.integer) or float(concrete).is_integer()):
+      raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if concrete < minimum:
+      raise ValueError(f"{name} must be an integer >= {minimum}, got {concrete!r}.")
+    return
+  check_int(name, value, minimum=minimum)
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
@@ -36,9 +70,11 @@ def check_range(
 ) -> None:
   """Raises if a concrete number lies outside [low, high] (bounds as given).
 
-  Arrays, tracers and callables (schedules) pass unchecked.
+  Concrete scalar arrays are checked like numbers; tracers and callables (schedules) pass
+  unchecked.
   """
-  if not _is_concrete_number(value):
+  value = concrete_scalar(value)
+  if value is None:
     return
   lo_bad = low is not None and (value < low if low_inclusive else value <= low)
   hi_bad = high is not None and (value > high if high_inclusive else value >= high)
@@ -56,6 +92,42 @@ def check_choice(name: str, value: Any, choices) -> None:
 
 def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_tree_structure(method: str, updates: Any, reference: Any,
+                         reference_name: str = "params") -> None:
+  """Raises a ValueError naming the first differing path unless `updates` has the tree
+  structure (dict keys included) of `reference`; None as `reference` checks nothing.
+
+  Tree structures are static, so this runs at trace time only: under `jit` it costs
+  nothing at run time.
+  """
+  if reference is None:
+    return
+  ref_def = jax.tree.structure(reference)
+  upd_def = jax.tree.structure(updates)
+  if ref_def == upd_def:
+    return
+  ref_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+  upd_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+  for a, b in zip(ref_paths, upd_paths):
+    if a != b:
+      raise ValueError(
+          f"{method}: the updates must have the tree structure of the {reference_name} the "
+          f"state was initialized with; first difference: {reference_name} has leaf {a} "
+          f"where the updates have {b}.")
+  if len(ref_paths) != len(upd_paths):
+    longer, name = ((ref_paths, reference_name) if len(ref_paths) > len(upd_paths)
+                    else (upd_paths, "the updates"))
+    raise ValueError(
+        f"{method}: the updates must have the tree structure of the {reference_name} the "
+        f"state was initialized with: {reference_name} has {len(ref_paths)} leaves, the "
+        f"updates {len(upd_paths)}; first difference: {longer[min(len(ref_paths), len(upd_paths))]}"
+        f" is only in {name}.")
+  raise ValueError(
+      f"{method}: the updates must have the tree structure of the {reference_name} the state "
+      f"was initialized with (the same leaf paths, different node types): {reference_name} "
+      f"{ref_def}, updates {upd_def}.")
 
 
 def check_same_structure(name: str, reference: Any, other: Any, reference_name: str = "params") -> None:
@@ -109,9 +181,19 @@ def check_state_shapes(method: str, init_fn: Any, updates: Any, state: Any) -> N
   that merely broadcasts against the params the state was built for is an error. Only
   shapes are traced (`jax.eval_shape`), so this costs nothing at run time.
   """
-  expected = jax.tree_util.tree_flatten_with_path(jax.eval_shape(init_fn, updates))[0]
+  expected_state = jax.eval_shape(init_fn, updates)
+  expected = jax.tree_util.tree_flatten_with_path(expected_state)[0]
   got = jax.tree.leaves(state)
   shapes = [jnp.shape(x) for x in jax.tree.leaves(updates)]
+  if jax.tree.structure(expected_state) != jax.tree.structure(state):
+    # A state field laid out like the params (a graft's moments) records their keys.
+    got_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    for (path, _), g in zip(expected, got_paths):
+      if _path_str(path) != g:
+        raise ValueError(
+            f"{method}: updates do not have the tree structure of the params the state was "
+            f"initialized with: the state has {g} where these updates need "
+            f"{_path_str(path)}.")
   if len(expected) != len(got):
     raise ValueError(f"{method}: updates (leaf shapes {shapes}) do not match the params the "
                      f"state was initialized with (the state has a different structure).")

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
-                                     check_range, check_state_shapes, require_extra_arg)
+                                     check_range, check_state_shapes, check_tree_structure,
+                                     require_extra_arg)
 from secondorder.capture import KfacLayer, KfacLayers, NoNewStats, param_path
 from secondorder.transforms import _kfac_stacks
 from secondorder.transforms._float32 import in_float32
@@ -534,6 +535,7 @@ def scale_by_kfac_factors(
 
   def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
     del extra_args
+    check_tree_structure("scale_by_kfac_factors", updates, params)
     stats = require_extra_arg(
         "scale_by_kfac_factors", "kfac_stats", kfac_stats,
         "kfac_stats=stats)  # loss, grads, stats = cap(model, x, y, key=key"

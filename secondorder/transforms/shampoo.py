@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder._validation import (check_choice, check_float_leaves, check_int, check_range,
-                                     check_state_shapes)
+from secondorder._validation import (check_choice, check_count, check_float_leaves, check_int,
+                                     check_range, check_state_shapes, check_tree_structure)
 from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
 
@@ -144,12 +144,14 @@ def _init_state(params: Any, plan: _blocks.Plan | None, graft_tx, stat_dtype) ->
   With no parameters (or `optax.tree.map_params`' placeholder) the fields whose layout
   depends on the shapes are one empty array, a prefix of any real layout.
   """
-  zero = jnp.zeros([], jnp.int32)
+  # Every field is its own buffer (no array shared between two fields), so that a step can
+  # be jitted with the state donated.
+  zero = lambda: jnp.zeros([], jnp.int32)
   if plan is None:
-    none = jnp.zeros((0,), stat_dtype)
+    none = lambda: jnp.zeros((0,), stat_dtype)
     graft_state = optax.EmptyState() if graft_tx is None else graft_tx.init(params)
-    return ShampooState(count=zero, stats=none, preconds=none, diag_stats=none,
-                        graft_state=graft_state, root_failures=zero, stat_skips=zero)
+    return ShampooState(count=zero(), stats=none(), preconds=none(), diag_stats=none(),
+                        graft_state=graft_state, root_failures=zero(), stat_skips=zero())
   eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
   stats = tuple(jnp.zeros((n, s, s), stat_dtype)
                 for (s, _), n in zip(plan.groups, plan.group_sizes))
@@ -160,8 +162,8 @@ def _init_state(params: Any, plan: _blocks.Plan | None, graft_tx, stat_dtype) ->
   graft_state = (optax.EmptyState() if graft_tx is None else
                  graft_tx.init(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), stat_dtype),
                                             params)))
-  return ShampooState(count=zero, stats=stats, preconds=preconds, diag_stats=diag_stats,
-                      graft_state=graft_state, root_failures=zero, stat_skips=zero)
+  return ShampooState(count=zero(), stats=stats, preconds=preconds, diag_stats=diag_stats,
+                      graft_state=graft_state, root_failures=zero(), stat_skips=zero())
 
 
 class _Schedule(NamedTuple):
@@ -182,8 +184,13 @@ def _schedule(count, beta2, update_interval, statistics_interval, start, stat_dt
 
   The Kronecker statistics move on the steps congruent to `start` modulo
   `statistics_interval` (every root step among them, as the interval divides
-  `update_interval`); their bias correction counts those updates, not the steps.
+  `update_interval`); their bias correction counts those updates, not the steps. Injected
+  (traced) intervals and start steps below 1 are read as 1.
   """
+  if hasattr(update_interval, "shape"):
+    update_interval = jnp.maximum(jnp.asarray(update_interval, jnp.int32), 1)
+  if hasattr(start, "shape"):
+    start = jnp.maximum(jnp.asarray(start, jnp.int32), 1)
   b2 = jnp.asarray(beta2, stat_dtype)
   ema = b2 < 1  # beta2 = 1 sums the statistics
   weight = jnp.where(ema, 1 - b2, jnp.ones_like(b2))
@@ -191,7 +198,7 @@ def _schedule(count, beta2, update_interval, statistics_interval, start, stat_dt
   if not hasattr(statistics_interval, "shape") and statistics_interval == 1:
     stats_due, stats_debias = None, debias
   else:
-    k = jnp.asarray(statistics_interval, jnp.int32)
+    k = jnp.maximum(jnp.asarray(statistics_interval, jnp.int32), 1)
     first_step = jnp.asarray(start, jnp.int32)
     stats_due = (count - first_step) % k == 0
     first = 1 + (first_step - 1) % k  # the first statistics step
@@ -391,7 +398,9 @@ def shampoo_preconditioner(
 
   Args:
     block_size: largest factor side; larger dimensions are blocked (None: 128).
-    update_interval: steps between root recomputations (T).
+    update_interval: steps between root recomputations (T), >= 1. This, `statistics_interval`
+      and `start_preconditioning_step` may be injected arrays: a concrete value below 1 is
+      rejected (also at init under `optax.inject_hyperparams`), a traced one is read as 1.
     statistics_interval: steps between updates of the Kronecker statistics, a divisor of
       T (Distributed Shampoo's `statistics_compute_steps`). They are updated on the steps
       congruent to `start_preconditioning_step` modulo this interval, which include every
@@ -414,7 +423,8 @@ def shampoo_preconditioner(
       chain: the graft is then bias-corrected RMSProp (Adam's numbers with b1 = 0, one
       buffer fewer). A number, 0 included, keeps Adam's first moment, so an injected
       `graft_b1` gives the same state structure as a Python one.
-    graft_b2: second-moment decay of the Adam/RMSProp grafts.
+    graft_b2: second-moment decay of the Adam/RMSProp grafts, in [0, 1) (1 would never
+      move their second moment).
     graft_eps: epsilon of the grafted method.
     method: "eigh" or "newton" (integer p only).
     root_tolerance: a Newton root whose residual max|H^p A - I| exceeds it is rejected.
@@ -443,6 +453,11 @@ def shampoo_preconditioner(
       not fit its leaf raises a ValueError naming the leaf's path, shape and spec. A
       callable must be named in `static_args` under `optax.inject_hyperparams`.
 
+  Every state leaf is its own buffer, so a step can be jitted with the state donated.
+  Updates whose tree structure (dict keys included) differs from the params the state was
+  initialized with (the ``params`` given to `update`, and the graft's moments) are a
+  ValueError naming the first differing path.
+
   Returns:
     An `optax.GradientTransformationExtraArgs`; its update needs no extra argument and
     returns updates in the gradients' dtypes.
@@ -464,12 +479,10 @@ def shampoo_preconditioner(
   newton_max_iters = _static_int("newton_max_iters", newton_max_iters,
                                  _DEFAULT_NEWTON_MAX_ITERS)
   # The step-counter arguments may be injected arrays: they only enter comparisons.
-  if not hasattr(update_interval, "shape"):
-    check_int("update_interval", update_interval, minimum=1)
-  if not hasattr(start_preconditioning_step, "shape"):
-    check_int("start_preconditioning_step", start_preconditioning_step, minimum=1)
+  check_count("update_interval", update_interval, minimum=1)
+  check_count("start_preconditioning_step", start_preconditioning_step, minimum=1)
+  check_count("statistics_interval", statistics_interval, minimum=1)
   if not hasattr(statistics_interval, "shape"):
-    check_int("statistics_interval", statistics_interval, minimum=1)
     if not hasattr(update_interval, "shape") and update_interval % statistics_interval:
       raise ValueError(
           f"statistics_interval must divide update_interval, so that every root is taken "
@@ -479,7 +492,9 @@ def shampoo_preconditioner(
   check_range("eps", eps, 0.0, None)
   if graft_b1 is not None:
     check_range("graft_b1", graft_b1, 0.0, 1.0, high_inclusive=False)
-  check_range("graft_b2", graft_b2, 0.0, 1.0)
+  # b2 = 1 would never move the grafted second moment (Adam's bias correction divides by 0).
+  check_range("graft_b2", graft_b2, 0.0, 1.0,
+              high_inclusive=graft not in ("adam", "rmsprop", "rmsprop_normalized"))
   check_range("graft_eps", graft_eps, 0.0, None)
   check_range("root_tolerance", root_tolerance, 0.0, None, low_inclusive=False)
   check_choice("method", method, ("eigh", "newton"))
@@ -511,6 +526,7 @@ def shampoo_preconditioner(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    check_tree_structure("shampoo_preconditioner", updates, params)
     check_state_shapes("shampoo_preconditioner", init_fn, updates, state)
     leaves, treedef = jax.tree.flatten(updates)
     plan = _plan(layout, weight_dimension_numbers, updates)
@@ -606,9 +622,10 @@ def shampoo(
   its `static_args`.
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule.
     b1: momentum (EMA) decay applied to the preconditioned update.
-    b2: decay of the Shampoo statistics and of the Adam graft's second moment.
+    b2: decay of the Shampoo statistics and of the Adam graft's second moment, in (0, 1)
+      with an Adam or RMSProp graft (in (0, 1] otherwise: 1 sums the statistics).
     eps: Shampoo damping relative to each statistic's largest eigenvalue.
     weight_decay: decoupled weight decay (AdamW-style).
     block_size: see `shampoo_preconditioner`.
@@ -642,7 +659,11 @@ def shampoo(
     Gupta, Koren & Singer 2018; Anil et al., "Scalable Second Order Optimization for Deep
     Learning", 2020.
   """
+  check_range("learning_rate", learning_rate, 0.0, None)
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
+  if graft in ("adam", "rmsprop", "rmsprop_normalized"):
+    # b2 is also the graft's decay, which must stay below 1 (see graft_b2).
+    check_range("b2", b2, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   check_range("weight_decay", weight_decay, 0.0, None)
   precond = shampoo_preconditioner(
       block_size=block_size, update_interval=update_interval, beta2=b2, eps=eps,

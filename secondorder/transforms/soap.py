@@ -16,8 +16,8 @@ import numpy as np
 import optax
 
 from secondorder import linalg
-from secondorder._validation import (check_float_leaves, check_int, check_range,
-                                     check_state_shapes)
+from secondorder._validation import (check_count, check_float_leaves, check_int, check_range,
+                                     check_state_shapes, check_tree_structure)
 from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
 
@@ -112,8 +112,15 @@ def adam_direction(rotated: Sequence[jax.Array], mu: Sequence[jax.Array],
   nu = optax.tree.update_moment_per_elem_norm(list(rotated), list(nu), b2, 2)
   kf = k.astype(mu[0].dtype) if mu else k
   scale = jnp.sqrt(1 - b2 ** kf) / (1 - b1 ** kf)
-  directions = [scale * m / (jnp.sqrt(v) + eps) for m, v in zip(mu, nu)]
+  directions = [scale * _safe_divide(m, jnp.sqrt(v) + eps) for m, v in zip(mu, nu)]
   return directions, mu, nu
+
+
+def _safe_divide(m: jax.Array, denominator: jax.Array) -> jax.Array:
+  """m / denominator, 0 where the denominator is 0 (with eps = 0, an entry whose second
+  moment is 0 has a zero first moment too: its direction is 0, not 0/0). A NaN stays NaN."""
+  return jnp.where(denominator == 0, jnp.zeros_like(m), m / jnp.where(denominator == 0, 1,
+                                                                      denominator))
 
 
 def eigenbases(factors: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -387,9 +394,12 @@ def scale_by_soap(
   Args:
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
-    shampoo_beta: the factors' decay β; None (or a negative number) uses ``b2``.
-    eps: added to sqrt(v) in the rotated coordinates.
-    precondition_frequency: steps between basis refreshes (an injected array is fine).
+    shampoo_beta: the factors' decay β, at most 1; None (or a negative number) uses ``b2``.
+    eps: added to sqrt(v) in the rotated coordinates; >= 0. With 0, an entry whose second
+      moment is exactly 0 gets a zero direction (never 0/0).
+    precondition_frequency: steps between basis refreshes, >= 1 (an injected array is
+      fine; a concrete value below 1 is rejected, also at init under
+      `optax.inject_hyperparams`, and a traced one is read as 1).
     max_precond_dim: a (merged) dimension above it is not rotated along (the other
       dimensions of the leaf still are); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
@@ -401,6 +411,11 @@ def scale_by_soap(
       leaf as one tensor of its own shape.
     statistics_dtype: dtype of the factors, bases and moments (float32 whatever the
       params' dtype by default).
+
+  Every state leaf is its own buffer, so a step can be jitted with the state donated.
+  Updates whose tree structure (dict keys included) differs from the ``params`` given to
+  `update` are a ValueError naming the first differing path (the state is laid out by
+  shapes only, so without ``params`` a renamed tree of the same shapes cannot be told).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its update needs no extra argument and
@@ -421,8 +436,7 @@ def scale_by_soap(
   max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
                      else _static_int("max_precond_dim", max_precond_dim))
   block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
-  if not hasattr(precondition_frequency, "shape"):
-    check_int("precondition_frequency", precondition_frequency, minimum=1)
+  check_count("precondition_frequency", precondition_frequency, minimum=1)
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
   check_range("shampoo_beta", shampoo_beta, None, 1.0)
@@ -437,25 +451,28 @@ def scale_by_soap(
 
   def init_fn(params):
     check_float_leaves("scale_by_soap", params, complex_ok=False)
-    zero = jnp.zeros([], jnp.int32)
+    # Every field is its own buffer (no array shared between two fields), so that a step
+    # can be jitted with the state donated.
+    zero = lambda: jnp.zeros([], jnp.int32)
     if not jax.tree.leaves(params):
       # No parameters, or optax.tree.map_params' placeholder: the fields whose layout
       # depends on the shapes become one empty array, a prefix of any real layout.
-      none = jnp.zeros((0,), stat_dtype)
-      return ScaleBySoapState(count=zero, factors=none, bases=none, mu=none, nu=none,
-                              refresh_failures=zero, stat_skips=zero)
+      none = lambda: jnp.zeros((0,), stat_dtype)
+      return ScaleBySoapState(count=zero(), factors=none(), bases=none(), mu=none(),
+                              nu=none(), refresh_failures=zero(), stat_skips=zero())
     plan = plan_for(params)
     eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
-    moments = tuple(jnp.zeros(s, stat_dtype) for s in _moment_shapes(plan))
+    moments = lambda: tuple(jnp.zeros(s, stat_dtype) for s in _moment_shapes(plan))
     return ScaleBySoapState(
-        count=zero,
+        count=zero(),
         factors=tuple(jnp.zeros((n, s, s), stat_dtype)
                       for (s, _), n in zip(plan.groups, plan.group_sizes)),
         bases=tuple(eye(n, s) for (s, _), n in zip(plan.groups, plan.group_sizes)),
-        mu=moments, nu=moments, refresh_failures=zero, stat_skips=zero)
+        mu=moments(), nu=moments(), refresh_failures=zero(), stat_skips=zero())
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    check_tree_structure("scale_by_soap", updates, params)
     check_state_shapes("scale_by_soap", init_fn, updates, state)
     leaves, treedef = jax.tree.flatten(updates)
     plan = plan_for(updates)
@@ -465,7 +482,9 @@ def scale_by_soap(
     beta = jnp.where(beta < 0, b2_, beta)
     first = state.count == 0
     k = jnp.maximum(state.count, 1)  # the Adam step (calls after the first)
-    due = (state.count % jnp.asarray(precondition_frequency, jnp.int32)) == 0
+    # An injected frequency below 1 is read as 1 (a refresh every step).
+    frequency = jnp.maximum(jnp.asarray(precondition_frequency, jnp.int32), 1)
+    due = (state.count % frequency) == 0
 
     blocks, flat = _split_gradients(plan, grads)
     with jax.named_scope("statistics"):
@@ -529,7 +548,7 @@ def soap(
   collects statistics; the weight decay applies from the first step on).
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule.
     b1: as in `scale_by_soap`.
     b2: as in `scale_by_soap`.
     shampoo_beta: as in `scale_by_soap`.
@@ -540,7 +559,7 @@ def soap(
     merge_small_dims: as in `scale_by_soap`.
     weight_dimension_numbers: as in `scale_by_soap`.
     statistics_dtype: as in `scale_by_soap`.
-    weight_decay: decoupled weight decay λ (AdamW-style).
+    weight_decay: decoupled weight decay λ >= 0 (AdamW-style).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -555,6 +574,7 @@ def soap(
   References:
     Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
   """
+  check_range("learning_rate", learning_rate, 0.0, None)
   check_range("weight_decay", weight_decay, 0.0, None)
   return optax.chain(
       scale_by_soap(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
