@@ -181,6 +181,27 @@ def soap_setup():
   return SoapSetup()
 
 
+class KlShampooSetup:
+  """KL-Shampoo on the squared-error classifier, blocks of 4, like `SoapSetup` (a softmax
+  head's zero-gradient direction, rotated into rounding-sized components and divided by
+  the small eigenvalue estimates there, would drift differently on every mesh)."""
+
+  name = "kl_shampoo"
+  make_for_mesh = None
+  compiler_options = {"xla_backend_optimization_level": 0}
+  grads_and_args = staticmethod(_squared_error_grads)
+
+  @staticmethod
+  def make_on(mesh=None):
+    del mesh
+    from secondorder.transforms.kl_shampoo import kl_shampoo  # pylint: disable=g-import-not-at-top
+    return kl_shampoo(1e-2, block_size=4, eps=1e-4, precondition_frequency=5)
+
+  @staticmethod
+  def statistics(state):
+    return ts.find_state(state, "ScaleByKlShampooState").factors
+
+
 def all_setups() -> dict:
   setups = ts.available_setups()
   if "shampoo" in setups:
@@ -188,6 +209,8 @@ def all_setups() -> dict:
   soap = soap_setup()
   if soap is not None:
     setups["soap"] = soap
+  if importlib.util.find_spec("secondorder.transforms.kl_shampoo") is not None:
+    setups["kl_shampoo"] = KlShampooSetup()
   return setups
 
 
