@@ -416,6 +416,24 @@ register(OptimizerSpec(
     second=second_grid("eps", 1e-8)))
 
 
+def _kl_shampoo(lr, n, problem, eps=1e-8):
+  # SOAP's settings: refreshes every 10 steps, and on the language model blocks of
+  # SOAP_LM_BLOCK_SIZE, so the two rows keep factors of the same sides. No grafting.
+  make = _module("secondorder.transforms.kl_shampoo").kl_shampoo
+  blocks = {}
+  if problem is not None and getattr(problem, "name", None) == "lm":
+    blocks = {"block_size": SOAP_LM_BLOCK_SIZE}
+  return make(lr, precondition_frequency=10, eps=eps, **blocks,
+              **dimension_numbers_kwargs(make, problem))
+
+
+register(OptimizerSpec(
+    "kl_shampoo", _kl_shampoo, 3e-3, family="secondorder",
+    note="KL-Shampoo (Shampoo's factors fitted jointly under KL, eigenbases refreshed every "
+         "10 steps; no grafting)",
+    in_quick=_FULL_ONLY, second=second_grid("eps", 1e-8)))
+
+
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the
 # updates of the others over the same data; `multisteps_adamw_k4` is optax's buffered
 # accumulation of the same optimizer (an optax row: `full` only, like the other optax rows

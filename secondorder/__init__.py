@@ -72,6 +72,9 @@ from secondorder.transforms.hutchinson import value_grad_and_hessian_diag
 from secondorder.transforms.kfac import ScaleByKfacState
 from secondorder.transforms.kfac import kfac
 from secondorder.transforms.kfac import scale_by_kfac_factors
+from secondorder.transforms.kl_shampoo import ScaleByKlShampooState
+from secondorder.transforms.kl_shampoo import kl_shampoo
+from secondorder.transforms.kl_shampoo import scale_by_kl_shampoo
 from secondorder.transforms.shampoo import ShampooState
 from secondorder.transforms.shampoo import shampoo
 from secondorder.transforms.shampoo import shampoo_preconditioner
