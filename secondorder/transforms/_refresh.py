@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from secondorder._validation import check_int
+from secondorder._validation import check_count
 from secondorder.curvature.estimators import rademacher_like
 from secondorder.curvature.products import value_grad_hvp
 
@@ -31,9 +31,9 @@ def statistics_dtype(leaf_dtype, requested) -> jnp.dtype:
 
 
 def check_int_if_concrete(name: str, value: Any, minimum: int) -> None:
-  """Checks a Python integer hyperparameter; arrays (`optax.inject_hyperparams`) pass."""
-  if isinstance(value, numbers.Number):
-    check_int(name, value, minimum=minimum)
+  """Checks an integer hyperparameter: a Python int, or a concrete array
+  (`optax.inject_hyperparams` at init); a traced value passes."""
+  check_count(name, value, minimum=minimum)
 
 
 def every_step(update_interval) -> bool:
@@ -55,7 +55,8 @@ def maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_i
     refresh_fn: `*carry -> carry`, the refresh.
     carry: the statistics the refresh updates.
     count: the step counter (int32 scalar).
-    update_interval: refresh every this many steps (int or traced int).
+    update_interval: refresh every this many steps (int or traced int; a traced value
+      below 1 is read as 1).
     refresh: None, or a Python bool chosen on the host.
 
   Returns:
@@ -69,7 +70,8 @@ def maybe_refresh(refresh_fn: Callable, carry: tuple, count: jax.Array, update_i
     return refresh_fn(*carry) if refresh else carry
   if every_step(update_interval):
     return refresh_fn(*carry)
-  return jax.lax.cond(count % update_interval == 0, refresh_fn, lambda *a: a, *carry)
+  interval = jnp.maximum(jnp.asarray(update_interval, jnp.int32), 1)
+  return jax.lax.cond(count % interval == 0, refresh_fn, lambda *a: a, *carry)
 
 
 def check_estimate_is_used(name: str, hessian_diag, refresh) -> None:

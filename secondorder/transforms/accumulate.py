@@ -28,10 +28,9 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from secondorder._validation import (check_float_leaves, check_int, check_range,
+from secondorder._validation import (check_count, check_float_leaves, check_range,
                                      check_same_structure)
 from secondorder.transforms._float32 import in_float32
 
@@ -40,10 +39,9 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 def _check_k(k: Any) -> None:
-  """k: a Python integer >= 1, a schedule (callable), or an array (inject_hyperparams)."""
-  if callable(k) or isinstance(k, (jax.Array, np.ndarray)):
-    return
-  check_int("k", k, minimum=1)
+  """k: a Python integer >= 1, a schedule (callable), or an array (inject_hyperparams: a
+  concrete one is checked, a traced one below 1 counts as 1)."""
+  check_count("k", k, minimum=1)
 
 
 def _in_float32(tx: optax.GradientTransformation,
@@ -173,7 +171,8 @@ def every_k_accumulate(
     k: mini-steps per real update: an int ≥ 1, or a schedule ``n -> k`` of the number n of
       real updates so far, like ``optax.MultiSteps``'s ``every_k_schedule`` (values below
       1 count as 1). Under ``optax.inject_hyperparams`` pass a schedule k with
-      ``static_args="k"``.
+      ``static_args="k"``; an injected number below 1 is rejected at init (and counts as
+      1 if traced).
     b1: decay of the first moment, in [0, 1).
     b2: decay of the second moment, in [0, 1); ``None`` selects the momentum form.
     eps: added to the root of the second moment (Adam form), ≥ 0.

@@ -218,9 +218,11 @@ def scale_by_hutchinson(
   Args:
     b1: decay of the gradient EMA, in [0, 1).
     b2: decay of the EMA of :math:`D^2`, in [0, 1).
-    eps: added to the denominator, >= 0.
+    eps: added to the denominator, > 0 (a direction of exactly zero curvature, such as a
+      parameter the loss is linear in, would otherwise take an infinite step).
     hessian_power: the power :math:`k` in [0, 1]; 0 gives momentum SGD, 1 AdaHessian.
-    update_interval: compute the Hessian estimate every this many steps (int >= 1).
+    update_interval: compute the Hessian estimate every this many steps (int >= 1; an
+      injected value below 1 is rejected at init, and read as 1 when traced).
     spatial_averaging: True averages :math:`|z \odot Hz|` over the spatial axes of
       convolution kernels as described above; False never does. A pytree of bools like
       params (or a function of params returning one) chooses per leaf.
@@ -256,7 +258,7 @@ def scale_by_hutchinson(
   """
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  check_range("eps", eps, 0.0)
+  check_range("eps", eps, 0.0, low_inclusive=False)
   check_range("hessian_power", hessian_power, 0.0, 1.0)
   check_int_if_concrete("update_interval", update_interval, 1)
   if block_size is not None:

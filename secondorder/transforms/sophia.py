@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder._validation import (check_choice, check_float_leaves, check_int,
+from secondorder._validation import (check_choice, check_count, check_float_leaves, check_int,
                                      check_range, check_same_structure, require_extra_arg)
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag, value_grad_and_gnb_diag
 from secondorder.transforms._refresh import (check_estimate_is_used, maybe_refresh,
@@ -164,8 +164,10 @@ def sophia_clip(
     b2: decay of the Hessian-diagonal EMA per refresh, in [0, 1). Its memory spans
       `update_interval / (1 - b2)` steps.
     gamma: scale of the Hessian in the denominator, > 0.
-    eps: floor of the denominator, >= 0.
-    update_interval: refresh the Hessian estimate every this many steps (int >= 1).
+    eps: floor of the denominator, >= 0. With 0, an entry whose curvature is 0 takes the
+      clipped step ±1 (its momentum is not 0) or stays (it is 0): never 0 / 0.
+    update_interval: refresh the Hessian estimate every this many steps (int >= 1; an
+      injected value below 1 is rejected at init, and read as 1 when traced).
     estimator: "hutchinson" (Sophia-H, needs `obj_fn=` in update: params -> scalar loss on
       the current batch), "gnb" (Sophia-G, needs `logits_fn=`: params -> logits of the
       current batch, classes on the last axis), or a `GradientTransformation` whose
@@ -196,8 +198,7 @@ def sophia_clip(
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
   check_range("gamma", gamma, 0.0, low_inclusive=False)
   check_range("eps", eps, 0.0)
-  if isinstance(update_interval, numbers.Number):
-    check_int("update_interval", update_interval, minimum=1)
+  check_count("update_interval", update_interval, minimum=1)
   if isinstance(seed, numbers.Number):
     check_int("seed", seed)
   if isinstance(estimator, str):
@@ -271,8 +272,11 @@ def sophia_clip(
     else:
       mu_hat, h_hat = mu, hessian
 
-    ratio = jax.tree.map(lambda m, h: m / jnp.maximum(gamma * h, eps), mu_hat, h_hat)
-    not_clipped = sum(jnp.sum(jnp.abs(r) < 1) for r in jax.tree.leaves(ratio))
+    ratio = jax.tree.map(lambda m, h: _clip_ratio(m, jnp.maximum(gamma * h, eps)),
+                         mu_hat, h_hat)
+    # (an int32 start, so that an empty tree sums to an array too)
+    not_clipped = sum((jnp.sum(jnp.abs(r) < 1) for r in jax.tree.leaves(ratio)),
+                      jnp.zeros([], jnp.int32))
     size = max(optax.tree.size(ratio), 1)
     win_rate = (not_clipped / size).astype(jnp.float32)
     # clip(±inf, 1) would be a finite ±1 step: a non-finite momentum entry is returned as it
@@ -285,6 +289,12 @@ def sophia_clip(
         win_rate=win_rate, mu=mu, hessian=hessian, estimator_state=estimator_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _clip_ratio(m: jax.Array, denominator: jax.Array) -> jax.Array:
+  """m / denominator, with 0 / 0 read as 0: with eps = 0 an entry of zero momentum and
+  zero curvature does not move (a nonzero one over 0 is ±inf and clips to ±1)."""
+  return jnp.where(m == 0, jnp.zeros_like(m), m / denominator)
 
 
 def _find_sophia_state(opt_state, helper: str) -> SophiaClipState:
