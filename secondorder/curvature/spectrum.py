@@ -69,10 +69,27 @@ def directional_sharpness(matvec: Operator, u: PyTree) -> jax.Array:
   With A the Hessian and u the update (or the gradient) this is the sharpness the step
   sees; it lies between the smallest and the largest eigenvalue of A.
 
+  The quotient does not depend on the scale of u, so u is first divided by its largest
+  entry: a direction whose squared norm would overflow float32 (entries around 1e20) gives
+  the same finite value as a small one. A zero direction (or an empty tree) has sharpness
+  0 by definition, jitted or not; a direction with a NaN or an Inf gives NaN.
+
   Example:
     >>> s = directional_sharpness(hessian_operator(loss_fn, params), grads)
   """
-  return _vdot(u, matvec(u)) / _vdot(u, u)
+  scale = _max_abs(u)
+  safe_scale = jnp.where(scale > 0, scale, 1.0)
+  v = jax.tree.map(lambda x: (x / safe_scale.astype(x.dtype)).astype(x.dtype), u)
+  norm2 = _vdot(v, v)
+  quotient = _vdot(v, matvec(v)) / jnp.where(norm2 > 0, norm2, 1.0)
+  return jnp.where(scale == 0, jnp.zeros_like(quotient), quotient)
+
+
+def _max_abs(tree: PyTree) -> jax.Array:
+  """The largest |entry| over every leaf (0 for an empty tree), in float32 or wider."""
+  leaves = [jnp.max(jnp.abs(x)).astype(jnp.promote_types(jnp.result_type(x), jnp.float32))
+            for x in jax.tree.leaves(tree) if jnp.size(x)]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), jnp.float32)
 
 
 class Eigenpairs(NamedTuple):
