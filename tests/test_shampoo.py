@@ -537,3 +537,32 @@ SPARSE_STATS = Case(
                           for p in c.problems])
 def test_converges(case, problem):
   C.check_converges(case, problem)
+
+
+@pytest.mark.parametrize("with_params", [True, False])
+def test_renamed_keys_name_the_first_differing_path(with_params):
+  """Same shapes, different keys: an error naming the path, before the graft sees them
+  (with params from the params, without from the graft's moments)."""
+  tx = shampoo_preconditioner()
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  state = tx.init(params)
+  renamed = {"a": params["a"], "c": params["b"]}
+  with pytest.raises(ValueError, match=r"\['b'\].*\['c'\]|\['c'\].*\['b'\]"):
+    jax.jit(tx.update)(renamed, state, params if with_params else None)
+
+
+def test_donated_state_and_interval_checks():
+  tx = shampoo(1e-2, update_interval=2, start_preconditioning_step=1)
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+      tx.update(p, s, p)), donate_argnums=(0, 1))
+  p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+  for _ in range(3):
+    p, s = step(p, s)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, s)))
+  with pytest.raises(ValueError, match="learning_rate"):
+    shampoo(-1e-3)
+  with pytest.raises(ValueError, match="update_interval"):
+    optax.inject_hyperparams(shampoo_preconditioner)(update_interval=0).init(params)
+  with pytest.raises(ValueError, match="graft_b2"):
+    shampoo_preconditioner(graft_b2=1.0)

@@ -289,3 +289,46 @@ def test_bad_dimension_numbers_name_the_leaf():
 def test_integer_params_are_a_type_error():
   with pytest.raises(TypeError, match="w"):
     scale_by_soap().init({"w": jnp.ones((2, 2), jnp.int32)})
+
+
+def test_eps_zero_reads_zero_over_zero_as_zero():
+  """eps = 0 (documented as allowed): an entry whose second moment is exactly 0 gets a zero
+  direction, the others Adam's (checked against NumPy, with 0/0 read as 0)."""
+  b1, b2 = 0.9, 0.99
+  tx = scale_by_soap(b1=b1, b2=b2, eps=0.0)
+  params = {"v": jnp.zeros(4), "w": jnp.zeros((2, 3))}
+  g = {"v": jnp.array([1.0, 0.0, -2.0, 0.0]), "w": jnp.ones((2, 3)).at[0].set(0.0)}
+  state = tx.init(params)
+  m = np.zeros(4)
+  v = np.zeros(4)
+  for k in range(4):
+    u, state = tx.update(g, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    if k == 0:  # the first call only collects statistics
+      continue
+    gv = np.asarray(g["v"], np.float64)
+    m, v = b1 * m + (1 - b1) * gv, b2 * v + (1 - b2) * gv ** 2
+    scale = np.sqrt(1 - b2 ** k) / (1 - b1 ** k)
+    expected = np.where(v == 0, 0.0, scale * m / np.where(v == 0, 1.0, np.sqrt(v)))
+    np.testing.assert_allclose(np.asarray(u["v"]), expected, rtol=1e-5)
+
+
+def test_renamed_keys_name_the_path_and_donation_works():
+  tx = soap(1e-2)
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['b'\].*\['c'\]"):
+    tx.update({"a": params["a"], "c": params["b"]}, state, params)
+  step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+      tx.update(p, s, p)), donate_argnums=(0, 1))
+  p, s = jax.tree.map(jnp.copy, params), state
+  for _ in range(3):
+    p, s = step(p, s)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, s)))
+
+
+def test_negative_learning_rate_and_zero_frequency_are_errors():
+  with pytest.raises(ValueError, match="learning_rate"):
+    soap(-1e-3)
+  with pytest.raises(ValueError, match="precondition_frequency"):
+    optax.inject_hyperparams(scale_by_soap)(precondition_frequency=0).init({"w": jnp.ones(2)})
