@@ -214,12 +214,13 @@ def _quartic_problem(c):
 def test_levenberg_marquardt_damping(c, factor):
   """ρ > ¾ (an exact quadratic) lowers λ by 2/3; ρ < ¼ (a large quartic) raises it by 3/2;
   ρ equals (L(θ + d) − L(θ)) / (gᵀd + ½dᵀAd) computed with numpy. (CG runs preconditioned by
-  (g ⊙ g + λ)^0.75 and still lands on the damped Newton step.)"""
+  (g ⊙ g + λ)^0.75 and still lands on the damped Newton step; min_rho=None takes the step
+  whatever ρ, so that the update is the step itself.)"""
   a, b, obj_fn = _quartic_problem(c)
   with jax.enable_x64(True):
     tx = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.5,
                                   cg_max_iterations=5, cg_tol=0.0, progress_tol=None,
-                                  preconditioner="squared_gradient")
+                                  preconditioner="squared_gradient", min_rho=None)
     x = jnp.zeros(5)
     g = jax.grad(obj_fn)(x)
     p, state = jax.jit(lambda g, s, x: tx.update(g, s, x, obj_fn=obj_fn))(g, tx.init(x), x)
@@ -357,9 +358,10 @@ def test_preconditioned_step_solves_the_same_system():
 
 
 def test_inject_hyperparams_on_the_aliases_keeps_the_state_structure():
-  """The aliases under optax.inject_hyperparams (numbers become traced arrays) have a state
-  of the same structure, shapes and dtypes before and after a step (the contract compares
-  the primitives' updates with every number injected)."""
+  """The aliases under optax.inject_hyperparams with no static_args (every number, the CG
+  budget included, becomes a traced array) have a state of the same structure, shapes and
+  dtypes as the plain aliases, before and after a step, and the same updates; STATIC_ARGS
+  (now empty) is still accepted."""
   x = jax.random.normal(jax.random.key(0), (16, 3))
   y = jnp.arange(16) % 4
   params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
@@ -372,8 +374,14 @@ def test_inject_hyperparams_on_the_aliases_keeps_the_state_structure():
       (so.natural_gradient, dict(kl_budget=1e-2, damping=1e-3, max_learning_rate=0.5,
                                  cg_max_iterations=8))):
     plain = factory(**kwargs)
-    injected = optax.inject_hyperparams(factory, static_args=STATIC_ARGS)(**kwargs)
+    assert STATIC_ARGS == ()
+    optax.inject_hyperparams(factory, static_args=STATIC_ARGS)(**kwargs).init(params)
+    injected = optax.inject_hyperparams(factory)(**kwargs)
     s_plain, s_inj = plain.init(params), injected.init(params)
+    u_plain, _ = jax.jit(lambda g, s: plain.update(g, s, params, **extra))(g, s_plain)
+    u_inj, _ = jax.jit(lambda g, s: injected.update(g, s, params, **extra))(g, s_inj)
+    for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_inj)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     assert (jax.tree.structure(s_plain) == jax.tree.structure(s_inj.inner_state))
     assert ([(l.shape, l.dtype) for l in jax.tree.leaves(s_plain)]
             == [(l.shape, l.dtype) for l in jax.tree.leaves(s_inj.inner_state)])
@@ -564,3 +572,243 @@ def test_sharded_jit_equals_one_device():
   assert report["devices"] == 4 and report["batch_shards"] == 4
   assert report["moved"] > 1e-2
   assert report["diff"] < 1e-10 * max(1.0, report["moved"]), report
+
+
+# ----------------------------------------------------------------------------------------
+# No silent failure: bounded damping, rejection, overflow, donation, bad input
+# ----------------------------------------------------------------------------------------
+
+
+def _converging_mlp():
+  """A 4-16-3 tanh MLP memorising 32 points, on which Hessian-free with Martens' rule (every
+  finite step taken) reaches a loss of 1.5e-8 at step 42 and then, λ ≈ 2e-8, takes a step
+  along a nearly flat direction of the Gauss-Newton matrix that raises the loss to 0.37
+  (ρ = −1.9e5) and diverges to 1e7."""
+  kx, kw1, kw2 = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (32, 4))
+  y = (jnp.sum(x[:, :2], axis=1) > 0).astype(jnp.int32) + (x[:, 2] > 0).astype(jnp.int32)
+  params = {"w1": jax.random.normal(kw1, (4, 16)) / 2.0, "b1": jnp.zeros(16),
+            "w2": jax.random.normal(kw2, (16, 3)) / 4.0, "b2": jnp.zeros(3)}
+  logits_fn = lambda p: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  return params, logits_fn, so.softmax_cross_entropy(y)
+
+
+def _scan_losses(tx, params, logits_fn, loss_fn, steps):
+  """The loss before each of `steps` steps (one compile, lax.scan), and the final state."""
+  def body(carry, _):
+    p, s = carry
+    loss, g = jax.value_and_grad(lambda p: loss_fn(logits_fn(p)))(p)
+    u, s = tx.update(g, s, p, logits_fn=logits_fn, loss_fn=loss_fn)
+    return (optax.apply_updates(p, u), s), loss
+  (p, s), losses = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None,
+                                                  length=steps))(params)
+  return np.asarray(losses), p, s
+
+
+def test_default_rejects_the_step_that_blew_up_a_converged_run():
+  """The old default (min_rho=None: every finite step taken, λ unbounded below) reproduces
+  the blow-up: after reaching about 1e-8 the loss rises by more than 1e6 times. With the
+  defaults (a step is rejected when ρ < −1, λ >= 1e-8) the same 120 steps never raise the
+  loss above 1e-6 after it first gets there, and the parameters stay near the solution."""
+  params, logits_fn, loss_fn = _converging_mlp()
+  old, _, _ = _scan_losses(so.hessian_free(min_rho=None, min_damping=1e-30), params,
+                           logits_fn, loss_fn, 120)
+  best = int(np.argmin(old))
+  assert old[best] < 1e-7 and old[best:].max() > 1e6 * max(old[best], 1e-8)
+  new, p, s = _scan_losses(so.hessian_free(), params, logits_fn, loss_fn, 120)
+  first = int(np.argmax(new < 1e-6))
+  assert new[first] < 1e-6 and new[first:].max() < 1e-6
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(p)) < 20.0
+  hf = s[0]
+  assert int(hf.nonfinite_count) == 0
+  assert so.transforms.hessian_free.MIN_DAMPING <= float(hf.damping) <= 1e8
+
+
+@pytest.mark.parametrize("c,default_takes", [(7.0, True), (20.0, False)])
+def test_min_rho_decides_from_the_reduction_ratio(c, default_takes):
+  """On the quartic (ρ from numpy: −0.4 for c = 7, −3.2 for c = 20): the default ρ_min = −1
+  takes the first step and rejects the second (zero update, λ × 3/2); reject_increase
+  (ρ_min = 0) rejects both; min_rho=None takes both. λ follows ρ < ¼ in every case."""
+  a, b, _ = _quartic_problem(c)
+  obj_fn = lambda v: (0.5 * v @ jnp.asarray(a) @ v - jnp.asarray(b) @ v
+                      + c * jnp.sum(v * v) ** 2)
+  with jax.enable_x64(True):
+    x, g = jnp.zeros(5), jnp.asarray(-b)
+    d = -np.linalg.solve(a + 0.5 * np.eye(5), -b)
+    f = lambda v: 0.5 * v @ a @ v - b @ v + c * (v @ v) ** 2
+    rho = (f(d) - f(np.zeros(5))) / (-b @ d + 0.5 * d @ a @ d)
+    assert (-1 < rho < 0) if default_takes else (rho < -1)
+    for kwargs, takes in ((dict(), default_takes), (dict(reject_increase=True), False),
+                          (dict(min_rho=None), True)):
+      tx = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.5,
+                                    cg_max_iterations=5, cg_tol=0.0, progress_tol=None,
+                                    **kwargs)
+      p, state = jax.jit(lambda g, s, x: tx.update(g, s, x, obj_fn=obj_fn))(g, tx.init(x), x)
+      np.testing.assert_allclose(float(state.rho), rho, rtol=1e-9)
+      np.testing.assert_allclose(np.asarray(p), -d if takes else np.zeros(5), rtol=1e-9)
+      assert float(state.damping) == pytest.approx(0.75)
+
+
+def _fixed_point_steps(tx, obj_fn, g, steps):
+  """`steps` updates at x = 0 with the same gradient (θ never moves): λ alone evolves."""
+  x = jnp.zeros(g.shape, g.dtype)
+  def body(s, _):
+    _, s = tx.update(g, s, x, obj_fn=obj_fn)
+    return s, s[0].damping if isinstance(s, tuple) and hasattr(s[0], "damping") else s.damping
+  return jax.jit(lambda s: jax.lax.scan(body, s, None, length=steps))(tx.init(x))
+
+
+def test_damping_stays_in_its_bounds_and_restarts_from_zero():
+  """Every step rejected (a gradient where the loss has none: every step raises it) raises
+  λ by 3/2 per step: after 400 steps it sits at λ_max = 1e8 (it reached 3e37 after 300
+  before); every step exact (a quadratic, ρ = 1) lowers it by 2/3 to λ_min = 1e-8 and no
+  further. initial_damping = 0 stays 0 while steps succeed and its first increase goes to
+  DAMPING_FROM_ZERO = 1."""
+  from secondorder.transforms import hessian_free as hf_module
+  g = jnp.ones(3)
+  rising = lambda v: 0.5 * jnp.sum(v * v) + 10.0 * jnp.sum(v * v) ** 2  # ∇ = 0 at 0
+  tx = so.scale_by_hessian_free(curvature="hessian", reject_increase=True,
+                                cg_max_iterations=3)
+  state, lams = _fixed_point_steps(tx, rising, g, 400)
+  lams = np.asarray(lams)
+  assert np.all(np.isfinite(lams)) and float(state.damping) == np.float32(hf_module.MAX_DAMPING)
+  np.testing.assert_allclose(lams[:3], [1.5, 2.25, 3.375], rtol=1e-6)
+  quadratic = lambda v: 0.5 * jnp.sum(v * v) - jnp.sum(v)               # ∇ = −1 at 0
+  tx = so.scale_by_hessian_free(curvature="hessian", cg_max_iterations=3)
+  state, lams = _fixed_point_steps(tx, quadratic, -g, 200)
+  assert float(state.damping) == np.float32(hf_module.MIN_DAMPING)
+  assert np.all(np.asarray(lams) >= np.float32(hf_module.MIN_DAMPING))
+  zero = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.0,
+                                  cg_max_iterations=3)
+  _, lams = _fixed_point_steps(zero, quadratic, -g, 3)
+  np.testing.assert_array_equal(np.asarray(lams), [0.0, 0.0, 0.0])
+  _, lams = _fixed_point_steps(zero, rising, g, 2)
+  np.testing.assert_allclose(np.asarray(lams), [hf_module.DAMPING_FROM_ZERO,
+                                                1.5 * hf_module.DAMPING_FROM_ZERO])
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e20])
+def test_overflowing_gradient_decides_as_float64(magnitude):
+  """Newton-CG (λ₀ = 0) on ½xᵀAx − bᵀx from 0 with float32 b around 1e19-1e20, where ‖b‖²
+  overflows: at 1e19 float32 takes the step float64 takes (A⁻¹b, ρ = 1) instead of a zero
+  step from CG stopping at iteration 0 (the old behaviour, with nothing counted); at 1e20 the
+  loss at the step (bᵀx about 1e39) overflows float32, so the step is skipped and counted,
+  never a silent zero step."""
+  rng = np.random.default_rng(11)
+  a = _spd(rng, 4, 1.0) * 10.0
+  b = magnitude * rng.normal(size=4)
+  tx = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.0,
+                                cg_max_iterations=12, progress_tol=None)
+
+  def step(a, b):
+    obj_fn = lambda v: 0.5 * v @ a @ v - b @ v
+    x = jnp.zeros_like(b)
+    return tx.update(-b, tx.init(x), x, obj_fn=obj_fn)
+
+  u32, s32 = jax.jit(step)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  with jax.enable_x64(True):
+    u64, s64 = jax.jit(step)(jnp.asarray(a), jnp.asarray(b))
+    u64, rho64 = np.asarray(u64), float(s64.rho)
+  np.testing.assert_allclose(-u64, np.linalg.solve(a, b), rtol=1e-9)
+  assert rho64 == pytest.approx(1.0)
+  overflows = abs(b @ np.linalg.solve(a, b)) > np.finfo(np.float32).max
+  assert overflows == (magnitude == 1e20)
+  if not overflows:
+    np.testing.assert_allclose(np.asarray(u32, np.float64), u64, rtol=1e-4)
+    assert float(s32.rho) == pytest.approx(1.0, rel=1e-3)
+    assert int(s32.nonfinite_count) == 0
+  else:
+    np.testing.assert_array_equal(np.asarray(u32), np.zeros(4))
+    assert int(s32.nonfinite_count) == 1
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e20])
+def test_natural_gradient_with_overflowing_gradient_decides_as_float64(magnitude):
+  """The natural gradient with float32 gradients around 1e19-1e20 (dᵀFd and ‖g‖² overflow
+  float32): η and the step u = ηd come from the unit direction and its norm, so the step
+  equals float64's (its KL is the budget δ) instead of a zero step from CG stopping at
+  iteration 0."""
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(8, 3))
+  params = 0.1 * rng.normal(size=(3, 4))
+  g = magnitude * rng.normal(size=(3, 4))
+  tx = so.scale_by_natural_gradient(kl_budget=1e-2, damping=1e-3, cg_max_iterations=30)
+
+  def step(x, params, g):
+    return tx.update(g, tx.init(params), params, logits_fn=lambda p: x @ p)
+
+  u32, s32 = jax.jit(step)(*(jnp.asarray(v, jnp.float32) for v in (x, params, g)))
+  with jax.enable_x64(True):
+    u64, s64 = jax.jit(step)(*(jnp.asarray(v) for v in (x, params, g)))
+    u64, kl64 = np.asarray(u64), float(s64.kl)
+  assert kl64 == pytest.approx(1e-2, rel=1e-6)
+  np.testing.assert_allclose(np.asarray(u32, np.float64), u64, rtol=2e-3,
+                             atol=2e-3 * np.abs(u64).max())
+  assert float(s32.kl) == pytest.approx(1e-2, rel=1e-3)
+  assert int(s32.nonfinite_count) == 0
+
+
+def test_jitted_step_with_the_state_donated():
+  """Every state leaf is its own buffer: a jitted step that donates the state (and the
+  params) runs several steps, for both aliases, plain and under inject_hyperparams."""
+  params, logits_fn, loss_fn = _mlp_problem()
+  for factory, kwargs, extra in (
+      (so.hessian_free, dict(cg_max_iterations=5), dict(logits_fn=logits_fn, loss_fn=loss_fn)),
+      (so.natural_gradient, dict(kl_budget=1e-2, cg_max_iterations=5),
+       dict(logits_fn=logits_fn))):
+    for tx in (factory(**kwargs), optax.inject_hyperparams(factory)(**kwargs)):
+      state = tx.init(params)
+      leaves = jax.tree.leaves(state)
+      assert len({id(x) for x in leaves}) == len(leaves)
+
+      def step(p, s, extra=extra, tx=tx):
+        g = jax.grad(lambda p: loss_fn(logits_fn(p)))(p)
+        u, s = tx.update(g, s, p, **extra)
+        return optax.apply_updates(p, u), s
+
+      step = jax.jit(step, donate_argnums=(0, 1))
+      p = jax.tree.map(jnp.copy, params)
+      for _ in range(3):
+        p, state = step(p, state)
+      assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, state)))
+      assert int(optax.tree.get(state, "nonfinite_count")) == 0
+      assert float(optax.tree.get(state, "cg_iterations")) > 0
+
+
+def test_bad_input_gets_a_clear_error_or_a_result():
+  """A logits_fn that returns a scalar: a ValueError naming logits_fn and the expected shape
+  (natural gradient, and Hessian-free's Fisher curvature); the new ranges are checked at
+  construction, each error naming its argument; zero gradients give a zero step and an
+  empty parameter tree an empty update, with nothing counted as non-finite."""
+  params = jnp.zeros((3, 2))
+  scalar = lambda p: jnp.sum(p)
+  for tx, extra in ((so.natural_gradient(1e-2), dict(logits_fn=scalar)),
+                    (so.hessian_free(curvature="fisher"),
+                     dict(logits_fn=scalar, loss_fn=lambda z: z))):
+    with pytest.raises(ValueError, match=r"logits_fn must return logits .*\[\.\.\., classes\]"):
+      tx.update(jnp.ones((3, 2)), tx.init(params), params, **extra)
+  for bad, name in ((dict(min_damping=0.0), "min_damping"),
+                    (dict(max_damping=1e-9), "max_damping"),
+                    (dict(initial_damping=1e-9), "initial_damping"),
+                    (dict(initial_damping=1e9), "initial_damping"),
+                    (dict(min_rho=1.0), "min_rho"),
+                    (dict(learning_rate=-1.0), "learning_rate"),
+                    (dict(cg_max_iterations=1.5), "cg_max_iterations")):
+    with pytest.raises(ValueError, match=name):
+      so.hessian_free(**bad)
+  for bad, name in ((dict(kl_budget=0.0), "kl_budget"), (dict(damping=-1.0), "damping"),
+                    (dict(kl_budget=1e-2, warm_start_decay=2.0), "warm_start_decay")):
+    with pytest.raises(ValueError, match=name):
+      so.natural_gradient(**dict(dict(kl_budget=1e-2), **bad))
+  x = jnp.ones((4, 3))
+  y = jnp.zeros(4, jnp.int32)
+  for p, logits_fn in ((params, lambda p: x @ p), ({}, lambda p: jnp.zeros((4, 2)))):
+    for tx, extra in ((so.hessian_free(), dict(loss_fn=so.softmax_cross_entropy(y))),
+                      (so.natural_gradient(1e-2), {})):
+      zeros = jax.tree.map(jnp.zeros_like, p)
+      u, s = jax.jit(lambda g, s: tx.update(g, s, p, logits_fn=logits_fn, **extra))(
+          zeros, tx.init(p))
+      assert jax.tree.structure(u) == jax.tree.structure(p)
+      for leaf in jax.tree.leaves(u):
+        np.testing.assert_array_equal(np.asarray(leaf), np.zeros(leaf.shape))
+      assert int(optax.tree.get(s, "nonfinite_count")) == 0

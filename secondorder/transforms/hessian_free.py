@@ -15,11 +15,12 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from secondorder._validation import (check_choice, check_float_leaves, check_int,
                                      check_range, check_same_structure, require_extra_arg)
-from secondorder.curvature.cg import CGResult, conjugate_gradient, tree_vdot
+from secondorder.curvature.cg import CGResult, conjugate_gradient, tree_norm, tree_vdot
 from secondorder.curvature.products import (fisher_operator, gauss_newton_operator,
                                             hessian_operator)
 
@@ -30,10 +31,18 @@ __all__ = ["ScaleByHessianFreeState", "ScaleByNaturalGradientState", "scale_by_h
 CURVATURES = ("gauss_newton", "hessian", "fisher")
 PRECONDITIONERS = ("none", "squared_gradient", "empirical_fisher")
 
-# Arguments that fix the shape of the CG loop's buffers; name them in
-# `optax.inject_hyperparams(hessian_free, static_args=STATIC_ARGS)` (strings, bools and None
-# are static there anyway).
-STATIC_ARGS = ("cg_max_iterations",)
+# Arguments that must be static under `optax.inject_hyperparams`: none (strings, bools and
+# None are static there anyway; a traced `cg_max_iterations` is CG's traced loop bound).
+# Kept so that `static_args=STATIC_ARGS` stays valid.
+STATIC_ARGS = ()
+
+# The documented bounds of the adapted damping λ (`min_damping`, `max_damping`), and the
+# value an increase from λ = 0 goes to (clipped into the bounds): `initial_damping=0` gives
+# exact Newton / Gauss-Newton steps until a step fails, then the adaptation starts from
+# there at a mean loss's scale.
+MIN_DAMPING = 1e-8
+MAX_DAMPING = 1e8
+DAMPING_FROM_ZERO = 1.0
 
 _LOGITS_EXAMPLE = "logits_fn=lambda p: model.apply(p, x)"
 _LOSS_EXAMPLE = "loss_fn=so.softmax_cross_entropy(y)"
@@ -112,6 +121,28 @@ def _zeros_like_stats(params) -> optax.Updates:
   """A params-shaped tree of zeros in each leaf's statistics dtype."""
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _stats_dtype(jnp.result_type(p))),
                       params)
+
+
+def _check_iterations(name: str, value) -> None:
+  """A Python int >= 1; an array (injected by `optax.inject_hyperparams`) passes, and CG
+  clamps it to >= 1."""
+  if not isinstance(value, (jax.Array, np.ndarray)):
+    check_int(name, value, minimum=1)
+
+
+def _check_damping_bounds(initial_damping, min_damping, max_damping) -> None:
+  """0 < λ_min <= λ_max, and λ₀ = 0 or in [λ_min, λ_max] (concrete numbers only)."""
+  check_range("min_damping", min_damping, 0.0, low_inclusive=False)
+  check_range("max_damping", max_damping, 0.0, low_inclusive=False)
+  check_range("initial_damping", initial_damping, 0.0)
+  concrete = [isinstance(v, (int, float)) for v in (initial_damping, min_damping, max_damping)]
+  if concrete[1] and concrete[2] and max_damping < min_damping:
+    raise ValueError(f"max_damping must be >= min_damping = {min_damping!r}, got "
+                     f"{max_damping!r}.")
+  if all(concrete) and initial_damping != 0 and not (
+      min_damping <= initial_damping <= max_damping):
+    raise ValueError(f"initial_damping must be 0 or lie in [min_damping, max_damping] = "
+                     f"[{min_damping!r}, {max_damping!r}], got {initial_damping!r}.")
 
 
 def _check_update_inputs(method: str, updates, state, params) -> None:
@@ -206,6 +237,7 @@ def _objective_and_curvature(curvature: str, params, obj_fn, logits_fn, loss_fn)
   objective = lambda p: scalar_loss(logits_fn(p))
   if curvature == "gauss_newton":
     return objective, gauss_newton_operator(logits_fn, loss_fn, params)
+  _check_logits(method, logits_fn, params)
   return objective, fisher_operator(logits_fn, params)
 
 
@@ -229,36 +261,46 @@ def _preconditioner(kind: str, power, grads, damping, fisher_diag):
 
 def _reduction_ratio(loss, candidate_loss, model_reduction) -> jax.Array:
   """ρ = (L(θ + d) − L(θ)) / q(d); 0 when the model predicts no decrease (q(d) >= 0), so
-  that λ grows until C + λI is positive definite along the directions CG explores."""
+  that λ grows until C + λI is positive definite along the directions CG explores. A ratio
+  beyond the dtype's range (q(d) underflowing) is clipped to it: ρ in the state is finite."""
   predicted = model_reduction < 0
-  return jnp.where(predicted, (candidate_loss - loss) / jnp.where(predicted, model_reduction,
-                                                                  -1.0), 0.0)
+  rho = jnp.where(predicted, (candidate_loss - loss) / jnp.where(predicted, model_reduction,
+                                                                 -1.0), 0.0)
+  big = jnp.finfo(jnp.result_type(rho)).max
+  return jnp.clip(rho, -big, big)
 
 
-def _levenberg_marquardt(damping, rho, adapt: bool, increase, decrease, ok, informative):
-  """λ ← increase·λ when ρ < ¼ (or the step failed), λ ← decrease·λ when ρ > ¾.
+def _levenberg_marquardt(damping, rho, adapt: bool, increase, decrease, bounds, ok,
+                         informative):
+  """λ ← increase·λ when ρ < ¼ (or the step failed), λ ← decrease·λ when ρ > ¾, within
+  `bounds` = (λ_min, λ_max).
 
+  λ = 0 (`initial_damping=0`) stays 0 while the steps succeed; its first increase goes to
+  `DAMPING_FROM_ZERO` (clipped into the bounds), from where the rule can act.
   `informative` is False at a stationary point (g = 0), where the step is zero whatever λ,
   and when the predicted decrease is below the loss's rounding (a few ulps of L(θ)), where ρ
-  is rounding noise that would otherwise raise λ step after step until it overflows: λ is
-  kept. A step that predicts no decrease although g ≠ 0 (CG met negative curvature at once)
-  has ρ = 0 and raises λ.
+  is rounding noise that would otherwise raise λ step after step: λ is kept. A step that
+  predicts no decrease although g ≠ 0 (CG met negative curvature at once) has ρ = 0 and
+  raises λ.
   """
   if not adapt:
     return damping
-  raised = damping * increase
-  lowered = damping * decrease
+  low, high = (jnp.asarray(b, damping.dtype) for b in bounds)
+  raised = jnp.clip(jnp.where(damping > 0, damping * increase, DAMPING_FROM_ZERO), low, high)
+  lowered = jnp.where(damping > 0, jnp.clip(damping * decrease, low, high), damping)
   adapted = jnp.where(rho < 0.25, raised, jnp.where(rho > 0.75, lowered, damping))
   adapted = jnp.where(informative, adapted, damping)
   return jnp.where(ok, adapted, raised).astype(damping.dtype)
 
 
-def _accepted(ok: jax.Array, reject_increase: bool, loss, candidate_loss) -> jax.Array:
-  """Whether the step is taken: it is finite and, with `reject_increase`, the loss at the
-  candidate is not above L(θ) (a rejected step keeps θ; its ρ < 0 raises λ)."""
-  if not reject_increase:
+def _accepted(ok: jax.Array, min_rho, loss, candidate_loss, model) -> jax.Array:
+  """Whether the step is taken: it is finite and, unless `min_rho` is None, its loss rises
+  by no more than ρ_min·q(d), that is ρ >= ρ_min (a step the model predicts no decrease for,
+  q(d) >= 0, may not raise the loss at all). A rejected step keeps θ; its ρ < ¼ raises λ."""
+  if min_rho is None:
     return ok
-  return ok & ~(candidate_loss > loss)
+  allowed = jnp.where(model < 0, min_rho * model, 0.0)
+  return ok & (candidate_loss - loss <= allowed)
 
 
 def scale_by_hessian_free(
@@ -274,6 +316,9 @@ def scale_by_hessian_free(
     preconditioner: str = "none",
     preconditioner_power: float = 0.75,
     reject_increase: bool = False,
+    min_rho: float | None = -1.0,
+    min_damping: float = MIN_DAMPING,
+    max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hessian-free Newton: (C + λI) p = g by conjugate gradient, λ by Levenberg-Marquardt.
 
@@ -283,10 +328,11 @@ def scale_by_hessian_free(
     p \approx (C + \lambda I)^{-1} g \quad\text{(CG from } \zeta\,p_{t-1}\text{)},\qquad
     d = -p,\qquad q(d) = g^\top d + \tfrac12 d^\top C d,\\
     \rho = \frac{L(\theta + d) - L(\theta)}{q(d)},\qquad
-    \lambda \leftarrow \begin{cases} \tfrac32\lambda & \rho < \tfrac14\\
+    \lambda \leftarrow \operatorname{clip}_{[\lambda_{\min}, \lambda_{\max}]}
+    \begin{cases} \tfrac32\lambda & \rho < \tfrac14\\
     \tfrac23\lambda & \rho > \tfrac34\\ \lambda & \text{otherwise,}\end{cases}
 
-  and the transform returns p (so `optax.scale_by_learning_rate(1.0)` after it takes the
+  and the transform returns p, or 0 when ρ < ρ_min (the step is rejected) (so `optax.scale_by_learning_rate(1.0)` after it takes the
   step d). C is never formed: CG uses products C v only,
 
   * `curvature="gauss_newton"` (default): C = Jᵀ H_ℓ J of the outputs `logits_fn(θ)` and the
@@ -309,29 +355,47 @@ def scale_by_hessian_free(
   (`so.empirical_fisher_diag`), "squared_gradient" uses g ⊙ g instead.
 
   q(d) is the undamped model; ρ is computed for the full step d, whatever learning rate
-  follows. With `reject_increase=True` a step that raises the loss (L(θ + d) > L(θ), so
-  ρ < 0) is not taken: the update is zero, θ stays, λ grows by the ρ < ¼ rule and CG's warm
-  start is the rejected solution (the trust-region practice of accepting only a decrease);
-  the state's `rho` shows it. A step whose gradient, CG solution, model or candidate loss is not finite is
-  skipped: the update is zero (NaN in the entries whose gradient is NaN or Inf, so that a
-  non-finite gradient is not hidden; `optax.apply_if_finite` skips such steps before they
-  reach this transform), `nonfinite_count` counts it, λ is raised and the warm start keeps
-  the last finite solution. Everything runs under `jax.jit` in one `lax.while_loop`; the loss
-  at the candidate costs one extra forward pass of the closure.
+  follows. λ stays in [`min_damping`, `max_damping`] (default [1e-8, 1e8]), so the state
+  stays finite however long the rule pushes one way; `initial_damping=0` (exact Newton or
+  Gauss-Newton steps) stays 0 while steps succeed, and its first increase goes to
+  `DAMPING_FROM_ZERO` = 1 (clipped into the bounds).
+
+  A step with ρ < `min_rho` is rejected: the update is zero, θ stays, λ grows by the ρ < ¼
+  rule and CG's warm start is the rejected solution. The default ρ_min = −1 rejects a step
+  whose loss rises by more than the decrease its model predicted (a step that predicts no
+  decrease may not raise the loss at all); it is what stops a run that has converged from
+  taking one step along a nearly flat direction of C that multiplies the loss by orders of
+  magnitude (measured in docs/methods/hessian_free.md). `reject_increase=True` raises ρ_min
+  to 0 (any increase is rejected, the trust-region practice of accepting only a decrease);
+  `min_rho=None` with `reject_increase=False` takes every finite step (Martens' rule).
+  The state's `rho` shows a rejected step. A step whose gradient, CG solution, model or
+  candidate loss is not finite is skipped: the update is zero (NaN in the entries whose
+  gradient is NaN or Inf, so that a non-finite gradient is not hidden;
+  `optax.apply_if_finite` skips such steps before they reach this transform),
+  `nonfinite_count` counts it, λ is raised and the warm start keeps the last finite
+  solution. CG runs on g/‖g‖ with an overflow-safe norm, so a float32 gradient whose sum of
+  squares overflows is solved, not stopped at iteration 0. Everything runs under `jax.jit`
+  in one `lax.while_loop`; the loss at the candidate costs one extra forward pass of the
+  closure.
 
   Args:
     curvature: "gauss_newton", "hessian" or "fisher".
-    initial_damping: λ at the first step, >= 0.
+    initial_damping: λ at the first step: 0, or in [`min_damping`, `max_damping`].
     adapt_damping: adapt λ by the Levenberg-Marquardt rule above (else λ stays fixed).
     damping_increase: the factor λ grows by when ρ < ¼ (Martens: 3/2), >= 1.
     damping_decrease: the factor λ shrinks by when ρ > ¾ (Martens: 2/3), in (0, 1].
     warm_start_decay: ζ, the fraction of the last solution CG starts from, in [0, 1].
-    cg_max_iterations: the most CG iterations per step (static int >= 1).
+    cg_max_iterations: the most CG iterations per step, an int >= 1 (may be injected by
+      `optax.inject_hyperparams`: a traced count below 1 is clamped to 1).
     cg_tol: CG's relative residual tolerance, >= 0.
     progress_tol: ε of the relative-progress stopping rule; None turns it off.
     preconditioner: "none", "empirical_fisher" or "squared_gradient".
     preconditioner_power: the exponent of M (Martens: 0.75), >= 0.
-    reject_increase: keep θ when the step would raise the loss (see above).
+    reject_increase: keep θ when the step would raise the loss at all (ρ_min = 0).
+    min_rho: ρ_min < 1, the least reduction ratio a step needs to be taken (default −1);
+      None takes every finite step (unless `reject_increase`).
+    min_damping: λ_min > 0, the floor of the adapted λ (default 1e-8).
+    max_damping: λ_max >= λ_min, the ceiling of the adapted λ (default 1e8).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByHessianFreeState`.
@@ -356,22 +420,27 @@ def scale_by_hessian_free(
   check_choice("preconditioner", preconditioner, PRECONDITIONERS)
   if not isinstance(reject_increase, bool):
     raise TypeError(f"reject_increase must be True or False, got {reject_increase!r}")
-  check_range("initial_damping", initial_damping, 0.0)
   check_range("damping_increase", damping_increase, 1.0)
   check_range("damping_decrease", damping_decrease, 0.0, 1.0, low_inclusive=False)
   check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-  check_int("cg_max_iterations", cg_max_iterations, minimum=1)
+  _check_iterations("cg_max_iterations", cg_max_iterations)
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
   check_range("preconditioner_power", preconditioner_power, 0.0)
+  _check_damping_bounds(initial_damping, min_damping, max_damping)
+  if min_rho is not None:
+    check_range("min_rho", min_rho, None, 1.0, high_inclusive=False)
+  if reject_increase:
+    min_rho = 0.0 if min_rho is None else jnp.maximum(min_rho, 0.0)
 
   def init_fn(params):
     check_float_leaves("scale_by_hessian_free", params, complex_ok=False)
     dtype = _scalar_dtype(params)
+    # Every leaf its own buffer (no array shared between fields), so the state can be donated.
     return ScaleByHessianFreeState(
         count=jnp.zeros([], jnp.int32),
-        damping=jnp.asarray(initial_damping, dtype),
+        damping=jnp.array(initial_damping, dtype),  # a copy: an injected λ₀ is an array
         rho=jnp.zeros([], dtype),
         loss=jnp.zeros([], dtype),
         cg_iterations=jnp.zeros([], jnp.int32),
@@ -393,25 +462,26 @@ def scale_by_hessian_free(
         _preconditioner(preconditioner, preconditioner_power, grads, damping, fisher_diag),
         max_iterations=cg_max_iterations, tol=cg_tol, progress_tol=progress_tol)
     p = solution.x
-    # q(d) at d = −p, undamped: φ(p) − ½λ‖p‖².
-    model = (solution.model_value - 0.5 * damping * tree_vdot(p, p)).astype(damping.dtype)
+    # q(d) at d = −p, undamped: φ(p) − ½λ‖p‖² (‖p‖ overflow-safe, squared last).
+    p_norm = tree_norm(p)
+    model = (solution.model_value - (0.5 * damping * p_norm) * p_norm).astype(damping.dtype)
     candidate = jax.tree.map(lambda w, s: (w - s.astype(w.dtype)), params, p)
     candidate_loss = objective(candidate).astype(damping.dtype)
-    # The gradient too: CG can stop at once on an Inf residual with a finite (warm-start)
-    # solution, which would take a step that ignores the fault.
-    ok = _all_finite(p, model, candidate_loss, grads)
+    # The gradient too, so that a NaN or Inf gradient is counted whatever CG returns; and
+    # the loss difference that decides acceptance (an overflow there is no decision).
+    ok = _all_finite(p, model, candidate_loss, grads, candidate_loss - loss)
     rho = jnp.where(ok, _reduction_ratio(loss, candidate_loss, model), 0.0).astype(
         damping.dtype)
     # A predicted decrease below 64 ulps of the loss cannot be measured by L(θ + d) − L(θ).
     resolvable = ((model >= 0)
                   | (-model > 64 * jnp.finfo(damping.dtype).eps * jnp.abs(loss)))
     new_damping = _levenberg_marquardt(damping, rho, adapt_damping, damping_increase,
-                                       damping_decrease, ok,
-                                       (tree_vdot(grads, grads) > 0) & resolvable)
+                                       damping_decrease, (min_damping, max_damping), ok,
+                                       (tree_norm(grads) > 0) & resolvable)
     direction = _keep_if(ok, p, state.direction)
     # A skipped or rejected step is zero, except where the gradient itself is NaN or Inf:
     # 0·g keeps that fault in the update (like optax.adam), so that it is never hidden.
-    taken = _accepted(ok, reject_increase, loss, candidate_loss)
+    taken = _accepted(ok, min_rho, loss, candidate_loss, model)
     step = jax.tree.map(lambda x, g: jnp.where(taken, x, 0 * g), p, grads)
     return _as_updates(step, updates), ScaleByHessianFreeState(
         count=optax.safe_increment(state.count),
@@ -437,6 +507,9 @@ def hessian_free(
     progress_tol: float | None = 5e-4,
     preconditioner: str = "none",
     reject_increase: bool = False,
+    min_rho: float | None = -1.0,
+    min_damping: float = MIN_DAMPING,
+    max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens' Hessian-free optimizer: the damped truncated-Newton step, times a learning rate.
 
@@ -446,7 +519,9 @@ def hessian_free(
   with p from `scale_by_hessian_free` (see it for the curvatures, CG's stopping rules, the
   preconditioner and the Levenberg-Marquardt adaptation of λ). Keep η = 1 (the default):
   λ is adapted for the full step, so η < 1 only shortens steps that the damping already
-  sizes. Weight decay belongs in the loss, where the curvature sees it.
+  sizes. Weight decay belongs in the loss, where the curvature sees it. By default a step
+  whose loss rises by more than its model's predicted decrease (ρ < −1) is rejected and λ
+  stays in [1e-8, 1e8] (see `scale_by_hessian_free`).
 
   Args:
     learning_rate: η, a float or an optax schedule (default 1).
@@ -473,7 +548,8 @@ def hessian_free(
           curvature=curvature, initial_damping=initial_damping, adapt_damping=adapt_damping,
           warm_start_decay=warm_start_decay, cg_max_iterations=cg_max_iterations,
           cg_tol=cg_tol, progress_tol=progress_tol, preconditioner=preconditioner,
-          reject_increase=reject_increase),
+          reject_increase=reject_increase, min_rho=min_rho, min_damping=min_damping,
+          max_damping=max_damping),
       optax.scale_by_learning_rate(learning_rate))
 
 
@@ -487,11 +563,32 @@ def _kl_budget_at(kl_budget, count) -> jax.Array:
   return kl_budget(count) if callable(kl_budget) else jnp.asarray(kl_budget)
 
 
-def _kl_step_size(direction_curvature, kl_budget, max_learning_rate) -> jax.Array:
-  """η = min(sqrt(2δ / dᵀFd), η_max), so that ½η²dᵀFd = δ unless the cap binds."""
-  positive = direction_curvature > 0
-  eta = jnp.sqrt(2.0 * kl_budget / jnp.where(positive, direction_curvature, 1.0))
+def _kl_step_size(unit_curvature, d_norm, kl_budget, max_learning_rate) -> jax.Array:
+  """η = min(sqrt(2δ / dᵀFd), η_max), so that ½η²dᵀFd = δ unless the cap binds.
+
+  From d̂ᵀFd̂ (d̂ = d/‖d‖) and ‖d‖: η = sqrt(2δ / d̂ᵀFd̂) / ‖d‖, so that dᵀFd overflowing
+  (a float32 gradient of 1e19 and above) does not decide η.
+  """
+  positive = unit_curvature > 0
+  eta = jnp.sqrt(2.0 * kl_budget / jnp.where(positive, unit_curvature, 1.0)) / d_norm
   return jnp.where(positive, jnp.minimum(eta, max_learning_rate), max_learning_rate)
+
+
+def _check_logits(method: str, logits_fn: Callable, params) -> None:
+  """Raises unless `logits_fn(params)` has a class axis (the last), by its shape alone."""
+  shape = jax.eval_shape(logits_fn, params).shape
+  if len(shape) == 0:
+    raise ValueError(
+        f"{method}: logits_fn must return logits with the classes on the last axis, shape "
+        f"[..., classes] (e.g. [batch, classes]); it returned a scalar (shape ()). For one "
+        f"binary output z pass the 2-class logits jnp.stack([jnp.zeros_like(z), z], -1).")
+
+
+def _unit(tree):
+  """(tree / ‖tree‖, ‖tree‖), ‖·‖ overflow-safe; a zero or non-finite norm divides by 1."""
+  norm = tree_norm(tree)
+  safe = jnp.where((norm > 0) & jnp.isfinite(norm), norm, jnp.ones_like(norm))
+  return jax.tree.map(lambda x: (x / safe).astype(x.dtype), tree), safe
 
 
 def scale_by_natural_gradient(
@@ -527,7 +624,8 @@ def scale_by_natural_gradient(
     max_learning_rate: η_max, the cap on η (> 0).
     damping: λ >= 0 added to F.
     warm_start_decay: the fraction of the last direction CG starts from, in [0, 1].
-    cg_max_iterations: the most CG iterations per step (static int >= 1).
+    cg_max_iterations: the most CG iterations per step, an int >= 1 (may be injected: a
+      traced count below 1 is clamped to 1).
     cg_tol: CG's relative residual tolerance, >= 0.
     progress_tol: ε of Martens' relative-progress rule; None (default) turns it off.
 
@@ -550,11 +648,11 @@ def scale_by_natural_gradient(
     region policy optimization", 2015 (the KL-scaled step).
   """
   if not callable(kl_budget):
-    check_range("kl_budget", kl_budget, 0.0)
+    check_range("kl_budget", kl_budget, 0.0, low_inclusive=False)
   check_range("max_learning_rate", max_learning_rate, 0.0, low_inclusive=False)
   check_range("damping", damping, 0.0)
   check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-  check_int("cg_max_iterations", cg_max_iterations, minimum=1)
+  _check_iterations("cg_max_iterations", cg_max_iterations)
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
@@ -562,10 +660,10 @@ def scale_by_natural_gradient(
   def init_fn(params):
     check_float_leaves("scale_by_natural_gradient", params, complex_ok=False)
     dtype = _scalar_dtype(params)
-    zero = jnp.zeros([], dtype)
+    zero = lambda: jnp.zeros([], dtype)  # every field its own buffer (the state can be donated)
     return ScaleByNaturalGradientState(
-        count=jnp.zeros([], jnp.int32), step_size=zero, kl=zero, newton_decrement=zero,
-        sharpness=zero, cg_iterations=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32), step_size=zero(), kl=zero(), newton_decrement=zero(),
+        sharpness=zero(), cg_iterations=jnp.zeros([], jnp.int32),
         nonfinite_count=jnp.zeros([], jnp.int32), direction=_zeros_like_stats(params))
 
   def update_fn(updates, state, params=None, *, logits_fn=None, **extra_args):
@@ -573,6 +671,7 @@ def scale_by_natural_gradient(
     _check_update_inputs("scale_by_natural_gradient", updates, state, params)
     logits_fn = require_extra_arg("scale_by_natural_gradient", "logits_fn", logits_fn,
                                   _LOGITS_EXAMPLE)
+    _check_logits("scale_by_natural_gradient", logits_fn, params)
     operator = _in_param_dtypes(fisher_operator(logits_fn, params), params)
     grads = jax.tree.map(lambda g, d: g.astype(d.dtype), updates, state.direction)
     dtype = state.kl.dtype
@@ -581,14 +680,20 @@ def scale_by_natural_gradient(
                       None, max_iterations=cg_max_iterations, tol=cg_tol,
                       progress_tol=progress_tol)
     d = solution.x
-    dd = tree_vdot(d, d).astype(dtype)
-    dfd = (tree_vdot(d, solution.ax) - lam * dd).astype(dtype)
-    eta = _kl_step_size(dfd, _kl_budget_at(kl_budget, state.count).astype(dtype),
+    # On the unit direction d̂ = d/‖d‖ (norms overflow-safe): c = d̂ᵀFd̂ = d̂ᵀ(F + λI)d̂ − λ‖d̂‖².
+    d_hat, d_norm = _unit(d)
+    ax_hat = jax.tree.map(lambda y: (y / d_norm).astype(y.dtype), solution.ax)
+    dd_hat = tree_vdot(d_hat, d_hat).astype(dtype)
+    c = (tree_vdot(d_hat, ax_hat) - lam * dd_hat).astype(dtype)
+    d_norm = d_norm.astype(dtype)
+    eta = _kl_step_size(c, d_norm, _kl_budget_at(kl_budget, state.count).astype(dtype),
                         jnp.asarray(max_learning_rate, dtype))
-    ok = _all_finite(d, dfd, grads)  # grads: as in scale_by_hessian_free
-    stats = (eta, 0.5 * eta ** 2 * dfd,
-             jnp.sqrt(jnp.maximum(tree_vdot(grads, d), 0.0)).astype(dtype),
-             dfd / jnp.where(dd > 0, dd, 1.0))
+    ok = _all_finite(d, c, grads)  # grads: as in scale_by_hessian_free
+    g_hat, g_norm = _unit(grads)
+    gd_hat = jnp.maximum(tree_vdot(g_hat, d_hat), 0.0).astype(dtype)
+    stats = (eta, 0.5 * (eta * d_norm) ** 2 * c,
+             jnp.sqrt(g_norm.astype(dtype)) * jnp.sqrt(d_norm) * jnp.sqrt(gd_hat),
+             c / jnp.where(dd_hat > 0, dd_hat, 1.0))
     eta, kl, decrement, sharpness = (jnp.where(ok, s, 0.0).astype(dtype) for s in stats)
     # As in scale_by_hessian_free: a non-finite gradient shows in the skipped step (0·g).
     step = jax.tree.map(lambda x, g: jnp.where(ok, eta * x, 0 * g), d, grads)
