@@ -195,19 +195,25 @@ class KfacLayers:
     """Uncovered parameters with two or more axes (kernel-like: usually worth covering).
 
     The stack axes of scanned layers are not counted: a LayerNorm scale `[L, d]` beside
-    layers stacked `[L, ...]` under the same top-level module is a vector per layer.
+    layers stacked `[L, ...]` under the same top-level module is a vector per layer. A
+    table with a leading axis of 1 (a position embedding `[1, N, D]`, added to every
+    example) is broadcast, not a kernel: no layer keeps a kernel axis of size 1.
     """
     stacks = {(l.kernel[0], l.factor_shape(0)[:-2]) for l in self.layers if l.stacked}
     shapes = dict(self.shapes)
 
-    def ndim(path):
+    def own_shape(path):
       shape = tuple(shapes.get(path, ()))
       for root, stack in stacks:
         if path.split("/")[0] == root and shape[:len(stack)] == stack:
-          return len(shape) - len(stack)
-      return len(shape)
+          return shape[len(stack):]
+      return shape
 
-    return tuple(p for p in self.uncovered if ndim(p) >= 2)
+    def kernel_like(path):
+      shape = own_shape(path)
+      return len(shape) >= 2 and not (len(shape) >= 3 and shape[0] == 1)
+
+    return tuple(p for p in self.uncovered if kernel_like(p))
 
   def summary(self) -> str:
     """A readable table: every parameter, its kind of block, and the covered fraction.
