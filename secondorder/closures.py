@@ -61,6 +61,16 @@ class Forward(NamedTuple):
   frozen: Callable[[Any], Any]
 
 
+def _selected(logits: Callable[[Any], Any] | None, where: str) -> Callable[[Any], Any]:
+  """The logits selector, checked (the identity when None)."""
+  if logits is None:
+    return lambda output: output
+  if not callable(logits):
+    raise TypeError(f"{where}: logits must be a callable (the model's output -> its "
+                    f"logits, e.g. lambda out: out[0]), got {type(logits).__name__}.")
+  return logits
+
+
 def _frozen(train: Callable[[Any], tuple[Any, Any]]) -> Callable[[Any], Any]:
   """`train` without its state output."""
   def frozen(params):
@@ -69,7 +79,8 @@ def _frozen(train: Callable[[Any], tuple[Any, Any]]) -> Callable[[Any], Any]:
   return frozen
 
 
-def nnx_forward(graphdef: Any, state: Any, *args: Any, **kwargs: Any) -> Forward:
+def nnx_forward(graphdef: Any, state: Any, *args: Any,
+                logits: Callable[[Any], Any] | None = None, **kwargs: Any) -> Forward:
   r"""The gradient and curvature passes of a Flax NNX model in training mode.
 
   With `graphdef, params, state = nnx.split(model, nnx.Param, ...)`, each pass rebuilds the
@@ -88,7 +99,10 @@ def nnx_forward(graphdef: Any, state: Any, *args: Any, **kwargs: Any) -> Forward
   Args:
     graphdef: the model's graph definition from `nnx.split(model, nnx.Param, ...)`.
     state: the non-parameter state from the same split (`nnx.State`).
-    *args: positional arguments of the model's call (the batch's inputs).
+    *args: positional arguments of the model's call (the batch's inputs, then any others:
+      a decoder's positions, cache and attention mask).
+    logits: `model output -> logits` for a model that returns more than its logits
+      (`lambda out: out[0]` for `(logits, cache)`); both passes return the selection.
     **kwargs: keyword arguments of the model's call.
 
   Returns:
@@ -113,10 +127,11 @@ def nnx_forward(graphdef: Any, state: Any, *args: Any, **kwargs: Any) -> Forward
     True
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  select = _selected(logits, "nnx_forward")
 
   def train(params):
     model = nnx.merge(graphdef, params, state, copy=True)
-    output = model(*args, **kwargs)
+    output = select(model(*args, **kwargs))
     _, _, new_state = nnx.split(model, nnx.Param, ...)
     return output, new_state
 
@@ -124,7 +139,8 @@ def nnx_forward(graphdef: Any, state: Any, *args: Any, **kwargs: Any) -> Forward
 
 
 def linen_forward(apply_fn: Callable[..., Any], state: Mapping[str, Any], *args: Any,
-                  rngs: Mapping[str, jax.Array] | None = None, **kwargs: Any) -> Forward:
+                  rngs: Mapping[str, jax.Array] | None = None,
+                  logits: Callable[[Any], Any] | None = None, **kwargs: Any) -> Forward:
   r"""The gradient and curvature passes of a Flax linen model in training mode.
 
   Each pass calls `apply_fn({"params": params, **state}, *args, rngs=rngs,
@@ -144,6 +160,8 @@ def linen_forward(apply_fn: Callable[..., Any], state: Mapping[str, Any], *args:
     state: the variables other than `params` (`{"batch_stats": ...}`; may be empty).
     *args: positional arguments of the model's call.
     rngs: the PRNG keys of the call (`{"dropout": key}`), or None.
+    logits: `model output -> logits` for a model that returns more than its logits
+      (`lambda out: out[0]` for `(logits, extras)`); both passes return the selection.
     **kwargs: keyword arguments of the model's call (`train=True`).
 
   Returns:
@@ -172,12 +190,13 @@ def linen_forward(apply_fn: Callable[..., Any], state: Mapping[str, Any], *args:
     raise ValueError("linen_forward: state must hold the variables other than 'params' "
                      f"(got collections {sorted(state)}); pass params to train/frozen.")
   mutable = sorted(state)
+  select = _selected(logits, "linen_forward")
 
   def train(params):
     variables = {"params": params, **state}
     if not mutable:
-      return apply_fn(variables, *args, rngs=rngs, **kwargs), {}
+      return select(apply_fn(variables, *args, rngs=rngs, **kwargs)), {}
     output, new_state = apply_fn(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
-    return output, dict(new_state)
+    return select(output), dict(new_state)
 
   return Forward(train=train, frozen=_frozen(train))

@@ -20,6 +20,17 @@ from secondorder.dimension_numbers import MuonDimensionNumbers
 __all__ = ["Capture", "linen_capture", "nnx_capture"]
 
 
+def _call(call_args, call_kwargs) -> tuple[tuple, dict]:
+  """The model's other call arguments, checked: `(tuple of positional, dict of keyword)`."""
+  if not isinstance(call_args, (tuple, list)):
+    raise TypeError("call_args must be a tuple of the model's positional arguments after "
+                    f"the inputs, got {type(call_args).__name__}.")
+  if call_kwargs is not None and not isinstance(call_kwargs, dict):
+    raise TypeError("call_kwargs must be a dict of the model's keyword arguments, got "
+                    f"{type(call_kwargs).__name__}.")
+  return tuple(call_args), dict(call_kwargs or {})
+
+
 def _group_calls(calls: Sequence[interception.Call]) -> dict[str, list[interception.Call]]:
   groups: dict[str, list[interception.Call]] = {}
   for c in calls:
@@ -136,14 +147,19 @@ class Capture:
   """
 
   def __init__(self, forward, params_of, loss_fn, likelihood, fisher, stats_dtype,
-               strict=False, finish=model_state.linen_finish):
+               strict=False, finish=model_state.linen_finish, logits=None):
     check_choice("fisher", fisher, FISHERS)
     if fisher != "empirical" and likelihood is None:
       raise ValueError(f"fisher={fisher!r} needs likelihood= one of {list(LIKELIHOODS)}.")
     if likelihood is not None:
       check_choice("likelihood", likelihood, LIKELIHOODS)
-    # (model_or_params, params, slots, recorder, inputs, state, rngs) -> (outputs, new_state)
+    if logits is not None and not callable(logits):
+      raise TypeError(f"logits must be a callable (the model's output -> its logits, e.g. "
+                      f"lambda out: out[0]), got {type(logits).__name__}.")
+    # (model_or_params, params, slots, recorder, inputs, state, rngs, (args, kwargs))
+    #   -> (outputs, new_state)
     self._forward = forward
+    self.logits = logits
     self._finish = finish        # (model_or_params, result, new_state) -> what the call returns
     self._params_of = params_of
     self.loss_fn = loss_fn
@@ -152,7 +168,14 @@ class Capture:
     self.stats_dtype = stats_dtype
     self.strict = strict
 
-  def layers(self, model_or_params, inputs, *, state=None, rngs=None) -> KfacLayers:
+  def _run(self, model_or_params, params, slots, rec, inputs, state, rngs, call):
+    """The model's forward on `inputs` and the call's other arguments: (logits, new state)."""
+    outputs, new_state = self._forward(model_or_params, params, slots, rec, inputs, state,
+                                       rngs, call)
+    return (outputs if self.logits is None else self.logits(outputs)), new_state
+
+  def layers(self, model_or_params, inputs, *, state=None, rngs=None, call_args=(),
+             call_kwargs=None) -> KfacLayers:
     """The covered layers (and uncovered parameter paths) of the model on these inputs.
 
     Args:
@@ -160,15 +183,17 @@ class Capture:
       inputs: a batch of inputs (only shapes are used).
       state, rngs: linen only, as in the call (the collections the training forward
         writes, and its PRNG keys); nothing is written.
+      call_args, call_kwargs: the model's other call arguments, as in the call.
 
     Returns:
       The `KfacLayers` to build `scale_by_kfac_factors` / `kfac` with.
     """
-    layers, _ = self._discover(model_or_params, inputs, state, rngs)
+    layers, _ = self._discover(model_or_params, inputs, state, rngs,
+                               _call(call_args, call_kwargs))
     check_coverage(layers, self.strict)
     return layers
 
-  def _discover(self, model_or_params, inputs, state, rngs):
+  def _discover(self, model_or_params, inputs, state, rngs, call):
     """The `KfacLayers`, and the shape of the model's output.
 
     An NNX model goes through `jax.eval_shape` whole (every variable an argument), so a
@@ -182,12 +207,12 @@ class Capture:
 
       def run(variables, x):
         model = nnx.merge(graphdef, variables)
-        return self._forward(model, self._params_of(model), {}, rec, x, state, rngs)
+        return self._run(model, self._params_of(model), {}, rec, x, state, rngs, call)
 
       out, _ = jax.eval_shape(run, variables, inputs)
     else:
       out, _ = jax.eval_shape(
-          lambda p, x, s, r: self._forward(model_or_params, p, {}, rec, x, s, r),
+          lambda p, x, s, r: self._run(model_or_params, p, {}, rec, x, s, r, call),
           params, inputs, state, rngs)
     return layers_from_calls(rec.calls, params), out
 
@@ -209,7 +234,8 @@ class Capture:
     return jax.tree.map(lambda v: v.sum(0), per)
 
   def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None,
-               state=None, rngs=None, mask: jax.Array | None = None):
+               state=None, rngs=None, mask: jax.Array | None = None, call_args=(),
+               call_kwargs=None):
     """Loss, gradients and per-layer statistics of one batch, from one training forward.
 
     The model runs once, in training mode; the gradient and the Fisher's backward passes
@@ -227,6 +253,10 @@ class Capture:
         `[B, T, C]`), True (or 1) at real tokens: the statistics are those of the loss
         averaged over the M' real tokens (`secondorder.capture.padding`). `loss_fn` must
         then average over the real tokens too; the capture does not pass it the mask.
+      call_args: the model's other positional arguments, after `inputs` (a decoder's
+        positions, cache and attention mask): the model runs as
+        `model(inputs, *call_args, **call_kwargs)`.
+      call_kwargs: the model's keyword arguments (`deterministic=False`).
 
     Returns:
       `(loss, grads, kfac_stats)`; for linen with `state`, `(loss, grads, kfac_stats,
@@ -235,15 +265,16 @@ class Capture:
     """
     if self.fisher == "sampled" and key is None:
       raise ValueError("fisher='sampled' needs a PRNG key: call cap(model, x, y, key=key).")
-    layers, out_shape = self._discover(model_or_params, inputs, state, rngs)
+    call = _call(call_args, call_kwargs)
+    layers, out_shape = self._discover(model_or_params, inputs, state, rngs, call)
     covered = layers.layers
     params = self._params_of(model_or_params)
     weights = None if mask is None else padding.example_weights(mask, out_shape)
 
     def fwd(p, slots):
-      return self._forward(model_or_params, p, slots,
-                           interception.Recorder(capture=True, mask=weights),
-                           inputs, state, rngs)
+      return self._run(model_or_params, p, slots,
+                       interception.Recorder(capture=True, mask=weights),
+                       inputs, state, rngs, call)
 
     out, vjp_fn, new_state = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype),
                                      has_aux=True)
@@ -262,7 +293,8 @@ class Capture:
 def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
                   likelihood: str | None = None, fisher: str = "sampled",
                   variables: dict | None = None, stats_dtype=jnp.float32,
-                  strict: bool = False, **apply_kwargs) -> Capture:
+                  strict: bool = False, logits: Callable[[Any], jax.Array] | None = None,
+                  **apply_kwargs) -> Capture:
   """K-FAC capture for a linen module: `cap(params, inputs, targets, key=)`.
 
   Args:
@@ -276,6 +308,8 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
     stats_dtype: dtype of the statistics.
     strict: raise (instead of warning) when `layers()` finds a parameter with two or more
       axes outside every Kronecker block.
+    logits: `model output -> logits`, for a model that returns more than its logits
+      (`lambda out: out[0]` for `(logits, extras)`); the loss and the Fisher see the logits.
     **apply_kwargs: forwarded to `model.apply` (e.g. `train=True`; not `mutable`, and
       `rngs` only when every call uses the same keys).
 
@@ -300,20 +334,21 @@ def linen_capture(model: nn.Module, loss_fn: Callable[[Any, Any], jax.Array], *,
   extra = dict(variables or {})
   model_state.check_linen_apply_kwargs(apply_kwargs)
 
-  def forward(obj, params, slots, rec, inputs, state, rngs):
+  def forward(obj, params, slots, rec, inputs, state, rngs, call):
     del obj
     params = interception.linen_place_slots(params, slots)
     with interception.recording(rec), interception.linen_intercept():
       return model_state.linen_apply(model, {"params": params, **extra}, inputs,
-                                     apply_kwargs, state, rngs)
+                                     apply_kwargs, state, rngs, call)
 
   return Capture(forward, lambda p: p, loss_fn, likelihood, fisher, stats_dtype, strict,
-                 finish=model_state.linen_finish)
+                 finish=model_state.linen_finish, logits=logits)
 
 
 def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | None = None,
                 fisher: str = "sampled", stats_dtype=jnp.float32,
-                strict: bool = False) -> Capture:
+                strict: bool = False, logits: Callable[[Any], jax.Array] | None = None
+                ) -> Capture:
   """K-FAC capture for an NNX module: `cap(model, inputs, targets, key=)`.
 
   The gradients come back as the `nnx.State` of the model's `nnx.Param`s (what
@@ -330,6 +365,8 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
     stats_dtype: dtype of the statistics.
     strict: raise (instead of warning) when `layers()` finds a parameter with two or more
       axes outside every Kronecker block.
+    logits: `model output -> logits`, for a model that returns more than its logits
+      (`lambda out: out[0]` for `(logits, cache)`); the loss and the Fisher see the logits.
 
   Returns:
     The `Capture`.
@@ -338,18 +375,24 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], *, likelihood: str | N
 
     cap = nnx_capture(loss_fn, likelihood="softmax")
     loss, grads, stats = nnx.jit(lambda m, x, y, k: cap(m, x, y, key=k))(model, x, y, key)
+
+    # A decoder called as model(tokens, positions, cache, mask) returning (logits, cache):
+    cap = nnx_capture(loss_fn, likelihood="softmax", logits=lambda out: out[0])
+    layers = cap.layers(model, tokens, call_args=(positions, None, mask))
+    loss, grads, stats = cap(model, tokens, targets, key=key,
+                             call_args=(positions, None, mask))
   """
 
   def params_of(model):
     return nnx.state(model, nnx.Param)
 
-  def forward(model, params, slots, rec, inputs, state, rngs):
+  def forward(model, params, slots, rec, inputs, state, rngs, call):
     model_state.check_nnx_call(state, rngs)
     m = model_state.nnx_training_copy(model, params)
     interception.nnx_place_slots(m, slots)
     with interception.recording(rec), interception.nnx_intercept(m):
-      outputs = m(inputs)
+      outputs = m(inputs, *call[0], **call[1])
     return outputs, model_state.nnx_written_state(m)
 
   return Capture(forward, params_of, loss_fn, likelihood, fisher, stats_dtype, strict,
-                 finish=model_state.nnx_finish)
+                 finish=model_state.nnx_finish, logits=logits)

@@ -105,7 +105,8 @@ def check_linen_apply_kwargs(apply_kwargs: Mapping[str, Any]) -> None:
 
 
 def linen_apply(model, variables: dict, inputs, apply_kwargs: Mapping[str, Any],
-                state: Mapping[str, Any] | None, rngs: Mapping[str, Any] | None):
+                state: Mapping[str, Any] | None, rngs: Mapping[str, Any] | None,
+                call: tuple[tuple, dict] = ((), {})):
   """`model.apply` in training mode: `(outputs, new_state)`, `new_state` None without state.
 
   Args:
@@ -115,6 +116,7 @@ def linen_apply(model, variables: dict, inputs, apply_kwargs: Mapping[str, Any],
     apply_kwargs: the capture's other `apply` arguments.
     state: the collections the forward may write (`{"batch_stats": ...}`), or None.
     rngs: the call's PRNG keys (`{"dropout": key}`), or None.
+    call: the model's other positional and keyword arguments (after `inputs`).
 
   Returns:
     The outputs and the new values of `state`'s collections (a dict), or None.
@@ -123,20 +125,20 @@ def linen_apply(model, variables: dict, inputs, apply_kwargs: Mapping[str, Any],
     ValueError: when `state` is not a mapping of collections other than "params".
     TypeError: when `rngs` is given both here and to `linen_capture`.
   """
-  kwargs = dict(apply_kwargs)
+  kwargs = dict(apply_kwargs, **call[1])
   if rngs is not None:
     if "rngs" in kwargs:
       raise TypeError("rngs= was given both to linen_capture(...) and to the call; pass the "
                       "step's keys to the call only.")
     kwargs["rngs"] = rngs
   if state is None:
-    return model.apply(variables, inputs, **kwargs), None
+    return model.apply(variables, inputs, *call[0], **kwargs), None
   if not isinstance(state, Mapping) or "params" in state:
     got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
     raise ValueError("state= must be a dict of the collections the forward writes, other "
                      f"than 'params' (e.g. {{'batch_stats': ...}}); got {got}.")
-  outputs, new_state = model.apply({**variables, **state}, inputs, mutable=sorted(state),
-                                   **kwargs)
+  outputs, new_state = model.apply({**variables, **state}, inputs, *call[0],
+                                   mutable=sorted(state), **kwargs)
   return outputs, dict(new_state)
 
 
