@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -67,7 +68,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 __all__ = ["Stage", "STAGES", "ROWS", "Record", "Ladder", "summarize", "markdown",
-           "draw_figures", "retime", "stage_config", "TOKENS_PER_PARAM", "WITHIN"]
+           "draw_figures", "retime", "stage_config", "TOKENS_PER_PARAM", "WITHIN", "score",
+           "reach", "run_entry", "round_value", "append_timing", "read_timing", "steps_ratios",
+           "stage_target", "plot_trend", "plot_curves"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(os.path.dirname(HERE), "docs", "results", "ladder")
@@ -148,13 +151,21 @@ def _round(x, digits: int = DIGITS):
   return x
 
 
+def round_value(x: float, digits: int = DIGITS) -> float:
+  """`x` as the record keeps it (`digits` significant digits)."""
+  return _round(float(x), digits)
+
+
 def _number(v) -> float:
   return {"inf": math.inf, "-inf": -math.inf, None: math.nan}.get(v, v) \
       if not isinstance(v, (int, float)) else float(v)
 
 
 def _run_key(stage: str, row: str, lr: float, overrides: dict, seed: int) -> tuple:
-  return (stage, row, f"{lr:.6e}", json.dumps(overrides, sort_keys=True), int(seed))
+  # The rate as the record keeps it (`DIGITS` significant digits): a rate computed again
+  # on resuming (a grid point, a neighbour of a recorded rate) finds its recorded run.
+  return (stage, row, f"{float(lr):.{DIGITS - 1}e}", json.dumps(_round(overrides), sort_keys=True),
+          int(seed))
 
 
 class Record:
@@ -195,23 +206,28 @@ class Record:
             and (stage is None or e["stage"] == stage) and (row is None or e["row"] == row)]
 
   def final(self, stage: str, row: str) -> dict | None:
-    return next((e for e in self.entries if e["kind"] in ("final", "failed")
+    """A row's tuned setting (or failure) at `stage`; the latest when there are several."""
+    return next((e for e in reversed(self.entries) if e["kind"] in ("final", "failed")
                  and e["stage"] == stage and e["row"] == row), None)
 
   def finals(self, stage: str) -> list[dict]:
-    return [e for e in self.entries if e["kind"] == "final" and e["stage"] == stage]
+    """Every row's latest tuned setting at `stage`, in the order the rows were first tuned."""
+    rows = dict.fromkeys(e["row"] for e in self.entries
+                         if e["kind"] == "final" and e["stage"] == stage)
+    return [f for f in (self.final(stage, row) for row in rows) if f["kind"] == "final"]
 
   def stage_info(self, stage: str) -> dict | None:
     return next((e for e in self.entries if e["kind"] == "stage" and e["stage"] == stage),
                 None)
 
 
-def _score(entry: dict) -> float:
+def score(entry: dict) -> float:
   """A run's tuning score: its final held-out loss (inf when it diverged)."""
   value = _number(entry["final_eval"])
   return math.inf if entry["diverged"] or not math.isfinite(value) else value
 
 
+@functools.lru_cache(maxsize=None)
 def _code_version() -> str:
   """The commit the harness runs from: git's, or a ``CODE_VERSION`` file beside the package
   (a copy exported with ``git archive``, so that edits to the checkout do not reach a
@@ -252,7 +268,7 @@ def stage_target(record: Record, stage: str) -> float | None:
   if final is None or final["kind"] != "final":
     return None
   runs = _final_runs(record, stage, final)
-  return _median([_score(r) for r in runs])
+  return _median([score(r) for r in runs])
 
 
 def _final_runs(record: Record, stage: str, final: dict) -> list[dict]:
@@ -270,6 +286,35 @@ def steps_ratios(record: Record, stage: str, row: str) -> list[float | None]:
   base_steps = _median([reach(r, target) for r in _final_runs(record, stage, base)])
   mine = [reach(r, target) for r in _final_runs(record, stage, final)]
   return [s / base_steps if s is not None and base_steps else None for s in mine]
+
+
+def run_entry(stage: Stage, stage_name: str, row: str, purpose: str, lr: float,
+              overrides: dict, seed: int, config, corpus, result, wall: float,
+              compile_s: float, extra: dict | None = None) -> dict:
+  """A finished run as a record line: its setting, final losses and curves.
+
+  ``evals``: ``[step, held-out loss]`` at every evaluation; ``train_curve``: the 10-step
+  running mean of the minibatch loss at the same steps; ``epochs``: the corpus's training
+  bytes the run read (tokens / training bytes); ``step_ms_shared``: its mean step time on
+  the machine as it was (shared: indicative only); ``run_s``: the run's wall time,
+  ``compile_s`` of it compiling.
+  """
+  tokens = config.steps * config.batch_size * config.context
+  loss = np.asarray(result.loss, dtype=np.float64)
+  window = np.convolve(loss, np.ones(10) / 10, mode="valid") if len(loss) >= 10 else loss
+  return {
+      "kind": "run", "stage": stage_name, "size": stage.size, "horizon": stage.horizon,
+      "row": row, "purpose": purpose, "lr": float(lr), "overrides": overrides,
+      "seed": seed, "steps": config.steps, "epochs": tokens / len(corpus.train),
+      "final_eval": result.final_eval, "final_train": result.final_train,
+      "diverged": result.diverged,
+      "evals": [[int(s), float(ev)] for s, _, _, ev in result.evals],
+      "train_curve": [[int(s), float(window[min(max(s - 10, 0), len(window) - 1)])]
+                      for s, _, _, _ in result.evals] if len(window) else [],
+      "step_ms_shared": 1e3 * (result.time[-1] / len(result.time)) if result.time else None,
+      "run_s": wall, "compile_s": compile_s, "code": _code_version(),
+      "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+      **(extra or {})}
 
 
 class Ladder:
@@ -297,7 +342,6 @@ class Ladder:
     self.rows, self.stages = tuple(rows), {s.name: s for s in stages}
     self.tokens_per_param, self.seeds, self.evals, self.log = (tokens_per_param, seeds,
                                                                  evals, log)
-    self.code = _code_version()
 
   # -- one stage --------------------------------------------------------------------------
 
@@ -339,6 +383,8 @@ class Ladder:
   def run_stage(self, name: str) -> None:
     from benchmarks.optimizers import OPTIMIZERS
 
+    if name not in self.stages:
+      raise ValueError(f"stage {name!r} is not one of {sorted(self.stages)}")
     stage = self.stages[name]
     if stage.source is not None:
       missing = [r for r in self.rows_for(stage) if self._source_final(stage, r) is None]
@@ -376,7 +422,7 @@ class Ladder:
 
     done = self.record.run(stage.name, spec.name, lr, overrides, seed)
     if done is not None:
-      return _score(done)
+      return score(done)
     key = json.dumps(overrides, sort_keys=True)
     if key not in trainers:
       trainers[key] = Trainer(problem, spec, config.steps, overrides)
@@ -384,24 +430,11 @@ class Ladder:
     result, _ = trainers[key].run(lr, seed)
     wall = time.perf_counter() - t0
     compile_s = trainers[key].compiled.compile_s - compiling
-    tokens = config.steps * config.batch_size * config.context
-    window = np.convolve(result.loss, np.ones(10) / 10, mode="valid") if len(
-        result.loss) >= 10 else np.asarray(result.loss)
-    entry = self.record.append({
-        "kind": "run", "stage": stage.name, "size": stage.size, "horizon": stage.horizon,
-        "row": spec.name, "purpose": purpose, "lr": float(lr), "overrides": overrides,
-        "seed": seed, "steps": config.steps, "epochs": tokens / len(self.corpus.train),
-        "final_eval": result.final_eval, "final_train": result.final_train,
-        "diverged": result.diverged,
-        "evals": [[int(s), float(ev)] for s, _, _, ev in result.evals],
-        "train_curve": [[int(s), float(window[min(max(s - 10, 0), len(window) - 1)])]
-                        for s, _, _, _ in result.evals] if len(window) else [],
-        "step_ms_shared": 1e3 * (result.time[-1] / len(result.time)) if result.time else None,
-        "run_s": wall, "compile_s": compile_s, "code": self.code,
-        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"})
+    entry = self.record.append(run_entry(stage, stage.name, spec.name, purpose, lr, overrides,
+                                         seed, config, self.corpus, result, wall, compile_s))
     self.log(f"[{stage.name}] {spec.name} {purpose} lr={lr:.4g} {overrides or ''} "
              f"seed={seed}: held-out {entry['final_eval']} ({wall:.0f} s)")
-    return _score(entry)
+    return score(entry)
 
   def _tune_row(self, stage: Stage, problem, config, spec, trainers: dict) -> None:
     from benchmarks.optimizers import sweep_grid
@@ -457,7 +490,7 @@ class Ladder:
 # ----------------------------------------------------------------------------- timing
 
 
-def retime(record: Record, timing_path: str, sizes: dict | None = None, corpus=None,
+def retime(record: Record, timing_path: str, corpus=None,
            rounds: int = 7, block: int = 20, only_sizes: Iterable[str] | None = None,
            log: Callable[[str], None] = print) -> list[dict]:
   """Measures each row's median step time per size at its final setting; appends to timing.
@@ -472,7 +505,6 @@ def retime(record: Record, timing_path: str, sizes: dict | None = None, corpus=N
   from benchmarks.runner import Trainer, interleaved_step_times
 
   corpus = corpus or corpus_module.load()
-  sizes = dict(sizes or lm.SIZES)
   infos = [e for e in record.entries if e["kind"] == "stage"]
   out = []
   for size in dict.fromkeys(e["size"] for e in infos):
@@ -492,18 +524,28 @@ def retime(record: Record, timing_path: str, sizes: dict | None = None, corpus=N
     load_before = os.getloadavg()[0]
     samples = interleaved_step_times(entries, rounds, block)
     load_after = os.getloadavg()[0]
-    for row, (info, final) in finals.items():
-      entry = _round({
-          "kind": "timing", "size": size, "row": row, "overrides": final["overrides"],
-          "step_s": float(np.median(samples[row])), "samples": samples[row],
-          "rounds": rounds, "load": [load_before, load_after],
-          "machine": _machine(), "code": _code_version(),
-          "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"})
-      with open(timing_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-      out.append(entry)
-      log(f"[retime] {size} {row}: {entry['step_s'] * 1e3:.3g} ms/step "
-          f"(load {load_before:.1f} -> {load_after:.1f})")
+    out += append_timing(timing_path, size, samples,
+                         {row: final["overrides"] for row, (_, final) in finals.items()},
+                         rounds, (load_before, load_after), log)
+  return out
+
+
+def append_timing(path: str, size: str, samples: dict, overrides: dict, rounds: int,
+                  load: tuple | None = None, log: Callable[[str], None] = print) -> list[dict]:
+  """Appends one timing line per row (``step_s``: the median of its rounds) to `path`."""
+  out = []
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  for row, values in samples.items():
+    entry = _round({
+        "kind": "timing", "size": size, "row": row, "overrides": overrides.get(row, {}),
+        "step_s": float(np.median(values)), "samples": list(values), "rounds": rounds,
+        "load": list(load) if load else list(os.getloadavg()[:1]),
+        "machine": _machine(), "code": _code_version(),
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"})
+    with open(path, "a") as f:
+      f.write(json.dumps(entry) + "\n")
+    out.append(entry)
+    log(f"[timing] {size} {row}: {entry['step_s'] * 1e3:.3g} ms/step")
   return out
 
 
@@ -559,7 +601,7 @@ def summarize(record: Record, timing: dict | None = None) -> list[dict]:
           "lr": final["lr"], "overrides": final["overrides"], "edge": final["edge"],
           "centre": final["centre"], "runs": final["runs"], "run_s": final.get("run_s"),
           "epochs": info["epochs"], "target": target,
-          "final_eval": [_score(r) for r in runs],
+          "final_eval": [score(r) for r in runs],
           "steps_to_target": [reach(r, target) if target is not None else None for r in runs],
           "steps_ratio": ratios,
           "time_ratio": [v * factor if v is not None and factor else None for v in ratios],
@@ -686,15 +728,62 @@ def plot_trend(path: str, summary: list[dict], by: str):
   return fig
 
 
-def draw_figures(folder: str) -> list[str]:
-  """Draws ``sizes.png`` and ``horizons.png`` in `folder` from its record and timing."""
-  record_path = os.path.join(folder, RECORD_NAME)
+def plot_curves(path: str, record: Record, stage: str):
+  """Held-out loss against steps of every row's final setting at `stage` (seed 0), with
+  AdamW's median final loss (the target) as a horizontal line; None without finals."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from benchmarks.report import style
+
+  finals = record.finals(stage)
+  if not finals:
+    return None
+  fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+  for final in finals:
+    runs = _final_runs(record, stage, final)
+    if not runs:
+      continue
+    steps, losses = zip(*[(s, _number(v)) for s, v in runs[0]["evals"]])
+    st = style(final["row"])
+    ax.plot(steps, losses, color=st["color"], marker=st["marker"], markersize=3,
+            label=f"{_NAMES.get(final['row'], final['row'])} (lr {final['lr']:.3g})")
+  target = stage_target(record, stage)
+  if target is not None:
+    ax.axhline(target, color="k", linewidth=0.8)
+  lows = [min(_number(v) for _, v in r["evals"]) for f in finals
+          for r in _final_runs(record, stage, f)[:1]]
+  if lows:
+    ax.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
+  info = record.stage_info(stage) or {}
+  ax.set_xlabel("step")
+  ax.set_ylabel("held-out loss (nats per byte)")
+  ax.set_title(f"{stage}: {info.get('parameters', 0):,} parameters, "
+               f"{info.get('steps', 0):,} steps; black line: AdamW's final loss", fontsize=10)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return fig
+
+
+def draw_figures(folder: str, record_name: str = RECORD_NAME, trends: bool = True) -> list[str]:
+  """Draws a folder's figures from its record and timing: ``sizes.png`` and
+  ``horizons.png`` (with `trends`) and ``curves-<stage>.png`` for every stage."""
+  record_path = os.path.join(folder, record_name)
   if not os.path.exists(record_path):
     return []
-  summary = summarize(Record(record_path), read_timing(os.path.join(folder, TIMING_NAME)))
+  record = Record(record_path)
+  summary = summarize(record, read_timing(os.path.join(folder, TIMING_NAME)))
   written = []
-  for by, name in (("size", "sizes.png"), ("horizon", "horizons.png")):
-    if plot_trend(os.path.join(folder, name), summary, by) is not None:
+  if trends:
+    for by, name in (("size", "sizes.png"), ("horizon", "horizons.png")):
+      if plot_trend(os.path.join(folder, name), summary, by) is not None:
+        written.append(name)
+  for info in (e for e in record.entries if e["kind"] == "stage"):
+    name = f"curves-{info['stage'].replace('@', '-')}.png"
+    if plot_curves(os.path.join(folder, name), record, info["stage"]) is not None:
       written.append(name)
   return written
 

@@ -624,3 +624,283 @@ def test_runs_jsonl_reads_back_into_the_same_tables(smoke):
   written = (out / "results.md").read_text()
   table = lambda text: [l for l in text.splitlines() if l.startswith("|")]
   assert table(again) == table(written)
+
+
+# ----------------------------------------------------------------------------- the size ladder
+
+from benchmarks import corpus as corpus_module  # noqa: E402
+from benchmarks import gpu_race, ladder, lm  # noqa: E402
+from benchmarks import runner as runner_module  # noqa: E402
+
+LADDER_ROWS = ("adamw", "muon")
+LADDER_SIZES = {"small": lm.SIZES["tiny"],
+                "cpu": dataclasses.replace(lm.SIZES["tiny"], dim=48, heads=3)}
+LADDER_TPP = 0.08  # tokens per parameter: about 11 steps at the tiny size
+
+
+def _ladder(record, **kwargs):
+  return ladder.Ladder(record, sizes=LADDER_SIZES, corpus=lm.ByteCorpus.load(),
+                       rows=LADDER_ROWS, stages=ladder.STAGES[:2], tokens_per_param=LADDER_TPP,
+                       seeds=2, evals=4, log=lambda text: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_ladder(tmp_path_factory):
+  """The first two stages at tiny sizes, with a one-cell strength test (compile time)."""
+  path = tmp_path_factory.mktemp("ladder") / ladder.RECORD_NAME
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ladder, "STRENGTH", (("b2", (0.95,)), ("weight_decay", (0.1,))))
+    lad = _ladder(ladder.Record(str(path)))
+    lad.run_stage("small@1x")
+    lad.run_stage("cpu@1x")
+  return path
+
+
+def _kinds(record, kind, **match):
+  return [e for e in record.entries if e["kind"] == kind
+          and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_ladder_steps_follow_tokens_per_parameter():
+  # The parameter count against the model's own leaves; the steps against the formula.
+  for name in ("tiny", "small", "cpu", "large"):
+    config = lm.SIZES[name]
+    params = lm.lm_problem(config, lm.ByteCorpus.load()).init_params(0)
+    assert lm.parameter_count(config) == sum(x.size for x in jax.tree.leaves(params))
+  for stage in ladder.STAGES:
+    config = ladder.stage_config(stage)
+    tokens = stage.horizon * 20 * lm.parameter_count(lm.SIZES[stage.size])
+    assert config.steps == round(tokens / (config.batch_size * config.context))
+    assert config.eval_every == config.steps // ladder.EVALS
+  small, large = (lm.parameter_count(lm.SIZES[n]) for n in ("small", "large"))
+  assert large / small >= 8
+
+
+def test_corpus_build_checks_every_file_and_the_digest(tmp_path):
+  stdlib = tmp_path / "lib"
+  (stdlib / "pkg").mkdir(parents=True)
+  (stdlib / "site-packages").mkdir()
+  (stdlib / "site-packages" / "other.py").write_text("x = 1\n")
+  names = [f"m{i}.py" for i in range(30)] + ["pkg/inner.py"]
+  for i, name in enumerate(names):
+    (stdlib / name).write_text(f"value = {i}\n" * (i + 1))
+  manifest = tmp_path / "manifest.txt"
+  assert corpus_module.write_manifest(str(manifest), str(stdlib)) == len(names)
+  assert [rel for _, _, rel in corpus_module.read_manifest(str(manifest))] == sorted(names)
+  out = str(tmp_path / "corpus.npz")
+  corpus_module.build(out, str(stdlib), str(manifest))
+  data = corpus_module.load(out, build_if_missing=False)
+  expected = {False: [], True: []}
+  for name in sorted(names):
+    expected[lm.is_validation_file(name)].append((stdlib / name).read_bytes())
+  assert data.train.tobytes() == b"\n".join(expected[False])
+  assert data.validation.tobytes() == b"\n".join(expected[True])
+  assert set(data.train_files) | set(data.validation_files) == set(names)
+  (stdlib / "m3.py").write_text("changed\n")
+  with pytest.raises(ValueError, match="m3.py"):
+    corpus_module.build(str(tmp_path / "again.npz"), str(stdlib), str(manifest))
+  with np.load(out) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["train"] = arrays["train"].copy()
+  arrays["train"][0] ^= 1
+  np.savez(str(tmp_path / "damaged.npz"), **arrays)
+  with pytest.raises(ValueError, match="damaged"):
+    corpus_module.load(str(tmp_path / "damaged.npz"), build_if_missing=False)
+
+
+def test_committed_corpus_manifest_lists_a_large_fixed_corpus():
+  entries = corpus_module.read_manifest()
+  total = sum(size for _, size, _ in entries)
+  assert len(entries) == len({rel for _, _, rel in entries}) > 1000
+  assert total > 25e6  # more than 5x the default corpus: the ladder reads it less than once
+  assert not any(rel.startswith("site-packages/") for _, _, rel in entries)
+  large = ladder.stage_config(ladder.Stage("large", 1))
+  assert large.steps * large.batch_size * large.context < 0.9 * total * 0.8
+
+
+def test_ladder_full_tuning_follows_the_rule(tiny_ladder):
+  record = ladder.Record(str(tiny_ladder))
+  runs = _kinds(record, "run", stage="small@1x", row="muon")
+  plain = {r["lr"]: ladder.score(r) for r in runs if r["seed"] == 0 and not r["overrides"]}
+  grid = sweep_grid(OPTIMIZERS["muon"], 5, 10 ** 0.5)
+  assert all(any(math.isclose(lr, g, rel_tol=1e-4) for lr in plain) for g in grid)
+  assert [r["purpose"] for r in runs].count("refine") == 2
+  final = record.final("small@1x", "muon")
+  assert final["lr"] == min(plain, key=lambda lr: (plain[lr], lr))
+  seeds = sorted(r["seed"] for r in runs if r["lr"] == final["lr"])
+  assert seeds == [0, 1]
+  # AdamW: the strength test at its best plain rate; the winner is carried.
+  adamw = _kinds(record, "run", stage="small@1x", row="adamw")
+  strength = [r for r in adamw if r["purpose"] == "strength"]
+  plain = {r["lr"]: ladder.score(r) for r in adamw if r["seed"] == 0 and not r["overrides"]}
+  best_plain = min(plain, key=lambda lr: (plain[lr], lr))
+  assert [(r["lr"], r["overrides"]) for r in strength] == [
+      (best_plain, {"b2": 0.95, "weight_decay": 0.1})]
+  won = ladder.score(strength[0]) < plain[best_plain]
+  assert record.final("small@1x", "adamw")["overrides"] == (strength[0]["overrides"] if won
+                                                            else {})
+
+
+def test_ladder_transfer_rebrackets_around_the_source(tiny_ladder):
+  record = ladder.Record(str(tiny_ladder))
+  for row in LADDER_ROWS:
+    source = record.final("small@1x", row)
+    runs = [r for r in _kinds(record, "run", stage="cpu@1x", row=row) if r["seed"] == 0]
+    tried = sorted(r["lr"] for r in runs)
+    centre = source["lr"]
+    assert any(math.isclose(lr, centre, rel_tol=1e-4) for lr in tried)
+    for lr in (centre / 10 ** 0.25, centre * 10 ** 0.25):
+      assert any(math.isclose(lr, t, rel_tol=1e-4) for t in tried)
+    assert len(tried) <= 3 + ladder.TRANSFER_EXTEND
+    assert all(r["overrides"] == source["overrides"] for r in runs)
+    assert record.final("cpu@1x", row)["centre"] == centre
+
+
+def test_ladder_resumes_without_training_what_the_record_holds(tiny_ladder, monkeypatch):
+  record = ladder.Record(str(tiny_ladder))
+  before = len(record.entries)
+
+  def refuse(self, lr, seed):
+    raise AssertionError(f"trained again: lr {lr}, seed {seed}")
+
+  monkeypatch.setattr(runner_module.Trainer, "run", refuse)
+  lad = _ladder(record)
+  lad.run_stage("small@1x")
+  lad.run_stage("cpu@1x")
+  assert len(ladder.Record(str(tiny_ladder)).entries) == before
+  # A stage whose source is not tuned refuses to start, naming it.
+  # Cut off inside a row (its runs recorded, its decision not): the row resumes from the
+  # record's runs alone and reaches the same decision.
+  partial = tiny_ladder.parent / "partial.jsonl"
+  kept = [e for e in record.entries if not (e["kind"] == "final" and e["row"] == "muon")]
+  partial.write_text("".join(json.dumps(e) + "\n" for e in kept))
+  resumed = ladder.Record(str(partial))
+  _ladder(resumed).run_stage("small@1x")
+  assert resumed.final("small@1x", "muon")["lr"] == record.final("small@1x", "muon")["lr"]
+  assert len(resumed.runs()) == len(record.runs())
+  empty = _ladder(ladder.Record(str(tiny_ladder.parent / "other.jsonl")))
+  with pytest.raises(ValueError, match="source small@1x"):
+    empty.run_stage("cpu@1x")
+  with pytest.raises(ValueError, match="stage 'huge@1x'"):
+    empty.run_stage("huge@1x")
+
+
+def test_ladder_record_holds_rounded_curves_and_epochs(tiny_ladder):
+  record = ladder.Record(str(tiny_ladder))
+  info = record.stage_info("small@1x")
+  tokens = info["steps"] * LADDER_SIZES["small"].batch_size * LADDER_SIZES["small"].context
+  assert info["epochs"] == pytest.approx(tokens / len(lm.ByteCorpus.load().train), rel=1e-4)
+  for run in _kinds(record, "run"):
+    assert run["evals"][0][0] == 0 and run["evals"][-1][0] == run["steps"]
+    assert all(v == float(f"{v:.5g}") for _, v in run["evals"])
+    assert run["final_eval"] == float(f"{run['final_eval']:.5g}")
+
+
+def _synthetic_record(path, curves: dict, stage="small@1x", size="small", horizon=1):
+  """A record whose final runs have the given held-out curves: {row: [curve per seed]}."""
+  record = ladder.Record(str(path))
+  record.append({"kind": "stage", "stage": stage, "size": size, "horizon": horizon,
+                 "source": None, "config": {}, "parameters": 1000, "steps": 40,
+                 "tokens": 1, "tokens_per_param": 1, "train_bytes": 1, "epochs": 0.5})
+  for row, seeds in curves.items():
+    for seed, curve in enumerate(seeds):
+      record.append({"kind": "run", "stage": stage, "size": size, "horizon": horizon,
+                     "row": row, "purpose": "seed", "lr": 0.01, "overrides": {}, "seed": seed,
+                     "steps": 40, "final_eval": curve[-1], "final_train": curve[-1],
+                     "diverged": False,
+                     "evals": [[10 * i, v] for i, v in enumerate(curve)], "run_s": 1.0})
+    record.append({"kind": "final", "stage": stage, "row": row, "lr": 0.01, "overrides": {},
+                   "edge": None, "centre": None, "seeds": len(seeds), "runs": len(seeds),
+                   "run_s": 1.0})
+  return record
+
+
+def test_ladder_speedups_against_a_hand_count(tmp_path):
+  record = _synthetic_record(tmp_path / "r.jsonl", {
+      "adamw": [[5, 4, 3, 2.5, 2.0], [5, 4, 3, 2.2, 2.1], [5, 4, 3, 2.6, 2.2]],
+      "soap": [[5, 2.0, 1.9, 1.8, 1.7], [5, 3, 2.05, 1.9, 1.8], [5, 3, 3, 3, 3]]})
+  # Target: AdamW's median final 2.1; AdamW reaches it at steps 40, 40, never -> median 40;
+  # SOAP at 10, 20, never.
+  assert ladder.stage_target(record, "small@1x") == 2.1
+  assert ladder.steps_ratios(record, "small@1x", "soap") == [10 / 40, 20 / 40, None]
+  summary = ladder.summarize(record, {("small", "adamw"): 0.010, ("small", "soap"): 0.015})
+  soap = next(s for s in summary if s["row"] == "soap")
+  assert soap["time_ratio"][:2] == pytest.approx([0.25 * 1.5, 0.5 * 1.5])
+  assert soap["time_ratio"][2] is None
+  text = ladder.markdown(summary)
+  assert "| 0.375 [0.25, 0.5] (2 of 3) | 0.562 [0.375, 0.75] (2 of 3) |" in text
+
+
+def test_largest_size_takes_rows_within_ten_percent(tmp_path):
+  curve = lambda hit: [5] + [3] * (hit - 1) + [2.0] * (5 - hit)
+  curves = {"adamw": [curve(4)] * 3, "soap": [curve(2)] * 3, "kfac": [curve(3)] * 3,
+            "muon": [[5, 3, 3, 3, 3]] * 3}
+  record = _synthetic_record(tmp_path / "r.jsonl", curves)
+  lad = ladder.Ladder(record, rows=("adamw", "soap", "kfac", "muon"), log=lambda t: None)
+  # soap 20/40 = 0.5 is best; kfac 30/40 = 0.75 > 1.1 x 0.5; muon never reaches it.
+  assert lad.rows_for(ladder.STAGES[2]) == ["adamw", "soap"]
+  assert lad.rows_for(ladder.STAGES[0]) == list(lad.rows)
+
+
+def test_ladder_figures_name_every_method(tmp_path):
+  folder = tmp_path / "ladder"
+  folder.mkdir()
+  _synthetic_record(folder / ladder.RECORD_NAME, {
+      "adamw": [[5, 4, 3, 2.5, 2.0]] * 3, "kfac": [[5, 3, 2, 1.9, 1.8]] * 3})
+  written = ladder.draw_figures(str(folder))
+  assert written == ["sizes.png", "horizons.png", "curves-small-1x.png"]
+  assert all((folder / name).stat().st_size > 0 for name in written)
+
+
+def test_interleaved_step_times_measure_every_entry():
+  problem = get_problem("quadratic")
+  entries = [(name, runner_module.Trainer(problem, OPTIMIZERS[name], 5), 1e-3)
+             for name in ("adam", "sgd")]
+  samples = runner_module.interleaved_step_times(entries, rounds=3, block=2, min_block_s=0.0)
+  assert sorted(samples) == ["adam", "sgd"]
+  assert all(len(v) == 3 and all(s > 0 for s in v) for v in samples.values())
+
+
+def test_retime_appends_one_line_per_row_and_size(tiny_ladder, tmp_path):
+  record = ladder.Record(str(tiny_ladder))
+  out = ladder.retime(record, str(tmp_path / "timing.jsonl"), corpus=lm.ByteCorpus.load(),
+                      rounds=2, block=2, only_sizes=["small"], log=lambda t: None)
+  assert [(e["size"], e["row"]) for e in out] == [("small", r) for r in LADDER_ROWS]
+  timing = ladder.read_timing(str(tmp_path / "timing.jsonl"))
+  assert set(timing) == {("small", r) for r in LADDER_ROWS}
+  assert record.final("small@1x", "adamw")["overrides"] == out[0]["overrides"]
+
+
+def test_gpu_race_runs_at_a_tiny_size_and_resumes(tiny_ladder, tmp_path, monkeypatch):
+  folder = tmp_path / "gpu"
+  corpus_path = str(tmp_path / "corpus.npz")
+  monkeypatch.setattr(corpus_module, "load", lambda path, **kw: lm.ByteCorpus.load())
+  args = ["--size", "tiny", "--steps", "6", "--rows", "adamw,muon", "--dir", str(folder),
+          "--ladder", str(tiny_ladder), "--corpus", corpus_path]
+  assert bench_main.main(["gpu"] + args) == 0
+  record = ladder.Record(str(folder / "gpu.jsonl"))
+  source = ladder.Record(str(tiny_ladder))
+  for row in ("adamw", "muon"):
+    # Transferred from the ladder's largest size at the compute-optimal horizon.
+    assert gpu_race.transferred(source, row)[0] == source.final("cpu@1x", row)["lr"]
+  runs = _kinds(record, "run")
+  assert len(runs) == 2 + 2 + 2  # one each, then both neighbours of AdamW and of Muon
+  assert {r["row"] for r in runs if r["purpose"] == "neighbour"} == {"adamw", "muon"}
+  assert {f["row"] for f in record.finals("tiny@6steps")} == {"adamw", "muon"}
+  assert set(ladder.read_timing(str(folder / ladder.TIMING_NAME))) == {
+      ("tiny", "adamw"), ("tiny", "muon")}
+  assert "| AdamW |" in (folder / "results.md").read_text()
+  monkeypatch.setattr(runner_module.Trainer, "run",
+                      lambda *a: (_ for _ in ()).throw(AssertionError("trained again")))
+  assert bench_main.main(["gpu"] + args) == 0
+  assert len(_kinds(ladder.Record(str(folder / "gpu.jsonl")), "run")) == len(runs)
+
+
+def test_gpu_race_skips_runs_past_its_budget(tiny_ladder, tmp_path, monkeypatch):
+  monkeypatch.setattr(corpus_module, "load", lambda path, **kw: lm.ByteCorpus.load())
+  monkeypatch.setattr(gpu_race, "START", gpu_race.time.perf_counter() - 1e6)
+  folder = tmp_path / "gpu"
+  assert bench_main.main(["gpu", "--size", "tiny", "--steps", "4", "--rows", "adamw",
+                          "--dir", str(folder), "--ladder", str(tiny_ladder)]) == 0
+  record = ladder.Record(str(folder / "gpu.jsonl"))
+  assert _kinds(record, "run") == [] and len(_kinds(record, "skipped")) == 1
