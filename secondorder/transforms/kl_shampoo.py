@@ -128,21 +128,27 @@ def kl_statistics(blocks: jax.Array, bases: Sequence[jax.Array | None],
     ``(grams, diagonals)``: per axis ``[n, s, s]`` and ``[n, s]`` (None without a factor).
   """
   size = blocks[0].size
+  squared = None  # the squares of G rotated along every axis, taken once
   grams, diagonals = [], []
   for i, q in enumerate(bases):
     if q is None:
       grams.append(None)
-      diagonals.append(None)
       continue
     others = [None if j == i else b for j, b in enumerate(bases)]
     others_r = [None if j == i else r for j, r in enumerate(scales)]
-    half = scale_axes(rotate(blocks, others), others_r)
-    weight = q.shape[-1] / size
-    grams.append(weight * _blocks.factor_stats(half, i))
-    own = [q if j == i else None for j in range(len(bases))]
-    rotated = rotate(half, own)
+    rotated_others = rotate(blocks, others)
+    if squared is None:
+      own = [q if j == i else None for j in range(len(bases))]
+      squared = jnp.square(rotate(rotated_others, own))
+    grams.append(q.shape[-1] / size
+                 * _blocks.factor_stats(scale_axes(rotated_others, others_r), i))
+  for i, q in enumerate(bases):
+    if q is None:
+      diagonals.append(None)
+      continue
+    others_r2 = [None if j == i or r is None else jnp.square(r) for j, r in enumerate(scales)]
     axes = tuple(a for a in range(1, blocks.ndim) if a != i + 1)
-    diagonals.append(weight * jnp.sum(jnp.square(rotated), axis=axes))
+    diagonals.append(q.shape[-1] / size * jnp.sum(scale_axes(squared, others_r2), axis=axes))
   return grams, diagonals
 
 
