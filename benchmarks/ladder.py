@@ -677,7 +677,7 @@ def plot_trend(path: str, summary: list[dict], by: str):
       size, x axis tokens per parameter).
 
   Returns:
-    The figure (closed), or None when fewer than one stage has numbers.
+    The figure (closed); with no finished stage yet, empty panels that say so.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -694,9 +694,11 @@ def plot_trend(path: str, summary: list[dict], by: str):
     chosen = [s for s in summary if s["parameters"] == smallest]
     x_of = lambda s: TOKENS_PER_PARAM * s["horizon"]
     xlabel = f"tokens per parameter ({smallest:,} parameters)" if smallest else ""
-  if not chosen:
-    return None
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+  if not chosen:
+    for ax in axes:
+      ax.text(0.5, 0.5, "no stage of the ladder has finished yet", transform=ax.transAxes,
+              ha="center", va="center")
   rows = list(dict.fromkeys(s["row"] for s in chosen))
   for ax, key, what in zip(axes, ("steps_ratio", "time_ratio"), ("steps", "seconds")):
     for row in rows:
@@ -720,7 +722,8 @@ def plot_trend(path: str, summary: list[dict], by: str):
     if what == "seconds" and not any(s["step_s"] for s in chosen):
       ax.text(0.5, 0.5, "no step times measured yet\n(python -m benchmarks retime)",
               transform=ax.transAxes, ha="center", va="center", fontsize=9)
-  axes[0].legend(fontsize=8)
+  if chosen:
+    axes[0].legend(fontsize=8)
   fig.suptitle("Speed-up to AdamW's final held-out loss, median and [min, max] over 3 seeds, "
                + ("against model size" if by == "size" else "against horizon"), fontsize=10)
   fig.savefig(path, dpi=100)
@@ -779,8 +782,8 @@ def draw_figures(folder: str, record_name: str = RECORD_NAME, trends: bool = Tru
   written = []
   if trends:
     for by, name in (("size", "sizes.png"), ("horizon", "horizons.png")):
-      if plot_trend(os.path.join(folder, name), summary, by) is not None:
-        written.append(name)
+      plot_trend(os.path.join(folder, name), summary, by)
+      written.append(name)
   for info in (e for e in record.entries if e["kind"] == "stage"):
     name = f"curves-{info['stage'].replace('@', '-')}.png"
     if plot_curves(os.path.join(folder, name), record, info["stage"]) is not None:

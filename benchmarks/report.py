@@ -451,8 +451,9 @@ def plot_speedups(path, rows: list, problems: dict):
 
   Speed-up is the baseline's median steps (seconds) to the target divided by the row's, per
   seed (the race problems: to the baseline's final held-out loss); markers are the median
-  over seeds, bars the seeds' [min, max]. Rows that never reached the target are left out
-  and named under the figure.
+  over seeds, bars the seeds' [min, max]. Each method has its own line on the vertical
+  axis, named there (grouped by problem, the problem named above its group); rows that
+  never reached the target are left out and named under the figure.
 
   Args:
     path: the PNG to write.
@@ -466,36 +467,49 @@ def plot_speedups(path, rows: list, problems: dict):
   import matplotlib.pyplot as plt
 
   names = list(dict.fromkeys(r.problem for r in rows))
-  fig, axes = plt.subplots(1, 2, figsize=(15, 0.6 * max(len(names), 3) + 3),
-                           constrained_layout=True)
-  optimizers = list(dict.fromkeys(r.optimizer for r in rows))
-  offsets = np.linspace(-0.38, 0.38, max(len(optimizers), 1))
-  missing = []
-  for p, name in enumerate(names):
+  drawn, missing = [], []   # drawn: (problem, row, {key: speed-ups})
+  for name in names:
     problem = problems[name]
     prob_rows = [r for r in rows if r.problem == name]
     base = baseline_row(prob_rows, problem.baseline)
     for row in prob_rows:
       s = row_summary(row, base, problem)
       ratios = s["race"] if "race" in s else s["to_target"]
-      for ax, key in zip(axes, ("steps_ratio", "time_ratio")):
-        speed = [1.0 / v for v in ratios[key] if v]
-        if not speed:
-          if key == "steps_ratio":
-            missing.append(f"{name}/{row.optimizer}")
-          continue
-        med, lo, hi = np.median(speed), min(speed), max(speed)
-        y = p + offsets[optimizers.index(row.optimizer)]
-        st = style(row.optimizer)
-        ax.errorbar([med], [y], xerr=[[med - lo], [hi - med]], fmt=st["marker"],
-                    color=st["color"], markersize=6, capsize=2,
-                    label=row.optimizer)
+      speeds = {key: [1.0 / v for v in ratios[key] if v]
+                for key in ("steps_ratio", "time_ratio")}
+      if not speeds["steps_ratio"]:
+        missing.append(f"{name}/{row.optimizer}")
+        continue
+      drawn.append((name, row, speeds))
+  fig, axes = plt.subplots(1, 2, figsize=(15, 0.28 * max(len(drawn), 6) + 2.5),
+                           constrained_layout=True)
+  ys, labels, y = [], [], 0
+  for i, (name, row, speeds) in enumerate(drawn):
+    if i and drawn[i - 1][0] != name:
+      y += 1  # a gap between problems
+    ys.append(y)
+    labels.append(row.optimizer)
+    st = style(row.optimizer)
+    for ax, key in zip(axes, ("steps_ratio", "time_ratio")):
+      speed = speeds[key]
+      if not speed:
+        continue
+      med, lo, hi = np.median(speed), min(speed), max(speed)
+      ax.errorbar([med], [y], xerr=[[med - lo], [hi - med]], fmt=st["marker"],
+                  color=st["color"], markersize=6, capsize=2, label=row.optimizer)
+    y += 1
   for ax, what in zip(axes, ("steps", "seconds")):
     ax.set_xscale("log")
     ax.axvline(1.0, color="k", linewidth=0.8)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([f"{n}\n(vs {problems[n].baseline})" for n in names])
-    ax.invert_yaxis()
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(max(ys, default=0) + 0.7, -1.3)
+    for name in names:
+      first = next((yy for yy, (n, _, _) in zip(ys, drawn) if n == name), None)
+      if first is not None:
+        ax.text(0.0, first - 0.75, f"{name} (vs {problems[name].baseline})",
+                transform=ax.get_yaxis_transform(), fontsize=8, fontweight="bold",
+                ha="left", va="center")
     ax.set_xlabel(f"speed-up over the baseline in {what} (>1: faster; median and [min, max] "
                   "over seeds)")
     ax.grid(True, which="both", axis="x", alpha=0.3)

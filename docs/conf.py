@@ -146,6 +146,10 @@ def _draw_result_figures() -> None:
     for n in names:
       report.plot_problem(str(out / f"{n}.png"), problems[n], [r for r in rows if r.problem == n])
     report.plot_speedups(str(out / "speedups.png"), rows, problems)
+  # The size ladder's and the GPU race's records (benchmarks/ladder.py) draw their own.
+  from benchmarks import ladder
+  ladder.draw_figures(str(DOCS / "results" / "ladder"))
+  ladder.draw_figures(str(DOCS / "results" / "gpu"), "gpu.jsonl", trends=False)
 
 
 _draw_result_figures()

@@ -850,6 +850,17 @@ def test_ladder_figures_name_every_method(tmp_path):
   written = ladder.draw_figures(str(folder))
   assert written == ["sizes.png", "horizons.png", "curves-small-1x.png"]
   assert all((folder / name).stat().st_size > 0 for name in written)
+  fig = ladder.plot_trend(str(folder / "again.png"),
+                          ladder.summarize(ladder.Record(str(folder / ladder.RECORD_NAME))),
+                          "size")
+  labels = {t.get_text() for t in fig.axes[0].texts} | set(
+      fig.axes[0].get_legend_handles_labels()[1])
+  assert {"AdamW", "K-FAC"} <= labels
+  # A record with no finished stage still draws (the page's figures always exist).
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  ladder.Record(str(empty / ladder.RECORD_NAME)).append({"kind": "stage", "stage": "x"})
+  assert ladder.draw_figures(str(empty), trends=True)[:2] == ["sizes.png", "horizons.png"]
 
 
 def test_interleaved_step_times_measure_every_entry():
@@ -904,3 +915,17 @@ def test_gpu_race_skips_runs_past_its_budget(tiny_ladder, tmp_path, monkeypatch)
                           "--dir", str(folder), "--ladder", str(tiny_ladder)]) == 0
   record = ladder.Record(str(folder / "gpu.jsonl"))
   assert _kinds(record, "run") == [] and len(_kinds(record, "skipped")) == 1
+
+
+def test_speedup_summary_names_every_method_on_its_axis(tmp_path):
+  from benchmarks import report
+
+  prob = _scalar_problem(target=1.99)  # from 2.0: every row reaches it
+  specs = [OPTIMIZERS["adam"], OPTIMIZERS["momentum"], OPTIMIZERS["sgd"]]
+  rows, _, _ = run_problem(prob, specs, dataclasses.replace(PRESETS["quick"], extend=0),
+                           sweep_points=1, log=lambda s: None)
+  reached = [r.optimizer for r in rows if any(run.steps_to_target for run in r.runs)]
+  fig = report.plot_speedups(tmp_path / "s.png", rows, {"scalar": prob})
+  for ax in fig.axes[:2]:
+    assert [t.get_text() for t in ax.get_yticklabels()] == reached
+  assert reached == ["adam", "momentum", "sgd"]
