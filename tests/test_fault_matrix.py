@@ -436,3 +436,35 @@ def test_sophia_eps_zero_on_a_flat_direction():
     np.testing.assert_array_equal(np.asarray(u["dead"]), 0.0)
     np.testing.assert_allclose(np.asarray(u["lin"]), -0.1, rtol=1e-6)
     params = optax.apply_updates(params, u)
+
+
+def test_curvature_functions_on_empty_trees():
+  """The public curvature functions on an empty tree: empty results, zeros, or (for the
+  eigenvalues, which do not exist) a clear error."""
+  key = jax.random.key(0)
+  zero = lambda p: jnp.zeros([])
+  logits = lambda p: jnp.zeros((4, 3))
+  assert so.hutchinson_diag(zero, {}, key) == {}
+  assert so.gnb_diag(logits, {}, key) == {}
+  assert so.empirical_fisher_diag(lambda p, x: jnp.zeros([]), {}, jnp.zeros((3, 2))) == {}
+  assert float(so.hutchinson_trace(lambda v: v, {}, key)) == 0.0
+  dec = so.newton_decrement(lambda v: v, {})
+  assert float(dec.decrement) == 0.0 and dec.direction == {}
+  with pytest.raises(ValueError, match="empty"):
+    so.top_eigenvalues(lambda v: v, {}, key)
+
+
+@pytest.mark.parametrize("make,extra", [
+    (lambda: so.every_k_gate(2), {}),
+    (lambda: so.every_k_gate(2, optax.adam(0.1)), {}),
+    (lambda: so.hutchinson_estimator(), {"obj_fn": lambda p: jnp.sum(p["a"] ** 2)}),
+    (lambda: so.gnb_estimator(), {"logits_fn": lambda p: jnp.zeros((4, 3)) + jnp.sum(p["a"])}),
+], ids=["every_k_gate", "every_k_gate_adam", "hutchinson_estimator", "gnb_estimator"])
+def test_standalone_pieces_reject_renamed_keys(make, extra):
+  """The public transforms that run inside others, used alone: renamed keys are an error
+  naming the path (checked against the params given to update)."""
+  tx = make()
+  state = tx.init(_PARAMS)
+  tx.update(_GOOD, state, _PARAMS, **extra)
+  with pytest.raises(ValueError, match=r"\['b'\].*\['c'\]"):
+    tx.update({"a": _GOOD["a"], "c": _GOOD["b"]}, state, _PARAMS, **extra)

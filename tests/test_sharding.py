@@ -340,3 +340,13 @@ def _size(shape):
   for d in shape:
     n *= d
   return n
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_donated_steps_on_a_mesh(report, name, mesh):
+  """Steps jitted with the sharded params and the state donated run (no buffer is shared by
+  two state fields) and give the parameters of the same steps without donation."""
+  entry = _method(report, name)["meshes"][mesh]
+  assert "donated_steps_max_abs_diff" in entry, "the worker did not run the donated steps"
+  assert entry["donated_steps_max_abs_diff"] == 0.0, entry["donated_steps_max_abs_diff"]

@@ -135,6 +135,9 @@ def top_eigenvalues(
   """
   flat0, unravel = ravel_pytree(params)
   n = flat0.size
+  if n == 0:
+    raise ValueError("top_eigenvalues needs params with at least one entry (an operator on "
+                     "an empty tree has no eigenvalues); got an empty params tree.")
   check_int("k", k, minimum=1)
   if k > n:
     raise ValueError(f"k must be an integer <= {n} (the number of parameters), got {k}.")

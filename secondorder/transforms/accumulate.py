@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from secondorder._validation import (check_count, check_float_leaves, check_range,
-                                     check_same_structure)
+                                     check_same_structure, check_tree_structure)
 from secondorder.transforms._float32 import in_float32
 
 KSchedule = Union[int, Callable[[jax.Array], jax.typing.ArrayLike]]
@@ -300,6 +300,7 @@ def every_k_gate(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    check_tree_structure("every_k_gate", updates, params)
     _, emit, mini_step, count = _cycle(k_fn, state.mini_step, state.count)
     if inner_tx is None:
       out = jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros_like(u)), updates)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from secondorder._validation import (check_choice, check_count, check_float_leaves, check_int,
-                                     check_range, check_same_structure, require_extra_arg)
+                                     check_range, check_same_structure, check_tree_structure,
+                                     require_extra_arg)
 from secondorder.curvature.estimators import gnb_diag, hutchinson_diag, value_grad_and_gnb_diag
 from secondorder.transforms._refresh import (check_estimate_is_used, maybe_refresh,
                                              one_pass_hutchinson, statistics_dtype,
@@ -39,7 +40,7 @@ def _keyed_estimator(method: str, keyword: str, example: str, estimate: Callable
     return EstimatorState(key=jax.random.PRNGKey(seed))
 
   def update_fn(updates, state, params=None, **extra_args):
-    del updates
+    check_tree_structure(method, updates, params)
     fn = require_extra_arg(method, keyword, extra_args.get(keyword), example)
     key, sub = _split_key(state)
     return estimate(fn, params, sub), EstimatorState(key=key)
