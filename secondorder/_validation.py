@@ -94,6 +94,12 @@ def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
+def _same_treedef(a: Any, b: Any) -> bool:
+  """Whether two tree structures are equal (typed Any: jaxlib ships no stub for PyTreeDef,
+  so a type checker cannot read its `==`)."""
+  return a == b
+
+
 def check_tree_structure(method: str, updates: Any, reference: Any,
                          reference_name: str = "params") -> None:
   """Raises a ValueError naming the first differing path unless `updates` has the tree
@@ -106,7 +112,7 @@ def check_tree_structure(method: str, updates: Any, reference: Any,
     return
   ref_def = jax.tree.structure(reference)
   upd_def = jax.tree.structure(updates)
-  if ref_def == upd_def:
+  if _same_treedef(ref_def, upd_def):
     return
   ref_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
   upd_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
@@ -134,7 +140,7 @@ def check_same_structure(name: str, reference: Any, other: Any, reference_name: 
   """Raises naming the first leaf where `other` differs from `reference` in structure or shape."""
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
   oth_leaves, oth_def = jax.tree_util.tree_flatten_with_path(other)
-  if ref_def != oth_def:
+  if not _same_treedef(ref_def, oth_def):
     ref_paths = [_path_str(p) for p, _ in ref_leaves]
     oth_paths = [_path_str(p) for p, _ in oth_leaves]
     for a, b in zip(ref_paths, oth_paths):
@@ -185,7 +191,7 @@ def check_state_shapes(method: str, init_fn: Any, updates: Any, state: Any) -> N
   expected = jax.tree_util.tree_flatten_with_path(expected_state)[0]
   got = jax.tree.leaves(state)
   shapes = [jnp.shape(x) for x in jax.tree.leaves(updates)]
-  if jax.tree.structure(expected_state) != jax.tree.structure(state):
+  if not _same_treedef(jax.tree.structure(expected_state), jax.tree.structure(state)):
     # A state field laid out like the params (a graft's moments) records their keys.
     got_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     for (path, _), g in zip(expected, got_paths):
