@@ -46,7 +46,10 @@ class ScaleByKfacState(NamedTuple):
       (A + π√λ I)⁻¹ and (S + √λ/π I)⁻¹ at the last refresh (empty dicts otherwise).
     num_refreshes: number of eigendecomposition refreshes done.
     num_skipped: number of steps whose statistics were non-finite and were not accumulated.
-    kl_scale: the KL-clipping scale ν of the last step (1 when not clipped).
+    kl_scale: the KL-clipping scale ν of the last step (1 when not clipped, 0 when skipped).
+    num_clip_skipped: number of steps whose KL-clip decision was not finite (a NaN or Inf in
+      a gradient or preconditioned gradient of a covered layer): the step was scaled by
+      ν = 0 (its NaN entries stay NaN, the others are zero).
     fallback: state of the diagonal method for the uncovered parameters.
   """
   count: jax.Array
@@ -62,6 +65,7 @@ class ScaleByKfacState(NamedTuple):
   num_refreshes: jax.Array
   num_skipped: jax.Array
   kl_scale: jax.Array
+  num_clip_skipped: jax.Array
   fallback: optax.OptState
 
 
@@ -318,25 +322,49 @@ def _precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Arr
   return jnp.where(weight > 0, jnp.swapaxes(v, 1, 2), g)
 
 
+def _scaled_product(v: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """⟨v, g⟩ as `(t, log_scale)` with ⟨v, g⟩ = t·exp(log_scale), |t| <= v.size.
+
+  v and g are divided by their largest |entry| before the sum, so that a product of entries
+  around 1e19-1e20 (float32: v·g overflows) is still represented; a NaN or Inf entry gives
+  a non-finite t.
+  """
+  mv, mg = jnp.max(jnp.abs(v), initial=0.0), jnp.max(jnp.abs(g), initial=0.0)
+  usable = lambda m: (m > 0) & jnp.isfinite(m)
+  sv, sg = (jnp.where(usable(m), m, jnp.ones_like(m)) for m in (mv, mg))
+  t = jnp.sum((v / sv) * (g / sg))
+  return t, jnp.log(sv) + jnp.log(sg)
+
+
+def _sum_scaled(terms: list) -> tuple[jax.Array, jax.Array]:
+  """Σ tᵢ·exp(sᵢ) as `(T, S)` with the sum = T·exp(S), S the largest sᵢ."""
+  if not terms:
+    return jnp.zeros([]), jnp.zeros([])
+  top = functools.reduce(jnp.maximum, [s for _, s in terms])
+  return sum(t * jnp.exp(s - top) for t, s in terms), top
+
+
 def _precondition_layers(layers, leaves: list, where: dict, decomp: tuple, a: dict, weight,
-                         lam, damping_mode: str, dtype) -> tuple[list, jax.Array]:
+                         lam, damping_mode: str, dtype) -> tuple[list, tuple]:
   """Every covered layer's preconditioned gradient, and the KL sum `Σ_layers ⟨V, G⟩`.
 
   Returns:
-    `(new_leaves, kl_sum)`: the gradient's leaves with every covered kernel and bias
-    replaced by its preconditioned value (the others unchanged).
+    `(new_leaves, (t, log_scale))`: the gradient's leaves with every covered kernel and bias
+    replaced by its preconditioned value (the others unchanged), and the KL sum as
+    t·exp(log_scale) (`_sum_scaled`), so that its overflow cannot decide the clip.
   """
   new_leaves = list(leaves)
-  kl_sum = jnp.zeros([], dtype)
+  terms = []
   for layer in layers:
     g = _layer_gradient(layer, leaves, where, dtype)
     if layer.exact_diagonal:
       v = _precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
     else:
       v = _precondition(layer, g, decomp, lam, damping_mode)
-    kl_sum += jnp.sum(v * g)
+    terms.append(_scaled_product(v, g))
     _write_back(layer, v, leaves, new_leaves, where)
-  return new_leaves, kl_sum
+  t, log_scale = _sum_scaled(terms)
+  return new_leaves, (t.astype(dtype), log_scale.astype(dtype))
 
 
 def _fall_back(fallback, fallback_scale, without_covered, updates, fallback_state, params,
@@ -354,11 +382,42 @@ def _fall_back(fallback, fallback_scale, without_covered, updates, fallback_stat
   return fb_state
 
 
-def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> jax.Array:
-  """ν = min(1, sqrt(κ / (η² Σ⟨V, G⟩)))."""
+def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Array, jax.Array]:
+  """ν = min(1, sqrt(κ / (η² Σ⟨V, G⟩))), decided in logarithms, and whether it is finite.
+
+  `kl_sum` = (t, s) stands for t·exp(s) (`_precondition_layers`): the clip binds when
+  log(η²t) + s > log κ, and then ν = exp(½(log κ − log(η²t) − s)), so that a sum beyond the
+  dtype's range still gives the right ν. A non-finite t or s (a NaN or Inf entry) is no
+  decision: ν = 0 and `finite` is False (never NaN read as "not above κ").
+  """
+  t, s = kl_sum
   eta = jnp.asarray(_value_at(learning_rate, count), dtype)
-  denom = eta * eta * kl_sum
-  return jnp.where(denom > kl_clip, jnp.sqrt(kl_clip / jnp.where(denom > 0, denom, 1.0)), 1.0)
+  finite = jnp.isfinite(t) & jnp.isfinite(s)
+  positive = (t > 0) & (eta != 0)
+  log_denom = (2.0 * jnp.log(jnp.where(positive, jnp.abs(eta), 1.0))
+               + jnp.log(jnp.where(positive, t, 1.0)) + s)
+  log_kappa = jnp.log(jnp.asarray(kl_clip, dtype))
+  binds = positive & (log_denom > log_kappa)
+  nu = jnp.where(binds, jnp.exp(0.5 * (log_kappa - jnp.where(binds, log_denom, log_kappa))),
+                 1.0)
+  return jnp.where(finite, nu, 0.0).astype(dtype), finite
+
+
+def _check_update_interval(update_interval) -> None:
+  """T >= 1: a Python int, or a concrete array (what `optax.inject_hyperparams` passes at
+  init, so an injected 0 is an error there). A traced T (update under `jit`) is clamped to
+  >= 1 in `update`."""
+  if isinstance(update_interval, (jax.Array, np.ndarray)):
+    try:
+      value = int(update_interval)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            TypeError):
+      return
+    if value < 1 or value != update_interval:
+      raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r} "
+                       "(an injected hyperparameter is checked when the state is built).")
+    return
+  check_int("update_interval", update_interval, minimum=1)
 
 
 def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
@@ -384,6 +443,7 @@ def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
       num_refreshes=jnp.zeros([], jnp.int32),
       num_skipped=jnp.zeros([], jnp.int32),
       kl_scale=jnp.ones([], dtype),
+      num_clip_skipped=jnp.zeros([], jnp.int32),
       fallback=fallback.init(without_covered(params)))
 
 
@@ -452,7 +512,8 @@ def scale_by_kfac_factors(
     damping_mode: "factored" (π-split Tikhonov damping) or "exact" (λ added to the
       eigenvalues of A ⊗ S).
     decay: β in [0, 1), the EMA decay of the factors.
-    update_interval: T, inverses / eigendecompositions are refreshed every T steps.
+    update_interval: T >= 1, inverses / eigendecompositions are refreshed every T steps
+      (an injected T is checked when the state is built; a traced T below 1 is read as 1).
     kl_clip: κ > 0 to clip the step's KL divergence, or None. Needs `learning_rate`.
     learning_rate: η (float or schedule), the rate the step is later scaled by; used only
       by KL clipping.
@@ -496,8 +557,7 @@ def scale_by_kfac_factors(
   check_range("damping", damping, 0.0, None, low_inclusive=False)
   check_choice("damping_mode", damping_mode, ("factored", "exact"))
   check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
-  if not isinstance(update_interval, (jax.Array, np.ndarray)):  # inject_hyperparams: arrays
-    check_int("update_interval", update_interval, minimum=1)
+  _check_update_interval(update_interval)
   if kl_clip is not None:
     check_range("kl_clip", kl_clip, 0.0, None, low_inclusive=False)
     if learning_rate is None:
@@ -551,7 +611,8 @@ def scale_by_kfac_factors(
     lam = jnp.asarray(_value_at(damping, state.count), stats_dtype)
     kept = (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs,
             state.a_inverse, state.s_inverse)
-    due = ((state.count % update_interval) == 0) | (state.num_refreshes == 0)
+    interval = jnp.maximum(update_interval, 1)  # a traced T below 1: every step
+    due = ((state.count % interval) == 0) | (state.num_refreshes == 0)
     do_refresh = due & (weight > 0)
     if layer_list:
       decomp = jax.lax.cond(
@@ -568,9 +629,9 @@ def scale_by_kfac_factors(
     fb_state = _fall_back(fallback, fallback_scale, without_covered, updates, state.fallback,
                           params, where, leaves, new_leaves)
 
-    nu = jnp.ones([], stats_dtype)
+    nu, decided = jnp.ones([], stats_dtype), jnp.array(True)
     if kl_clip is not None and layer_list:
-      nu = _kl_clip_scale(kl_sum, kl_clip, learning_rate, state.count, stats_dtype)
+      nu, decided = _kl_clip_scale(kl_sum, kl_clip, learning_rate, state.count, stats_dtype)
       new_leaves = [(x * nu).astype(x.dtype) for x in new_leaves]
 
     a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
@@ -584,7 +645,10 @@ def scale_by_kfac_factors(
                                 state.num_refreshes),
         num_skipped=jnp.where(finite, state.num_skipped,
                               optax.safe_increment(state.num_skipped)),
-        kl_scale=nu.astype(stats_dtype), fallback=fb_state)
+        kl_scale=nu.astype(stats_dtype),
+        num_clip_skipped=jnp.where(decided, state.num_clip_skipped,
+                                   optax.safe_increment(state.num_clip_skipped)),
+        fallback=fb_state)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
