@@ -209,7 +209,7 @@ def _root_newton_single(a: jax.Array, p: int, eps: float, relative: bool, max_it
 
 def inverse_pth_root(
     a: jax.Array,
-    p: float,
+    p: float | np.ndarray | jax.Array,
     *,
     eps: float = 1e-6,
     relative_eps: bool = True,
