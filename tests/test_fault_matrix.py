@@ -468,3 +468,37 @@ def test_standalone_pieces_reject_renamed_keys(make, extra):
   tx.update(_GOOD, state, _PARAMS, **extra)
   with pytest.raises(ValueError, match=r"\['b'\].*\['c'\]"):
     tx.update({"a": _GOOD["a"], "c": _GOOD["b"]}, state, _PARAMS, **extra)
+
+
+_INTERVALS = [
+    ("scale_by_soap", so.scale_by_soap, dict(precondition_frequency=2), "precondition_frequency"),
+    ("shampoo_preconditioner", so.shampoo_preconditioner, dict(update_interval=2),
+     "update_interval"),
+    ("shampoo_preconditioner", so.shampoo_preconditioner, dict(update_interval=2),
+     "statistics_interval"),
+    ("shampoo_preconditioner", so.shampoo_preconditioner,
+     dict(update_interval=2, start_preconditioning_step=3), "start_preconditioning_step"),
+    ("sophia_clip_hutchinson", so.sophia_clip, dict(update_interval=2), "update_interval"),
+    ("scale_by_hutchinson", so.scale_by_hutchinson, dict(update_interval=2), "update_interval"),
+    ("every_k_accumulate", so.every_k_accumulate, dict(k=2), "k"),
+]
+
+
+@pytest.mark.parametrize("case_name,factory,kwargs,arg", _INTERVALS,
+                         ids=[f"{f.__name__}-{a}" for _, f, _, a in _INTERVALS])
+def test_traced_interval_below_one_is_read_as_one(case_name, factory, kwargs, arg):
+  """An interval injected as 0 into a running state takes exactly the steps of 1 (the
+  documented reading), not `count % 0`."""
+  case = next(c for c in METHOD_CASES if c.name == case_name)
+  tx = optax.inject_hyperparams(factory)(**kwargs)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(case, p)))
+  runs = []
+  for value in (0, 1):
+    params, state = _PARAMS, tx.init(_PARAMS)
+    state.hyperparams[arg] = jnp.asarray(value, state.hyperparams[arg].dtype)
+    out = []
+    for i in range(4):
+      u, state = update(jax.tree.map(lambda x: x * (1 + i), _GOOD), state, params)
+      out.append(u)
+    runs.append(out)
+  C.assert_trees_equal(runs[0], runs[1], f"{arg}=0 vs {arg}=1")
