@@ -165,8 +165,7 @@ def precondition_blocks(blocks: jax.Array, bases: Sequence[jax.Array | None],
   is zero; at most 1/ε).
   """
   rotated = rotate(blocks, bases)
-  ones = [None if r is None else r for r in scales]
-  product = scale_axes(jnp.ones_like(rotated), ones)
+  product = scale_axes(jnp.ones_like(rotated), scales)  # r_L r_R^T (1 without a factor)
   return rotate(rotated * (product / (1 + eps * product)), bases, back=True)
 
 
