@@ -608,27 +608,30 @@ def _scan_losses(tx, params, logits_fn, loss_fn, steps):
 def test_default_rejects_the_step_that_blew_up_a_converged_run():
   """The old default (min_rho=None: every finite step taken, λ unbounded below) reproduces
   the blow-up: after reaching about 1e-8 the loss rises by more than 1e6 times. With the
-  defaults (a step is rejected when ρ < −1, λ >= 1e-8) the same 120 steps never raise the
-  loss above 1e-6 after it first gets there, and the parameters stay near the solution."""
+  defaults (a step that raises the loss is rejected, λ >= 1e-8), and with ρ_min = −1, the
+  same 120 steps never raise the loss above 1e-6 after it first gets there, and the
+  parameters stay near the solution."""
   params, logits_fn, loss_fn = _converging_mlp()
   old, _, _ = _scan_losses(so.hessian_free(min_rho=None, min_damping=1e-30), params,
                            logits_fn, loss_fn, 120)
   best = int(np.argmin(old))
   assert old[best] < 1e-7 and old[best:].max() > 1e6 * max(old[best], 1e-8)
-  new, p, s = _scan_losses(so.hessian_free(), params, logits_fn, loss_fn, 120)
-  first = int(np.argmax(new < 1e-6))
-  assert new[first] < 1e-6 and new[first:].max() < 1e-6
-  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(p)) < 20.0
-  hf = s[0]
-  assert int(hf.nonfinite_count) == 0
-  assert so.transforms.hessian_free.MIN_DAMPING <= float(hf.damping) <= 1e8
+  for tx in (so.hessian_free(), so.hessian_free(min_rho=-1.0)):
+    new, p, s = _scan_losses(tx, params, logits_fn, loss_fn, 120)
+    first = int(np.argmax(new < 1e-6))
+    assert new[first] < 1e-6 and new[first:].max() < 1e-6
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(p)) < 20.0
+    hf = s[0]
+    assert int(hf.nonfinite_count) == 0
+    assert so.transforms.hessian_free.MIN_DAMPING <= float(hf.damping) <= 1e8
 
 
-@pytest.mark.parametrize("c,default_takes", [(7.0, True), (20.0, False)])
-def test_min_rho_decides_from_the_reduction_ratio(c, default_takes):
-  """On the quartic (ρ from numpy: −0.4 for c = 7, −3.2 for c = 20): the default ρ_min = −1
-  takes the first step and rejects the second (zero update, λ × 3/2); reject_increase
-  (ρ_min = 0) rejects both; min_rho=None takes both. λ follows ρ < ¼ in every case."""
+@pytest.mark.parametrize("c,within_one", [(7.0, True), (20.0, False)])
+def test_min_rho_decides_from_the_reduction_ratio(c, within_one):
+  """On the quartic (ρ from numpy: −0.4 for c = 7, −3.2 for c = 20) both steps raise the
+  loss: the default ρ_min = 0 rejects both (zero update, λ × 3/2), as does
+  reject_increase=True even with ρ_min = −1; ρ_min = −1 takes the first and rejects the
+  second; min_rho=None takes both. λ follows ρ < ¼ in every case."""
   a, b, _ = _quartic_problem(c)
   obj_fn = lambda v: (0.5 * v @ jnp.asarray(a) @ v - jnp.asarray(b) @ v
                       + c * jnp.sum(v * v) ** 2)
@@ -637,8 +640,9 @@ def test_min_rho_decides_from_the_reduction_ratio(c, default_takes):
     d = -np.linalg.solve(a + 0.5 * np.eye(5), -b)
     f = lambda v: 0.5 * v @ a @ v - b @ v + c * (v @ v) ** 2
     rho = (f(d) - f(np.zeros(5))) / (-b @ d + 0.5 * d @ a @ d)
-    assert (-1 < rho < 0) if default_takes else (rho < -1)
-    for kwargs, takes in ((dict(), default_takes), (dict(reject_increase=True), False),
+    assert (-1 < rho < 0) if within_one else (rho < -1)
+    for kwargs, takes in ((dict(), False), (dict(min_rho=-1.0), within_one),
+                          (dict(min_rho=-1.0, reject_increase=True), False),
                           (dict(min_rho=None), True)):
       tx = so.scale_by_hessian_free(curvature="hessian", initial_damping=0.5,
                                     cg_max_iterations=5, cg_tol=0.0, progress_tol=None,
@@ -796,6 +800,9 @@ def test_bad_input_gets_a_clear_error_or_a_result():
                     (dict(cg_max_iterations=1.5), "cg_max_iterations")):
     with pytest.raises(ValueError, match=name):
       so.hessian_free(**bad)
+  for factory in (so.hessian_free, so.natural_gradient):   # injected: checked at init
+    with pytest.raises(ValueError, match="cg_max_iterations"):
+      optax.inject_hyperparams(factory)(1e-2, cg_max_iterations=0).init(params)
   for bad, name in ((dict(kl_budget=0.0), "kl_budget"), (dict(damping=-1.0), "damping"),
                     (dict(kl_budget=1e-2, warm_start_decay=2.0), "warm_start_decay")):
     with pytest.raises(ValueError, match=name):

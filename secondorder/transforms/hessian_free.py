@@ -124,10 +124,20 @@ def _zeros_like_stats(params) -> optax.Updates:
 
 
 def _check_iterations(name: str, value) -> None:
-  """A Python int >= 1; an array (injected by `optax.inject_hyperparams`) passes, and CG
-  clamps it to >= 1."""
-  if not isinstance(value, (jax.Array, np.ndarray)):
-    check_int(name, value, minimum=1)
+  """A Python int >= 1, or a concrete array holding one (what `optax.inject_hyperparams`
+  passes when the state is built, so an injected 0 is an error there); a traced count
+  passes, and CG clamps it to >= 1."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    try:
+      concrete = int(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            TypeError):
+      return
+    if concrete < 1 or concrete != value:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r} (an injected "
+                       "hyperparameter is checked when the state is built).")
+    return
+  check_int(name, value, minimum=1)
 
 
 def _check_damping_bounds(initial_damping, min_damping, max_damping) -> None:
@@ -316,7 +326,7 @@ def scale_by_hessian_free(
     preconditioner: str = "none",
     preconditioner_power: float = 0.75,
     reject_increase: bool = False,
-    min_rho: float | None = -1.0,
+    min_rho: float | None = 0.0,
     min_damping: float = MIN_DAMPING,
     max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:
@@ -361,13 +371,14 @@ def scale_by_hessian_free(
   `DAMPING_FROM_ZERO` = 1 (clipped into the bounds).
 
   A step with ρ < `min_rho` is rejected: the update is zero, θ stays, λ grows by the ρ < ¼
-  rule and CG's warm start is the rejected solution. The default ρ_min = −1 rejects a step
-  whose loss rises by more than the decrease its model predicted (a step that predicts no
-  decrease may not raise the loss at all); it is what stops a run that has converged from
-  taking one step along a nearly flat direction of C that multiplies the loss by orders of
-  magnitude (measured in docs/methods/hessian_free.md). `reject_increase=True` raises ρ_min
-  to 0 (any increase is rejected, the trust-region practice of accepting only a decrease);
-  `min_rho=None` with `reject_increase=False` takes every finite step (Martens' rule).
+  rule and CG's warm start is the rejected solution. The default ρ_min = 0 rejects a step
+  that raises the loss (L(θ + d) > L(θ)), the trust-region practice of accepting only a
+  decrease: it stops a run that has converged from taking one step along a nearly flat
+  direction of C that multiplies the loss by orders of magnitude, and on mini-batches it
+  keeps steps that overfit their batch from raising its loss (measured in
+  docs/methods/hessian_free.md). ρ_min < 0 allows a rise of up to |ρ_min| times the
+  predicted decrease; `min_rho=None` takes every finite step (Martens' rule).
+  `reject_increase=True` raises ρ_min to at least 0 (the default already is).
   The state's `rho` shows a rejected step. A step whose gradient, CG solution, model or
   candidate loss is not finite is skipped: the update is zero (NaN in the entries whose
   gradient is NaN or Inf, so that a non-finite gradient is not hidden;
@@ -391,9 +402,10 @@ def scale_by_hessian_free(
     progress_tol: ε of the relative-progress stopping rule; None turns it off.
     preconditioner: "none", "empirical_fisher" or "squared_gradient".
     preconditioner_power: the exponent of M (Martens: 0.75), >= 0.
-    reject_increase: keep θ when the step would raise the loss at all (ρ_min = 0).
-    min_rho: ρ_min < 1, the least reduction ratio a step needs to be taken (default −1);
-      None takes every finite step (unless `reject_increase`).
+    reject_increase: keep θ when the step would raise the loss at all: ρ_min at least 0
+      (what the default ρ_min already does; kept for configurations that lower ρ_min).
+    min_rho: ρ_min < 1, the least reduction ratio a step needs to be taken (default 0: no
+      step that raises the loss); None takes every finite step (unless `reject_increase`).
     min_damping: λ_min > 0, the floor of the adapted λ (default 1e-8).
     max_damping: λ_max >= λ_min, the ceiling of the adapted λ (default 1e8).
 
@@ -507,7 +519,7 @@ def hessian_free(
     progress_tol: float | None = 5e-4,
     preconditioner: str = "none",
     reject_increase: bool = False,
-    min_rho: float | None = -1.0,
+    min_rho: float | None = 0.0,
     min_damping: float = MIN_DAMPING,
     max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:
@@ -520,8 +532,8 @@ def hessian_free(
   preconditioner and the Levenberg-Marquardt adaptation of λ). Keep η = 1 (the default):
   λ is adapted for the full step, so η < 1 only shortens steps that the damping already
   sizes. Weight decay belongs in the loss, where the curvature sees it. By default a step
-  whose loss rises by more than its model's predicted decrease (ρ < −1) is rejected and λ
-  stays in [1e-8, 1e8] (see `scale_by_hessian_free`).
+  that raises the loss (ρ < 0) is rejected and λ stays in [1e-8, 1e8] (see
+  `scale_by_hessian_free`).
 
   Args:
     learning_rate: η, a float or an optax schedule (default 1).
