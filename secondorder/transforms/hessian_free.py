@@ -342,8 +342,8 @@ def scale_by_hessian_free(
     \begin{cases} \tfrac32\lambda & \rho < \tfrac14\\
     \tfrac23\lambda & \rho > \tfrac34\\ \lambda & \text{otherwise,}\end{cases}
 
-  and the transform returns p, or 0 when ρ < ρ_min (the step is rejected) (so `optax.scale_by_learning_rate(1.0)` after it takes the
-  step d). C is never formed: CG uses products C v only,
+  and the transform returns p (so `optax.scale_by_learning_rate(1.0)` after it takes the
+  step d), or 0 when ρ < ρ_min (the step is rejected). C is never formed: CG uses products C v only,
 
   * `curvature="gauss_newton"` (default): C = Jᵀ H_ℓ J of the outputs `logits_fn(θ)` and the
     output loss `loss_fn`, positive semi-definite for a convex `loss_fn`; L = loss_fn ∘
