@@ -643,9 +643,12 @@ def markdown(summary: list[dict]) -> str:
     rows = [s for s in summary if s["stage"] == stage]
     first = rows[0]
     target = first["target"]
+    runs = sum(s["runs"] for s in rows)
+    hours = sum(s["run_s"] or 0.0 for s in rows) / 3600
     out.append(f"#### {stage}: {first['parameters']:,} parameters, {first['steps']:,} steps "
-               f"({first['epochs']:.2f} epochs of the corpus); target "
-               + (f"{target:.4f}" if target is not None else "not yet set") + "\n")
+               f"({first['epochs']:.3g} epochs of the corpus); target "
+               + (f"{target:.4f}" if target is not None else "not yet set")
+               + f"; {len(rows)} rows finished, {runs} runs, {hours:.2f} h of runs\n")
     out.append("| row | learning rate; second setting | runs | final held-out loss | "
                "steps to AdamW's loss (x AdamW) | seconds (x AdamW) |")
     out.append("|---|---|---|---|---|---|")
