@@ -836,4 +836,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  # As `python -m benchmarks` does: synchronous CPU dispatch (a batched eigendecomposition
+  # inside an asynchronously dispatched step can deadlock a 2-core machine's pool).
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
   sys.exit(main())
