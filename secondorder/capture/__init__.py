@@ -20,15 +20,25 @@ approximated by Â ⊗ Ŝ; for a convolution this is the KFC approximation (Gros
 The statistics are already reduced (the factors are [in+1, in+1] and [out, out]), so the
 `kfac_stats` extra argument stays small whatever the batch size.
 
-Covered layers (exact types): `nn.Dense`, `nn.DenseGeneral`, `nn.Conv`, `nnx.Linear`,
-`nnx.LinearGeneral` (so `nnx.MultiHeadAttention`'s projections), `nnx.Conv`. A
-multi-axis kernel `[d1..dk, e1..em]` is the matrix `(∏d) x (∏e)`. Convolutions: any
+Covered layers: the classes of one table (`secondorder.capture.registry`, which the
+dimension numbers read too) and their subclasses: `nn.Dense`, `nn.DenseGeneral`,
+`nn.Einsum`, `nn.Conv`, `nn.Embed`, the norms, and their NNX twins (`nnx.Linear`,
+`nnx.LinearGeneral`, so `nnx.MultiHeadAttention`'s projections, `nnx.Einsum`, `nnx.Conv`,
+`nnx.Embed`, ...). A multi-axis kernel `[d1..dk, e1..em]` is the matrix `(∏d) x (∏e)`; an
+Einsum kernel is read by its equation (`secondorder.capture.einsum`: the letters it
+contracts with the input on one side, those it emits on the other). A subclass that
+overrides `__call__` is tapped at the base call its override makes; one whose override
+never calls the base falls back, naming the subclass. Convolutions: any
 padding mode; a grouped or depthwise one (`feature_group_count` G) is G blocks, its factors
 stacked `[G, d, d]`; a masked one falls back. The statistics reach the
 capture through identity functions on each layer's input and output whose backward pass
 reports them (`secondorder.capture.taps`), so `jax.checkpoint` / `nn.remat` / `nnx.remat`
 around a layer are transparent. Every parameter outside a covered layer is listed in
 `KfacLayers.uncovered` and preconditioned by the transform's fallback.
+
+A model whose call takes more than its inputs, or returns more than its logits, is
+captured as it is: `cap(model, tokens, targets, key=key, call_args=(positions, cache,
+mask))` with `nnx_capture(..., logits=lambda out: out[0])`.
 
 Which Fisher (`fisher=`):
   * ``"sampled"`` (default): the true Fisher, output gradients of the negative

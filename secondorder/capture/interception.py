@@ -4,10 +4,12 @@ During a capture's traced forward pass, calls of the covered layer classes are r
 `Recorder`. In discovery it notes each call (`Call`: path, kind, shapes, configuration, or
 why it cannot be covered); in capture it wraps the call's input and output in the taps of
 `secondorder.capture.taps`. The user's modules are never edited: linen calls go through
-`flax.linen.intercept_methods`; for NNX the covered classes' `__call__` is wrapped for the
-duration of the traced call, and the layers are found by a path attribute set on the
-capture's own copy of the model (it travels with the graph through `nnx.remat`,
-`nnx.scan`, `nnx.vmap`).
+`flax.linen.intercept_methods`; for NNX the covered classes' `__call__` (and a subclass's
+override of it, to notice one that never calls the base) is wrapped for the duration of
+the traced call, and the layers are found by a path attribute set on the capture's own copy
+of the model (it travels with the graph through `nnx.remat`, `nnx.scan`, `nnx.vmap`).
+Which classes are covered, and how a call is described, is the table of
+`secondorder.capture.registry`; a subclass is tapped at the base call.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ BLOCKS = {dense.KIND: dense, conv.KIND: dense, einsum.KIND: dense, embed.KIND: e
 # The layer kinds whose taps are not the Kronecker pair of `kronecker_tap`.
 TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap,
         einsum.KIND: einsum.tap}
-# The parameter a kind calls its kernel (default "kernel").
-KERNEL_NAMES = {embed.KIND: "embedding", embed.ATTEND: "embedding", norm.KIND: "scale"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,8 @@ def recording(rec: Recorder):
 # ----------------------------------------------------------------------------- linen
 
 
-def _override_problem(layer: registry.Layer, module, klass: type, method: str) -> str:
+def _override_problem(layer: registry.Layer, klass: type, method: str) -> str:
+  """Why a subclass whose override never reaches the base method has no block."""
   return (f"{klass.__name__}, a subclass of {layer.cls.__module__.split('.')[1]}."
           f"{layer.cls.__name__}, overrides {method} without calling "
           f"{layer.cls.__name__}.{method}, so the block's inputs are never seen")
@@ -182,14 +183,14 @@ def linen_interceptor(next_fun, args, kwargs, context):
       shape = (jnp.shape(module.get_variable("params", layer.kernel))
                if module.has_variable("params", layer.kernel) else ())
       rec.calls.append(_problem_call("/".join(path), layer, path, shape, _override_problem(
-          layer, module, klass, context.method_name)))
+          layer, klass, context.method_name)))
     return out
   kind, described = registry.describe(layer, module, args[0], context.method_name,
                                       args[1:], kwargs)
   if kind is None:
     return next_fun(*args, **kwargs)
   bias = path + ("bias",) if getattr(module, "use_bias", False) else None
-  kernel = KERNEL_NAMES.get(kind, "kernel")
+  kernel = layer.kernel
 
   def slots():
     if not module.has_variable("params", SLOT_NAMES[0]):
@@ -230,7 +231,7 @@ def _nnx_wrapped(cls, method):
       return original(self, x, *args, **kwargs)
     kind, described = registry.describe(layer, self, x, method, args, kwargs)
     bias = path + ("bias",) if getattr(self, "bias", None) is not None else None
-    kernel = KERNEL_NAMES.get(kind, "kernel")
+    kernel = layer.kernel
 
     def slots():
       if getattr(self, SLOT_NAMES[0], None) is None:
@@ -319,7 +320,7 @@ def _nnx_override_wrapped(layer: registry.Layer, override, klass: type, method: 
     if not any(c.name == name for c in rec.calls[before:]):
       rec.calls.append(_problem_call(name, layer, path,
                                      jnp.shape(getattr(self, layer.kernel)[...]),
-                                     _override_problem(layer, self, klass, method)))
+                                     _override_problem(layer, klass, method)))
     return out
   return call
 
