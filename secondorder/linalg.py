@@ -107,10 +107,16 @@ def max_eigenvalue(a: jax.Array, num_iters: int = 32) -> jax.Array:
 
   The start vector is a fixed pseudo-random one (so the estimate is deterministic) and the
   result is the Rayleigh quotient after `num_iters` steps: a lower bound that converges to
-  the largest eigenvalue. Returns shape `a.shape[:-2]`; zero for a zero matrix.
+  the largest eigenvalue. Returns shape `a.shape[:-2]`; zero for a zero matrix. The
+  iteration runs on `a` divided by its largest absolute entry and the estimate is scaled
+  back, so a matrix whose products overflow (float32 entries around 1e19) is estimated as
+  in float64 rather than read as zero.
   """
   check_int("num_iters", num_iters, minimum=1)
   n = a.shape[-1]
+  scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+  safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
+  a = a / safe
   v0 = jax.random.normal(jax.random.PRNGKey(0), (n,), dtype=a.dtype)
   v = jnp.broadcast_to(v0 / jnp.linalg.norm(v0), a.shape[:-1])
 
@@ -120,7 +126,7 @@ def max_eigenvalue(a: jax.Array, num_iters: int = 32) -> jax.Array:
     return jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1.0), v)
 
   v = jax.lax.fori_loop(0, num_iters, body, v)
-  return jnp.einsum("...i,...ij,...j->...", v, a, v, precision=_HIGHEST)
+  return safe[..., 0, 0] * jnp.einsum("...i,...ij,...j->...", v, a, v, precision=_HIGHEST)
 
 
 class RootResult(NamedTuple):

@@ -97,6 +97,22 @@ def test_symmetric_eigh_and_max_eigenvalue():
   np.testing.assert_allclose(lam, np.linalg.eigvalsh(b.astype(np.float64))[:, -1], rtol=1e-3)
 
 
+def test_max_eigenvalue_and_newton_root_when_products_overflow():
+  """float32 entries around 1e19 (A v and |A v|² overflow): the power iteration runs on the
+  matrix scaled by its largest entry, so λ_max is numpy's float64 value, not 0 (which made
+  the Newton root return the identity as the root of a zero matrix), and the Newton root
+  matches the float64 eigendecomposition's."""
+  b = _psd((8, 8), 12, seed=7).astype(np.float64) * 1e19
+  lam = linalg.max_eigenvalue(jnp.asarray(b, jnp.float32), num_iters=200)
+  np.testing.assert_allclose(float(lam), np.linalg.eigvalsh(b)[-1], rtol=1e-3)
+  root = linalg.inverse_pth_root(jnp.asarray(b, jnp.float32), 2, eps=0.0, method="newton")
+  w, v = np.linalg.eigh(b)
+  want = (v * w ** -0.5) @ v.T
+  np.testing.assert_allclose(np.asarray(root.root, np.float64), want, rtol=5e-2,
+                             atol=5e-2 * np.abs(want).max())
+  assert np.isfinite(float(root.error))
+
+
 @pytest.mark.parametrize("method", ["cholesky", "eigh"])
 def test_damped_inverse(method):
   a = _psd((2, 6, 6), 3, seed=7)
