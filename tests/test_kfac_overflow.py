@@ -135,3 +135,29 @@ def test_injected_update_interval_is_checked_and_a_traced_one_clamped():
   assert int(counts(jnp.asarray(0))) == 4
   assert int(counts(jnp.asarray(1))) == 4
   assert int(counts(jnp.asarray(3))) == 2
+
+
+def test_alias_ranges_and_empty_tree():
+  """kfac checks its learning rate and every documented range at construction, each error
+  naming the argument (NaN included); an empty parameter tree and all-zero gradients give
+  an empty / zero update, not an error or a NaN."""
+  from secondorder import capture
+  for bad, name in ((dict(learning_rate=-1.0), "learning_rate"),
+                    (dict(learning_rate=float("nan")), "learning_rate"),
+                    (dict(damping=0.0), "damping"), (dict(decay=1.0), "decay"),
+                    (dict(kl_clip=0.0), "kl_clip"), (dict(momentum=1.0), "momentum"),
+                    (dict(weight_decay=-1.0), "weight_decay"),
+                    (dict(update_interval=0), "update_interval"),
+                    (dict(fallback_scale=-1.0), "fallback_scale")):
+    with pytest.raises(ValueError, match=name):
+      kfac(**dict(dict(learning_rate=0.1, layers=LAYERS), **bad))
+  tx = kfac(0.1, layers=capture.no_layers())
+  u, _ = jax.jit(lambda s: tx.update({}, s, {}, kfac_stats=capture.no_stats()))(tx.init({}))
+  assert u == {}
+  params, grads, stats = _problem(1.0, jnp.float32)
+  tx = kfac(0.1, layers=LAYERS)
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  u, s = jax.jit(lambda g, s: tx.update(g, s, params, kfac_stats=stats))(zeros, tx.init(params))
+  for leaf in jax.tree.leaves(u):
+    np.testing.assert_array_equal(np.abs(np.asarray(leaf)), np.zeros(leaf.shape))
+  assert int(optax.tree.get(s, "num_clip_skipped")) == 0
