@@ -325,7 +325,11 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
   output ``[heads, head_dim, d]`` -> ``((0, 1), 2)``) ``[*batch, *in, *out]`` -> its in and
   out axes, its `batch_axis` axes being batch axes; `nnx.Conv` ``[*kernel_size, in, out]``
   -> ``((*spatial, in), out)``, the convolution as the ``(k·in) × out`` matrix it applies;
-  `nnx.Embed` ``[num_embeddings, features]`` -> ``(0, 1)``. A stored kernel with more axes
+  `nnx.Embed` ``[num_embeddings, features]`` -> ``(0, 1)``; `nnx.Einsum` by its equation
+  (the kernel letters contracted with the input on the reduction side, those emitted into
+  the output on the output side, in the output's order, those kept in both batch axes:
+  ``BTD,NDH->BTNH`` -> ``(1, (0, 2))``). Subclasses of these layers are these layers
+  (the table of `secondorder.capture.registry`). A stored kernel with more axes
   than its layer's (layers created under `nnx.vmap` and run with `nnx.scan`) has them as
   batch axes, at `stack_axis`.
 
@@ -435,9 +439,10 @@ def dimension_numbers_from_linen(module: Any, variables: Any, *args: Any,
   r"""`weight_dimension_numbers` for a Flax linen model's params, read from its layers.
 
   linen params are plain arrays, so the layers are found by tracing one call of the model
-  (`jax.eval_shape`, nothing is computed) and recording, for every `nn.Dense`,
-  `nn.DenseGeneral` (and so `nn.MultiHeadDotProductAttention`), `nn.Conv` and `nn.Embed`
-  that runs, its kernel's own shape. Inside `nn.scan` / `nn.vmap` a layer sees one slice of
+  (`jax.eval_shape`, nothing is computed) and recording, for every layer of the capture's
+  table that runs (`nn.Dense`, `nn.DenseGeneral` and so `nn.MultiHeadDotProductAttention`,
+  `nn.Einsum` by the equation of its call, `nn.Conv`, `nn.Embed`, the norms, and their
+  subclasses), its kernel's own shape. Inside `nn.scan` / `nn.vmap` a layer sees one slice of
   the stored kernel; the stored kernel's extra axes are the stacked layers, batch axes at
   `stack_axis` (where `variable_axes={'params': 0}` puts them). The specs are those of
   `dimension_numbers_from_nnx`: dense ``(0, 1)``, attention ``(0, (1, 2))`` and
