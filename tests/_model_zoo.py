@@ -136,15 +136,22 @@ class ResNetBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """Stem convolution and BatchNorm, two stages of one residual block, mean pool, dense."""
+  """Stem convolution and BatchNorm, stages of residual blocks (each stage after the first
+  halving the resolution and doubling the filters), mean pool, dense. The defaults are
+  tiny; `stage_sizes=(2, 2, 2, 2), num_filters=64, stem=(7, 7)` is ResNet-18's shape."""
+  stage_sizes: tuple[int, ...] = (1, 1)
+  num_filters: int = 8
+  stem: tuple[int, int] = (3, 3)
+  classes: int = CLASSES
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(8, (3, 3), use_bias=False, name="conv_init")(x)
+    x = nn.Conv(self.num_filters, self.stem, use_bias=False, name="conv_init")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=False, momentum=0.9, name="bn_init")(x))
-    x = ResNetBlock(8)(x)
-    x = ResNetBlock(16, strides=(2, 2))(x)
-    return nn.Dense(CLASSES)(x.mean(axis=(1, 2)))
+    for i, size in enumerate(self.stage_sizes):
+      for j in range(size):
+        x = ResNetBlock(self.num_filters * 2 ** i, strides=(2, 2) if i and not j else (1, 1))(x)
+    return nn.Dense(self.classes)(x.mean(axis=(1, 2)))
 
 
 def image_batch(seed: int = 0, batch: int = 8):

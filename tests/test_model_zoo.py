@@ -245,3 +245,53 @@ def test_call_arguments_and_logits_selector_match_a_wrapper_module():
     capture.nnx_capture(_ce, likelihood="softmax", logits="first")
   with pytest.raises(TypeError, match="call_args must be a tuple"):
     cap.layers(model, tokens, call_args=positions)
+
+
+def race(lrs_adamw=(0.01, 0.03, 0.1, 0.3), lrs_kfac=(0.03, 0.1, 0.3, 1.0)):
+  """K-FAC against AdamW on the Gemma-like decoder, each tuned over four learning rates:
+  AdamW's best training loss after STEPS steps, and the first step at which each K-FAC run
+  reaches it. `python -m tests.test_model_zoo` prints the table."""
+  problem = Gemma()
+  curves = {}
+  for lr in lrs_adamw:
+    losses, final = train(problem, "adamw", optax.adamw(lr))
+    curves[("adamw", lr)] = np.append(losses, final)
+  target = min(c[-1] for (m, _), c in curves.items() if m == "adamw")
+  for lr in lrs_kfac:
+    losses, final = train(problem, "kfac", so.kfac(lr, layers=problem.layers,
+                                                   update_interval=2))
+    curves[("kfac", lr)] = np.append(losses, final)
+  rows = ["| method | learning rate | loss after 20 steps | steps to AdamW's best 20-step loss |",
+          "|---|---|---|---|"]
+  for (m, lr), c in curves.items():
+    reached = np.nonzero(c <= target)[0]
+    steps = f"{reached[0]}" if reached.size else "not reached"
+    rows.append(f"| {m} | {lr:g} | {c[-1]:.4f} | {steps} |")
+  return target, "\n".join(rows)
+
+
+if __name__ == "__main__":
+  best, table = race()
+  print(f"AdamW's best loss after {STEPS} steps: {best:.4f}\n{table}")
+
+
+def _state_bytes(tx, params):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params))
+             if hasattr(x, "dtype"))
+
+
+def test_recommended_convolution_settings_keep_soap_and_shampoo_within_3x_adamw():
+  """On ResNet-18's shape (abstract, nothing allocated): convolutions read as
+  (kh·kw·in) x out make SOAP's factors 9x AdamW's state; the documented setting
+  (max_precond_dim=1024: one-sided above it) keeps it under 3x, and Shampoo's defaults
+  (blocks of 128) already are."""
+  net = zoo.ResNet(stage_sizes=(2, 2, 2, 2), num_filters=64, stem=(7, 7), classes=10)
+  x = jnp.ones((8, 32, 32, 3))
+  variables = jax.eval_shape(net.init, jax.random.key(0), x)
+  params = variables["params"]
+  dims = so.dimension_numbers_from_linen(net, variables, x)
+  adamw = _state_bytes(optax.adamw(1e-3), params)
+  assert _state_bytes(so.soap(1e-3, weight_dimension_numbers=dims), params) > 8 * adamw
+  assert _state_bytes(so.soap(1e-3, weight_dimension_numbers=dims, max_precond_dim=1024),
+                      params) < 3 * adamw
+  assert _state_bytes(so.shampoo(1e-3, weight_dimension_numbers=dims), params) < 3 * adamw
