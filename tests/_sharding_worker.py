@@ -314,7 +314,7 @@ def make_train(setup: ts.Setup, mesh: Mesh | None):
 
 # Methods whose training step also runs jitted with the parameters and the optimizer state
 # donated on every mesh (every state leaf its own buffer).
-DONATION_CHECKED = ("shampoo", "soap")
+DONATION_CHECKED = ("shampoo", "soap", "kl_shampoo")
 DONATED_STEPS = 3
 
 

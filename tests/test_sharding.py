@@ -343,7 +343,7 @@ def _size(shape):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("name", ["shampoo", "soap"])
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kl_shampoo"])
 def test_donated_steps_on_a_mesh(report, name, mesh):
   """Steps jitted with the sharded params and the state donated run (no buffer is shared by
   two state fields) and give the parameters of the same steps without donation."""
