@@ -189,6 +189,14 @@ def test_bad_arguments_are_named(name, value, error):
     kl_shampoo(1e-3, **{name: value})
 
 
+@pytest.mark.parametrize("rate", [-1e-3, float("nan")])
+def test_a_negative_learning_rate_is_named(rate):
+  with pytest.raises(ValueError, match="learning_rate"):
+    kl_shampoo(rate)
+  kl_shampoo(optax.constant_schedule(1e-3))  # a schedule is not checked at construction
+  kl_shampoo(0.0)
+
+
 def test_mismatched_updates_are_rejected():
   tx = scale_by_kl_shampoo()
   state = tx.init({"w": jnp.zeros((4, 3))})

@@ -544,7 +544,7 @@ def kl_shampoo(
   grafting: the KL fit sets the scale of the factors.
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule.
     b1: as in `scale_by_kl_shampoo`.
     b2: as in `scale_by_kl_shampoo`.
     shampoo_beta: as in `scale_by_kl_shampoo`.
@@ -573,6 +573,7 @@ def kl_shampoo(
     Lin et al., "Understanding and Improving Shampoo and SOAP via Kullback-Leibler
     Minimization", ICLR 2026 (arXiv 2509.03378).
   """
+  check_range("learning_rate", learning_rate, 0.0, None)
   check_range("weight_decay", weight_decay, 0.0, None)
   return optax.chain(
       scale_by_kl_shampoo(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
