@@ -140,15 +140,6 @@ def eigenbases(factors: jax.Array) -> tuple[jax.Array, jax.Array]:
   return bases, jnp.all(jnp.isfinite(bases), axis=(1, 2))
 
 
-def _qr(a: jax.Array) -> jax.Array:
-  """The Q of ``a [n, s, s]``; on CPU one matrix at a time for large sides (see
-  `secondorder.linalg.CPU_ONE_AT_A_TIME`: batched LAPACK calls can hang there)."""
-  qr = lambda x: jnp.linalg.qr(x)[0]
-  if a.shape[0] <= 1 or a.shape[-1] < linalg.CPU_ONE_AT_A_TIME:
-    return qr(a)
-  return jax.lax.platform_dependent(a, cpu=lambda x: jax.lax.map(qr, x), default=qr)
-
-
 def power_iteration_bases(factors: jax.Array, bases: jax.Array
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""One step of power iteration and QR towards each factor's eigenbasis.
@@ -169,7 +160,7 @@ def power_iteration_bases(factors: jax.Array, bases: jax.Array
   estimates = jnp.einsum("nij,nik,nkj->nj", bases, factors, bases, precision=_HIGHEST)
   order = jnp.argsort(-estimates, axis=-1, stable=True)
   ordered = jnp.take_along_axis(bases, order[:, None, :], axis=2)
-  new = _qr(jnp.matmul(factors, ordered, precision=_HIGHEST))
+  new = linalg.orthonormal_factor(jnp.matmul(factors, ordered, precision=_HIGHEST))
   ok = jnp.all(jnp.isfinite(new), axis=(1, 2)) & jnp.all(jnp.isfinite(factors), axis=(1, 2))
   identity = jnp.broadcast_to(jnp.arange(order.shape[-1]), order.shape)
   return (jnp.where(ok[:, None, None], new, bases), jnp.where(ok[:, None], order, identity),
