@@ -12,7 +12,7 @@ from flax import linen as nn
 from flax import nnx
 
 from secondorder._validation import check_choice
-from secondorder.capture import interception, likelihoods, padding, state as model_state
+from secondorder.capture import interception, likelihoods, padding, registry, state as model_state
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
 from secondorder.capture.types import KfacLayer, KfacLayers, LayerStats, param_path
 from secondorder.dimension_numbers import MuonDimensionNumbers
@@ -129,7 +129,7 @@ def check_coverage(layers: KfacLayers, strict: bool) -> None:
 def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
   """Per covered layer (keyed by its module path) the zero slots of its kind's taps."""
   return {l.kernel[:-1]: tuple(jnp.zeros(shape, dtype)
-                               for shape in interception.BLOCKS[l.kind].slot_shapes(l))
+                               for shape in registry.BLOCKS[l.kind].slot_shapes(l))
           for l in layers}
 
 
@@ -285,7 +285,7 @@ class Capture:
     stats = {}
     for layer in covered:
       key = layer.kernel[:-1]
-      stats[layer.name] = interception.BLOCKS[layer.kind].statistics(layer, slot_ct[key],
+      stats[layer.name] = registry.BLOCKS[layer.kind].statistics(layer, slot_ct[key],
                                                                      s_ct[key], m)
     return self._finish(model_or_params, (loss, grads, stats), new_state)
 

@@ -25,16 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from secondorder.capture import conv, dense, einsum, embed, norm, padding, registry, taps
-
-KINDS = {dense.KIND: dense, conv.KIND: conv}
-# Per kind of block (`KfacLayer.kind`): its taps' zero slots and how their cotangents make
-# its statistics (`slot_shapes(layer)`, `statistics(layer, first, fisher, m)`).
-BLOCKS = {dense.KIND: dense, conv.KIND: dense, einsum.KIND: dense, embed.KIND: embed,
-          embed.TIED: embed, norm.KIND: norm}
-# The layer kinds whose taps are not the Kronecker pair of `kronecker_tap`.
-TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap,
-        einsum.KIND: einsum.tap}
+from secondorder.capture import conv, padding, registry, taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +64,8 @@ def kronecker_tap(described, slots, call, x, with_bias: bool, weights) -> jax.Ar
   `weights(positions)` gives the rows' padding weights, or None without a mask."""
   slot_a, slot_s, uses = slots[:3]
   kind, config = described
-  rows = functools.partial(KINDS[kind].input_rows, config)
-  w = weights(KINDS[kind].positions(config, x))
+  rows = functools.partial(registry.KRONECKER[kind].input_rows, config)
+  w = weights(registry.KRONECKER[kind].positions(config, x))
   x = taps.tap_inputs(x, slot_a, uses, rows, with_bias, w)
   return taps.tap_outputs(call(x), slot_s)
 
@@ -120,8 +111,8 @@ class Recorder:
     if found is None:
       return call(x)
     weights = self._weights(name)
-    if kind in TAPS:
-      return TAPS[kind](described, found, call, x, bias_path is not None, weights)
+    if kind in registry.TAPS:
+      return registry.TAPS[kind](described, found, call, x, bias_path is not None, weights)
     return kronecker_tap((kind, described[0]), found, call, x, bias_path is not None, weights)
 
 

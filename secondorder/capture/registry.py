@@ -11,7 +11,8 @@ override calls the base method (the tap sits on the base call, and whatever the 
 does around it is ordinary model code, differentiated through); when it never does, the
 capture sees no call and says so.
 
-A new layer kind is one entry here and one small block module (as `einsum`).
+A new layer kind is one entry here (its `Layer`, and its kind in `BLOCKS` and `TAPS`) and
+one small block module (as `einsum`).
 """
 
 from __future__ import annotations
@@ -210,6 +211,19 @@ LINEN = _sorted([
     Layer(nn.GroupNorm, norm.KIND, "scale", _group_norm, _vectors),
     Layer(nn.BatchNorm, norm.KIND, "scale", _batch_norm, _vectors),
 ])
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+# Per kind of block (`KfacLayer.kind`): its taps' zero slots and how their cotangents make
+# its statistics (`slot_shapes(layer)`, `statistics(layer, first, fisher, m)`).
+BLOCKS = {dense.KIND: dense, conv.KIND: dense, einsum.KIND: dense, embed.KIND: embed,
+          embed.TIED: embed, norm.KIND: norm}
+# The kinds tapped as a plain Kronecker pair (`input_rows`, `positions` of their inputs).
+KRONECKER = {dense.KIND: dense, conv.KIND: conv}
+# The kinds with their own taps: `tap(described, slots, call, x, with_bias, weights)`.
+TAPS = {embed.KIND: embed.tap_lookup, embed.ATTEND: embed.tap_attend, norm.KIND: norm.tap,
+        einsum.KIND: einsum.tap}
 
 
 def describe(layer: Layer, module, x, method: str = "__call__", args=(), kwargs=None):
