@@ -310,8 +310,9 @@ def fisher_diag(
 
   the diagonal of the rank-one "observed Fisher" g gᵀ of the whole batch taken as one
   example, from one gradient pass. With the data's labels as `targets` it is neither the
-  Fisher information (`fisher_vp`, `gnb_diag` sample labels from the model) nor the mean of
-  per-example squared gradients (`empirical_fisher_diag`): it squares the batch's gradient.
+  Fisher information (over labels drawn from the model: `fisher_vp` multiplies by it,
+  `gnb_diag` estimates its diagonal) nor the mean of per-example squared gradients
+  (`empirical_fisher_diag`): it squares the batch's gradient.
 
   The arguments, the result and its meaning are those of the deprecated
   `optax.second_order.fisher_diag`.
