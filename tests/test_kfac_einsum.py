@@ -223,3 +223,38 @@ def test_scanned_einsum_stack_updates_like_the_unrolled_copy():
     assert jax.tree.structure(got) == jax.tree.structure(want)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
                  got, want)
+
+
+class Shared(nnx.Module):
+  """One projection applied twice (weight sharing), as an Einsum or as a LinearGeneral."""
+
+  def __init__(self, rngs, einsum):
+    self.einsum = einsum
+    if einsum:
+      self.proj = nnx.Einsum("BTD,DNH->BTNH", (D, N, H), (N, H), rngs=rngs, **F64)
+    else:
+      self.proj = nnx.LinearGeneral(D, (N, H), rngs=rngs, **F64)
+    self.back = nnx.LinearGeneral((N, H), D, axis=(-2, -1), rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.proj(jnp.tanh(self.back(self.proj(x))))
+
+
+def test_einsum_used_twice_is_the_dense_expand_block():
+  """K-FAC-expand as for dense layers: an Einsum used twice has the statistics of the
+  LinearGeneral with the same kernel used twice."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float64)
+    y = jnp.zeros((B, T, N, H), jnp.float64)
+    ein, lin = Shared(nnx.Rngs(0), True), Shared(nnx.Rngs(1), False)
+    lin.proj.kernel[...] = ein.proj.kernel[...]
+    lin.proj.bias[...] = ein.proj.bias[...] + 0.1
+    ein.proj.bias[...] = lin.proj.bias[...]
+    lin.back.kernel[...] = ein.back.kernel[...]
+    cap = capture.nnx_capture(_gauss, likelihood="gaussian", fisher="exact",
+                              stats_dtype=jnp.float64)
+    assert [l.kind for l in cap.layers(ein, x)] == ["einsum", "dense"]
+    got, want = nnx.jit(cap)(ein, x, y)[2], nnx.jit(cap)(lin, x, y)[2]
+    for name in ("proj", "back"):
+      for a, b in zip(got[name], want[name]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
