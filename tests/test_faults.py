@@ -3,8 +3,9 @@
 What each method does with a NaN/Inf *gradient* (tested below for every case):
   every method propagates it: the update of the affected leaf is non-finite, and the
   first-moment state (momentum / Adam moments / grafted Adam / K-FAC fallback RMS) keeps the
-  NaN, exactly like `optax.adam`. SOAP's first call (statistics only, a zero update) shows
-  it as NaN too; Hessian-free and the natural gradient skip the step (`nonfinite_count`
+  NaN, exactly like `optax.adam`. SOAP's and KL-Shampoo's first call (statistics only,
+  moments untouched, a zero update 0·d computed from this gradient) shows it as NaN too,
+  and on later calls the momentum carries it into their direction; Hessian-free and the natural gradient skip the step (`nonfinite_count`
   += 1, λ raised, warm start kept) and their otherwise zero update is NaN in the affected
   entries. Wrap the optimizer in `optax.apply_if_finite` to skip
   such steps with the state untouched (checked for every case by the shared contract,
@@ -16,6 +17,8 @@ long-lived statistic keeps its previous value and a counter in the state records
   scale_by_hutchinson / adahessian: `nu` kept, `nonfinite_count` += 1;
   sophia_clip / sophia (Hutchinson and GNB estimators): `hessian` kept, `nonfinite_count` += 1;
   shampoo_preconditioner / shampoo: the factor statistics `stats` kept, `stat_skips` += 1;
+  scale_by_kl_shampoo / kl_shampoo (a NaN gradient feeding its statistics): the factors
+    and eigenvalue estimates kept, `stat_skips` += 1;
   scale_by_kfac_factors / kfac: the factors `a`, `s` kept, `num_skipped` += 1.
 """
 

@@ -228,17 +228,19 @@ def accumulate_statistics(plan: _blocks.Plan, blocks, factors, eigenvalues, base
   return tuple(new_factors), tuple(new_values), skipped
 
 
-def momentum(grads: Sequence[jax.Array], mu: Sequence[jax.Array], b1, first):
-  r""":math:`m \leftarrow b_1 m + (1 - b_1) g` on every leaf (left as it is on the first
-  call, which only collects statistics)."""
-  new = optax.tree.update_moment(list(grads), list(mu), b1, 1)
-  return [jnp.where(first, old, m) for old, m in zip(mu, new)]
+def momentum(grads: Sequence[jax.Array], mu: Sequence[jax.Array], b1):
+  r""":math:`m \leftarrow b_1 m + (1 - b_1) g` on every leaf."""
+  return optax.tree.update_moment(list(grads), list(mu), b1, 1)
 
 
 def precondition(plan: _blocks.Plan, mu, nu, grads, bases, scales, b1, b2, eps, first, k):
   r"""Every leaf's direction: KL-Shampoo's :math:`\hat L^{-1/2} m \hat R^{-1/2}` block by
   block (no bias correction, as the authors' implementation); a leaf without factors takes
   Adam's bias-corrected step :math:`\hat m / (\sqrt{\hat v} + \epsilon)`.
+
+  On the first call, which only collects statistics, the update is zero (0·d, NaN where
+  a NaN or Inf gradient reached the direction, so that the fault is not hidden) and the
+  second moments keep their value.
 
   Returns:
     ``(directions, nu)``: per leaf, and the diagonal leaves' second moments.
@@ -248,9 +250,8 @@ def precondition(plan: _blocks.Plan, mu, nu, grads, bases, scales, b1, b2, eps, 
   for lp, m, g in zip(plan.leaves, mu, grads):
     if lp.diagonal:
       v = optax.tree.update_moment_per_elem_norm(g, nu[i], b2, 2)
-      v = jnp.where(first, nu[i], v)
+      new_nu.append(jnp.where(first, nu[i], v))
       i += 1
-      new_nu.append(v)
       m_hat = m / (1 - b1 ** kf)
       directions.append(m_hat / (jnp.sqrt(v / (1 - b2 ** kf)) + eps))
       continue
@@ -258,8 +259,6 @@ def precondition(plan: _blocks.Plan, mu, nu, grads, bases, scales, b1, b2, eps, 
                                  _blocks.combo_factors(scales, lp, c), eps)
              for c, b in zip(lp.combos, _blocks.leaf_blocks(m, lp))]
     directions.append(_blocks.leaf_from_blocks(parts, lp))
-  # The first call collects statistics only: a zero update (0·d, NaN where a NaN or Inf
-  # gradient reached it, so that the fault is not hidden).
   directions = [jnp.where(first, 0 * d, d) for d in directions]
   return directions, tuple(new_nu)
 
@@ -493,7 +492,8 @@ def scale_by_kl_shampoo(
 
     blocks = [None if lp.diagonal else _blocks.leaf_blocks(g, lp)
               for lp, g in zip(plan.leaves, grads)]
-    mu = momentum(grads, treedef.flatten_up_to(state.mu), b1_, first)
+    old_mu = treedef.flatten_up_to(state.mu)
+    mu = momentum(grads, old_mu, b1_)
     with jax.named_scope("precondition"):
       directions, nu = precondition(plan, mu, state.nu, grads, state.bases, scales, b1_,
                                     b2_, eps_, first, k)
@@ -504,6 +504,8 @@ def scale_by_kl_shampoo(
       bases, failures = refresh(plan, due, first, factors, state.bases)
 
     out = [d.astype(g.dtype) for d, g in zip(directions, leaves)]
+    # The first call collects statistics only: the momentum keeps its value.
+    mu = [jnp.where(first, old, m) for old, m in zip(old_mu, mu)]
     new_state = ScaleByKlShampooState(
         count=optax.safe_increment(state.count), factors=factors, bases=bases,
         eigenvalues=eigenvalues, mu=jax.tree.unflatten(treedef, mu), nu=nu,
