@@ -109,3 +109,13 @@ def test_traced_iteration_cap_equals_the_python_one():
       assert int(traced(jnp.asarray(0)).iterations) == 1
       assert traced._cache_size() == 1
   assert HISTORY_SIZE > 10 * n / 10
+
+
+def test_overflowing_curvature_products_give_a_nonfinite_solution():
+  """Products with A that overflow (pᵀAp = Inf) are no solve: the solution is NaN, which
+  Hessian-free and the natural gradient count as a skipped step, rather than the starting
+  point returned as if CG had converged."""
+  a = jnp.diag(jnp.array([1.0, 3e38, 2.0], jnp.float32))
+  res = conjugate_gradient(lambda v: 10.0 * (a @ v), jnp.array([1.0, 1.0, 1.0]),
+                           max_iterations=5)
+  assert not bool(jnp.all(jnp.isfinite(res.x)))

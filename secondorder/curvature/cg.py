@@ -161,6 +161,9 @@ def _iterate(matvec: Operator, b: PyTree, precondition: Callable, carry: _Carry,
   pap = tree_vdot(carry.p, ap)
   negative = pap <= 0
   alpha = jnp.where(negative, 0.0, carry.rz / jnp.where(negative, 1.0, pap))
+  # An Inf or NaN curvature (products that overflow) is no step length: NaN, so that the
+  # result shows the failure instead of the last iterate passing for a solution.
+  alpha = jnp.where(jnp.isfinite(pap), alpha, jnp.nan)
   x = _axpy(alpha, carry.p, carry.x)
   ax = _axpy(alpha, ap, carry.ax)
   r = _axpy(-alpha, ap, carry.r)
