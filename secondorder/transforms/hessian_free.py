@@ -443,8 +443,10 @@ def scale_by_hessian_free(
   _check_damping_bounds(initial_damping, min_damping, max_damping)
   if min_rho is not None:
     check_range("min_rho", min_rho, None, 1.0, high_inclusive=False)
+  # The ratio a step needs: at least 0 with reject_increase, None takes every finite step.
+  least_rho: float | jax.Array | None = min_rho
   if reject_increase:
-    min_rho = 0.0 if min_rho is None else jnp.maximum(min_rho, 0.0)
+    least_rho = 0.0 if min_rho is None else jnp.maximum(min_rho, 0.0)
 
   def init_fn(params):
     check_float_leaves("scale_by_hessian_free", params, complex_ok=False)
@@ -493,7 +495,7 @@ def scale_by_hessian_free(
     direction = _keep_if(ok, p, state.direction)
     # A skipped or rejected step is zero, except where the gradient itself is NaN or Inf:
     # 0·g keeps that fault in the update (like optax.adam), so that it is never hidden.
-    taken = _accepted(ok, min_rho, loss, candidate_loss, model)
+    taken = _accepted(ok, least_rho, loss, candidate_loss, model)
     step = jax.tree.map(lambda x, g: jnp.where(taken, x, 0 * g), p, grads)
     return _as_updates(step, updates), ScaleByHessianFreeState(
         count=optax.safe_increment(state.count),
