@@ -69,11 +69,11 @@ class ScaleByKfacState(NamedTuple):
   fallback: optax.OptState
 
 
-def _value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+def value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return v(count) if callable(v) else v
 
 
-def _layers_tuple(layers) -> tuple[KfacLayer, ...]:
+def layers_tuple(layers) -> tuple[KfacLayer, ...]:
   if isinstance(layers, KfacLayers):
     return layers.layers
   if isinstance(layers, (tuple, list)) and all(isinstance(l, KfacLayer) for l in layers):
@@ -89,7 +89,7 @@ def _leaf_index(tree) -> dict[tuple[str, ...], int]:
   return {param_path(p): i for i, (p, _) in enumerate(leaves)}
 
 
-def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str,
+def check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str,
                      require: bool = True) -> dict:
   """Leaf indices of each layer's kernel and bias, raising when one is absent or misshapen.
 
@@ -122,7 +122,7 @@ def _check_layers_in(tree, layers: tuple[KfacLayer, ...], what: str,
   return out
 
 
-def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
+def check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
   if not isinstance(stats, dict):
     raise ValueError(
         "kfac_stats must be the dict of LayerStats returned by a secondorder.capture call "
@@ -152,12 +152,12 @@ def _check_stats(stats, layers: tuple[KfacLayer, ...]) -> None:
 # ----------------------------------------------------------------------------- steps of update
 
 
-def _as_stack(x: jax.Array, layer: KfacLayer, side: int) -> jax.Array:
+def as_stack(x: jax.Array, layer: KfacLayer, side: int) -> jax.Array:
   """A layer's factor (or eigendecomposition part) with its stack axis, `[L, ...]`."""
   return x.reshape((layer.num_stacked,) + x.shape[x.ndim - side:])
 
 
-def _accumulate(state: ScaleByKfacState, stats: dict, layers: tuple[KfacLayer, ...], decay,
+def accumulate(state: ScaleByKfacState, stats: dict, layers: tuple[KfacLayer, ...], decay,
                 dtype) -> tuple[dict, dict, jax.Array, jax.Array]:
   """Running factors: `A ← βA + (1 − β)Â`, likewise S, unless a statistic is not finite.
 
@@ -187,7 +187,7 @@ def _factor_members(a: dict, s: dict, weight: jax.Array, layers) -> dict:
     for role, f, side in ((0, a, 2), (1, s, 2)):
       if role not in layer.matrix_factors:
         continue
-      mats = _as_stack(f[layer.name], layer, side) / weight
+      mats = as_stack(f[layer.name], layer, side) / weight
       for i in range(layer.num_stacked):
         out[(layer.name, role, i)] = mats[i]
   return out
@@ -219,7 +219,7 @@ def _restack(per_member: dict, layer: KfacLayer, role: int, like: jax.Array) -> 
                     for i in range(layer.num_stacked)]).reshape(like.shape)
 
 
-def _refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, stacks,
+def refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, stacks,
              damping_mode: str, dtype, sharding) -> tuple[dict, ...]:
   """New eigendecompositions (exact) or damped inverses (factored) of every factor.
 
@@ -229,7 +229,7 @@ def _refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, sta
   """
   mats = _factor_members(a, s, weight, layers)
   diag = {(l.name, 0, i): v for l in layers if l.a_diagonal
-          for i, v in enumerate(_as_stack(a[l.name], l, 1) / weight)}
+          for i, v in enumerate(as_stack(a[l.name], l, 1) / weight)}
   out = ({}, {}, {}, {}, {}, {})
   if damping_mode == "exact":
     dec = _kfac_stacks.eigh_stacks(mats, stacks, dtype, sharding)
@@ -257,7 +257,7 @@ def _refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, sta
   return out
 
 
-def _layer_gradient(layer: KfacLayer, leaves: list, where: dict, dtype) -> jax.Array:
+def layer_gradient(layer: KfacLayer, leaves: list, where: dict, dtype) -> jax.Array:
   """The layer's gradient as `[L, in (+1), out]`: kernel matrices with the bias as last row."""
   ki, bi = where[layer.name]
   g = layer.axes.to_matrices(leaves[ki]).astype(dtype)
@@ -267,7 +267,7 @@ def _layer_gradient(layer: KfacLayer, leaves: list, where: dict, dtype) -> jax.A
   return g
 
 
-def _write_back(layer: KfacLayer, v: jax.Array, leaves: list, new_leaves: list,
+def write_back(layer: KfacLayer, v: jax.Array, leaves: list, new_leaves: list,
                 where: dict) -> None:
   """Puts the preconditioned `[L, in (+1), out]` back into the kernel's (and bias's) leaves."""
   ki, bi = where[layer.name]
@@ -277,7 +277,7 @@ def _write_back(layer: KfacLayer, v: jax.Array, leaves: list, new_leaves: list,
   new_leaves[ki] = layer.axes.from_matrices(v).astype(leaves[ki].dtype)
 
 
-def _precondition(layer: KfacLayer, g: jax.Array, decomp: tuple[dict, ...], lam,
+def precondition(layer: KfacLayer, g: jax.Array, decomp: tuple[dict, ...], lam,
                   damping_mode: str) -> jax.Array:
   """`(A + π√λ)⁻¹ G (S + √λ/π)⁻¹` (factored) or `Q_A[(Q_Aᵀ G Q_S)/(ασᵀ + λ)]Q_Sᵀ` (exact).
 
@@ -288,20 +288,20 @@ def _precondition(layer: KfacLayer, g: jax.Array, decomp: tuple[dict, ...], lam,
   t = lambda x: jnp.swapaxes(x, -1, -2)
   if damping_mode == "factored":
     if layer.a_diagonal:
-      left = _as_stack(a_inv[layer.name], layer, 1)[:, :, None] * g
+      left = as_stack(a_inv[layer.name], layer, 1)[:, :, None] * g
     else:
-      left = mm(_as_stack(a_inv[layer.name], layer, 2), g)
-    return mm(left, _as_stack(s_inv[layer.name], layer, 2))
-  qs = _as_stack(s_v[layer.name], layer, 2)
-  alpha, sigma = _as_stack(a_w[layer.name], layer, 1), _as_stack(s_w[layer.name], layer, 1)
+      left = mm(as_stack(a_inv[layer.name], layer, 2), g)
+    return mm(left, as_stack(s_inv[layer.name], layer, 2))
+  qs = as_stack(s_v[layer.name], layer, 2)
+  alpha, sigma = as_stack(a_w[layer.name], layer, 1), as_stack(s_w[layer.name], layer, 1)
   denom = alpha[:, :, None] * sigma[:, None, :] + lam
   if layer.a_diagonal:
     return mm(mm(g, qs) / denom, t(qs))
-  qa = _as_stack(a_v[layer.name], layer, 2)
+  qa = as_stack(a_v[layer.name], layer, 2)
   return mm(mm(qa, mm(mm(t(qa), g), qs) / denom), t(qs))
 
 
-def _precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Array,
+def precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Array,
                                  weight: jax.Array, lam) -> jax.Array:
   """A norm layer's `(F_j + λI)⁻¹ g_j` per feature j, from the running exact blocks.
 
@@ -322,7 +322,7 @@ def _precondition_exact_diagonal(layer: KfacLayer, g: jax.Array, blocks: jax.Arr
   return jnp.where(weight > 0, jnp.swapaxes(v, 1, 2), g)
 
 
-def _scaled_product(v: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scaled_product(v: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   """⟨v, g⟩ as `(t, log_scale)` with ⟨v, g⟩ = t·exp(log_scale), |t| <= v.size.
 
   v and g are divided by their largest |entry| before the sum, so that a product of entries
@@ -336,7 +336,7 @@ def _scaled_product(v: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   return t, jnp.log(sv) + jnp.log(sg)
 
 
-def _sum_scaled(terms: list) -> tuple[jax.Array, jax.Array]:
+def sum_scaled(terms: list) -> tuple[jax.Array, jax.Array]:
   """Σ tᵢ·exp(sᵢ) as `(T, S)` with the sum = T·exp(S), S the largest sᵢ."""
   if not terms:
     return jnp.zeros([]), jnp.zeros([])
@@ -351,23 +351,23 @@ def _precondition_layers(layers, leaves: list, where: dict, decomp: tuple, a: di
   Returns:
     `(new_leaves, (t, log_scale))`: the gradient's leaves with every covered kernel and bias
     replaced by its preconditioned value (the others unchanged), and the KL sum as
-    t·exp(log_scale) (`_sum_scaled`), so that its overflow cannot decide the clip.
+    t·exp(log_scale) (`sum_scaled`), so that its overflow cannot decide the clip.
   """
   new_leaves = list(leaves)
   terms = []
   for layer in layers:
-    g = _layer_gradient(layer, leaves, where, dtype)
+    g = layer_gradient(layer, leaves, where, dtype)
     if layer.exact_diagonal:
-      v = _precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
+      v = precondition_exact_diagonal(layer, g, a[layer.name], weight, lam)
     else:
-      v = _precondition(layer, g, decomp, lam, damping_mode)
-    terms.append(_scaled_product(v, g))
-    _write_back(layer, v, leaves, new_leaves, where)
-  t, log_scale = _sum_scaled(terms)
+      v = precondition(layer, g, decomp, lam, damping_mode)
+    terms.append(scaled_product(v, g))
+    write_back(layer, v, leaves, new_leaves, where)
+  t, log_scale = sum_scaled(terms)
   return new_leaves, (t.astype(dtype), log_scale.astype(dtype))
 
 
-def _fall_back(fallback, fallback_scale, without_covered, updates, fallback_state, params,
+def fall_back(fallback, fallback_scale, without_covered, updates, fallback_state, params,
                where: dict, leaves: list, new_leaves: list) -> optax.OptState:
   """The fallback's step, times `fallback_scale`, for every parameter outside the blocks.
 
@@ -382,7 +382,7 @@ def _fall_back(fallback, fallback_scale, without_covered, updates, fallback_stat
   return fb_state
 
 
-def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Array, jax.Array]:
+def kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Array, jax.Array]:
   """ν = min(1, sqrt(κ / (η² Σ⟨V, G⟩))), decided in logarithms, and whether it is finite.
 
   `kl_sum` = (t, s) stands for t·exp(s) (`_precondition_layers`): the clip binds when
@@ -391,7 +391,7 @@ def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Ar
   decision: ν = 0 and `finite` is False (never NaN read as "not above κ").
   """
   t, s = kl_sum
-  eta = jnp.asarray(_value_at(learning_rate, count), dtype)
+  eta = jnp.asarray(value_at(learning_rate, count), dtype)
   finite = jnp.isfinite(t) & jnp.isfinite(s)
   positive = (t > 0) & (eta != 0)
   log_denom = (2.0 * jnp.log(jnp.where(positive, jnp.abs(eta), 1.0))
@@ -403,7 +403,7 @@ def _kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Ar
   return jnp.where(finite, nu, 0.0).astype(dtype), finite
 
 
-def _check_update_interval(update_interval) -> None:
+def check_update_interval(update_interval) -> None:
   """T >= 1: a Python int, or a concrete array (what `optax.inject_hyperparams` passes at
   init, so an injected 0 is an error there). A traced T (update under `jit`) is clamped to
   >= 1 in `update`."""
@@ -420,7 +420,7 @@ def _check_update_interval(update_interval) -> None:
   check_int("update_interval", update_interval, minimum=1)
 
 
-def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
+def init_state(params, layers, damping_mode, dtype, fallback, without_covered):
   """Zero factors, identity inverses / eigenvectors, and the fallback's state."""
   eye = lambda l, d: jnp.broadcast_to(jnp.eye(d, dtype=dtype), l.factor_shape(d))
   vals = lambda l, d: jnp.zeros(l.factor_shape(d)[:-1], dtype)
@@ -447,7 +447,7 @@ def _init_state(params, layers, damping_mode, dtype, fallback, without_covered):
       fallback=fallback.init(without_covered(params)))
 
 
-def _shrink_covered(tree, owned: set):
+def shrink_covered(tree, owned: set):
   """The tree with each covered leaf shrunk to a one-entry placeholder (for the fallback).
 
   The fallback's state keeps the params' structure (`optax.tree.map_params`) at no memory
@@ -551,13 +551,13 @@ def scale_by_kfac_factors(
     for convolution layers", ICML 2016; Ba, Grosse & Martens, "Distributed Second-Order
     Optimization using Kronecker-Factored Approximations", ICLR 2017.
   """
-  layer_list = _layers_tuple(layers)
+  layer_list = layers_tuple(layers)
   # A dtype name, not jnp.float32: inject_hyperparams would take a callable for a schedule.
   stats_dtype = jnp.dtype(stats_dtype)
   check_range("damping", damping, 0.0, None, low_inclusive=False)
   check_choice("damping_mode", damping_mode, ("factored", "exact"))
   check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
-  _check_update_interval(update_interval)
+  check_update_interval(update_interval)
   if kl_clip is not None:
     check_range("kl_clip", kl_clip, 0.0, None, low_inclusive=False)
     if learning_rate is None:
@@ -585,12 +585,12 @@ def scale_by_kfac_factors(
     fallback = in_float32(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
                                               bias_correction=True))
   owned = {l.kernel for l in layer_list} | {l.bias for l in layer_list if l.bias is not None}
-  without_covered = functools.partial(_shrink_covered, owned=owned)
+  without_covered = functools.partial(shrink_covered, owned=owned)
 
   def init_fn(params):
     check_float_leaves("scale_by_kfac_factors", params)
-    _check_layers_in(params, layer_list, "params", require=False)
-    return _init_state(params, layer_list, damping_mode, stats_dtype, fallback,
+    check_layers_in(params, layer_list, "params", require=False)
+    return init_state(params, layer_list, damping_mode, stats_dtype, fallback,
                        without_covered)
 
   def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
@@ -600,15 +600,15 @@ def scale_by_kfac_factors(
         "scale_by_kfac_factors", "kfac_stats", kfac_stats,
         "kfac_stats=stats)  # loss, grads, stats = cap(model, x, y, key=key"
         if layer_list else "kfac_stats=capture.no_stats()")
-    where = _check_layers_in(updates, layer_list, "updates")
+    where = check_layers_in(updates, layer_list, "updates")
     check_state_shapes("scale_by_kfac_factors", init_fn, updates, state)
 
     if isinstance(stats, NoNewStats):     # a step without a capture: factors as they are
       a, s, weight, finite = state.a, state.s, state.factor_weight, jnp.array(True)
     else:
-      _check_stats(stats, layer_list)
-      a, s, weight, finite = _accumulate(state, stats, layer_list, decay, stats_dtype)
-    lam = jnp.asarray(_value_at(damping, state.count), stats_dtype)
+      check_stats(stats, layer_list)
+      a, s, weight, finite = accumulate(state, stats, layer_list, decay, stats_dtype)
+    lam = jnp.asarray(value_at(damping, state.count), stats_dtype)
     kept = (state.a_eigvals, state.a_eigvecs, state.s_eigvals, state.s_eigvecs,
             state.a_inverse, state.s_inverse)
     interval = jnp.maximum(update_interval, 1)  # a traced T below 1: every step
@@ -617,7 +617,7 @@ def scale_by_kfac_factors(
     if layer_list:
       decomp = jax.lax.cond(
           do_refresh,
-          lambda: _refresh(state, a, s, weight, lam, layer_list, stacks, damping_mode,
+          lambda: refresh(state, a, s, weight, lam, layer_list, stacks, damping_mode,
                            stats_dtype, factor_sharding),
           lambda: kept)
     else:
@@ -626,12 +626,12 @@ def scale_by_kfac_factors(
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     new_leaves, kl_sum = _precondition_layers(layer_list, leaves, where, decomp, a, weight,
                                               lam, damping_mode, stats_dtype)
-    fb_state = _fall_back(fallback, fallback_scale, without_covered, updates, state.fallback,
+    fb_state = fall_back(fallback, fallback_scale, without_covered, updates, state.fallback,
                           params, where, leaves, new_leaves)
 
     nu, decided = jnp.ones([], stats_dtype), jnp.array(True)
     if kl_clip is not None and layer_list:
-      nu, decided = _kl_clip_scale(kl_sum, kl_clip, learning_rate, state.count, stats_dtype)
+      nu, decided = kl_clip_scale(kl_sum, kl_clip, learning_rate, state.count, stats_dtype)
       new_leaves = [(x * nu).astype(x.dtype) for x in new_leaves]
 
     a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
@@ -721,7 +721,7 @@ def kfac(
   check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
   check_range("weight_decay", weight_decay, 0.0, None)
   if fallback_scale is None:
-    fallback_scale = DEFAULT_FALLBACK_SCALE if _layers_tuple(layers) else 1.0
+    fallback_scale = DEFAULT_FALLBACK_SCALE if layers_tuple(layers) else 1.0
   parts = [scale_by_kfac_factors(
       layers=layers, damping=damping, damping_mode=damping_mode, decay=decay,
       update_interval=update_interval, kl_clip=kl_clip, learning_rate=learning_rate,
