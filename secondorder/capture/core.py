@@ -126,11 +126,43 @@ def check_coverage(layers: KfacLayers, strict: bool) -> None:
   warnings.warn(message, stacklevel=3)
 
 
-def _zero_slots(layers: Sequence[KfacLayer], dtype) -> dict:
-  """Per covered layer (keyed by its module path) the zero slots of its kind's taps."""
-  return {l.kernel[:-1]: tuple(jnp.zeros(shape, dtype)
-                               for shape in registry.BLOCKS[l.kind].slot_shapes(l))
-          for l in layers}
+def _zero_slots(layers: Sequence[KfacLayer], dtype, bases: dict | None = None) -> dict:
+  """Per covered layer (keyed by its module path) the zero slots of its kind's taps; a
+  dense layer named in `bases` gets three more: its `(Q_A, Q_S)` and the projected
+  moment's zero slot (`taps.tap_projected`)."""
+  out = {}
+  for l in layers:
+    slots = tuple(jnp.zeros(shape, dtype) for shape in registry.BLOCKS[l.kind].slot_shapes(l))
+    if bases and l.name in bases:
+      q_a, q_s = bases[l.name]
+      slots += (jnp.asarray(q_a, dtype), jnp.asarray(q_s, dtype),
+                jnp.zeros(l.factor_shape(0)[:-2] + (l.a_dim, l.s_dim), dtype))
+    out[l.kernel[:-1]] = slots
+  return out
+
+
+def check_bases(bases, layers: Sequence[KfacLayer]) -> dict:
+  """`bases` checked against the covered layers: `{name: (Q_A, Q_S)}` of dense layers only,
+  each `Q` shaped as the layer's factor (`KfacLayer.factor_shape`)."""
+  if bases is None:
+    return {}
+  if not isinstance(bases, dict):
+    raise TypeError("bases must be a dict {layer name: (Q_A, Q_S)} (ekfac_bases(opt_state)), "
+                    f"got {type(bases).__name__}.")
+  by_name = {l.name: l for l in layers}
+  for name, pair in bases.items():
+    layer = by_name.get(name)
+    if layer is None or layer.kind != "dense":
+      raise ValueError(
+          f"bases names {name!r}, which is not a covered dense layer of the model (its dense "
+          f"layers: {sorted(n for n, l in by_name.items() if l.kind == 'dense')}).")
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"bases[{name!r}] must be the pair (Q_A, Q_S), got {type(pair).__name__}.")
+    for what, q, side in (("Q_A", pair[0], layer.a_dim), ("Q_S", pair[1], layer.s_dim)):
+      if tuple(jnp.shape(q)) != layer.factor_shape(side):
+        raise ValueError(f"bases[{name!r}] {what} has shape {tuple(jnp.shape(q))}, expected "
+                         f"{layer.factor_shape(side)}.")
+  return bases
 
 
 class Capture:
@@ -235,7 +267,7 @@ class Capture:
 
   def __call__(self, model_or_params, inputs, targets, *, key: jax.Array | None = None,
                state=None, rngs=None, mask: jax.Array | None = None, call_args=(),
-               call_kwargs=None):
+               call_kwargs=None, bases: dict | None = None):
     """Loss, gradients and per-layer statistics of one batch, from one training forward.
 
     The model runs once, in training mode; the gradient and the Fisher's backward passes
@@ -257,6 +289,11 @@ class Capture:
         positions, cache and attention mask): the model runs as
         `model(inputs, *call_args, **call_kwargs)`.
       call_kwargs: the model's keyword arguments (`deterministic=False`).
+      bases: EK-FAC's eigenbases `{layer name: (Q_A, Q_S)}` of dense layers
+        (`secondorder.transforms.ekfac.ekfac_bases(opt_state)`): each such layer's
+        `LayerStats.e` is then `M Σ_n (Q_Aᵀ G_n Q_S)²` over the examples n (the first axis
+        of the layer's input; an example's gradient sums its positions), from the same
+        Fisher pass as Ŝ.
 
     Returns:
       `(loss, grads, kfac_stats)`; for linen with `state`, `(loss, grads, kfac_stats,
@@ -268,6 +305,7 @@ class Capture:
     call = _call(call_args, call_kwargs)
     layers, out_shape = self._discover(model_or_params, inputs, state, rngs, call)
     covered = layers.layers
+    bases = check_bases(bases, covered)
     params = self._params_of(model_or_params)
     weights = None if mask is None else padding.example_weights(mask, out_shape)
 
@@ -276,7 +314,8 @@ class Capture:
                        interception.Recorder(capture=True, mask=weights),
                        inputs, state, rngs, call)
 
-    out, vjp_fn, new_state = jax.vjp(fwd, params, _zero_slots(covered, self.stats_dtype),
+    out, vjp_fn, new_state = jax.vjp(fwd, params,
+                                     _zero_slots(covered, self.stats_dtype, bases),
                                      has_aux=True)
     loss, dout = jax.value_and_grad(self.loss_fn)(out, targets)
     grads, slot_ct = vjp_fn(dout)

@@ -76,7 +76,8 @@ def slot_shapes(layer) -> tuple[tuple[int, ...], ...]:
 
 
 def statistics(layer, first: tuple, fisher: tuple, m: int):
-  """`LayerStats(Â = (1/R) Σ_uses Â_use, Ŝ = M Σ ĝĝᵀ)` from the slots' cotangents.
+  """`LayerStats(Â = (1/R) Σ_uses Â_use, Ŝ = M Σ ĝĝᵀ, E = M Σ_n P_n²)` from the slots'
+  cotangents (E only for a layer captured with EK-FAC bases: `taps.tap_projected`).
 
   Args:
     layer: the covered layer.
@@ -89,4 +90,6 @@ def statistics(layer, first: tuple, fisher: tuple, m: int):
   """
   del layer
   uses = jnp.maximum(first[2], 1)[..., None, None]
-  return LayerStats(a=first[0] / uses, s=m * fisher[1])
+  # With EK-FAC bases (slots A, S, uses, Q_A, Q_S, E): E from the Fisher pass, as Ŝ.
+  e = m * fisher[5] if len(fisher) > 5 else None
+  return LayerStats(a=first[0] / uses, s=m * fisher[1], e=e)

@@ -66,8 +66,13 @@ def kronecker_tap(described, slots, call, x, with_bias: bool, weights) -> jax.Ar
   kind, config = described
   rows = functools.partial(registry.KRONECKER[kind].input_rows, config)
   w = weights(registry.KRONECKER[kind].positions(config, x))
-  x = taps.tap_inputs(x, slot_a, uses, rows, with_bias, w)
-  return taps.tap_outputs(call(x), slot_s)
+  y = call(taps.tap_inputs(x, slot_a, uses, rows, with_bias, w))
+  if len(slots) > 3:   # EK-FAC bases (Q_A, Q_S) and the projected moment's slot
+    if 0 in config:
+      raise ValueError("EK-FAC bases need the layer's input axis 0 to be its examples, but "
+                       f"a dense layer contracts axes {config} of its input.")
+    y = taps.tap_projected(y, x, slots[3], slots[4], slots[5], rows, with_bias)
+  return taps.tap_outputs(y, slot_s)
 
 
 class Recorder:

@@ -8,6 +8,7 @@ the cotangent of a zero *slot* argument, return the layer's statistic:
   output tap:  ∂/∂slot_s = Σ_rows ĝ ĝᵀ                 (ĝ the back-propagated output cotangent)
   value tap:   ∂/∂slot = a statistic of the forward pass (an embedding's token counts)
   scale tap:   ∂/∂slot = Σ_rows per-feature outer products of (ĝ ⊙ x̂, ĝ)   (norm layers)
+  projected:   ∂/∂slot = Σ_n (Σ_t Q_Aᵀa_{n,t} ĝ_{n,t}ᵀQ_S)²   (EK-FAC, dense layers)
 
 The statistics leave the model through `jax.vjp` with respect to the slots, never as values
 stored during the forward pass: so `jax.checkpoint` / `nn.remat` / `nnx.remat`, `lax.scan`
@@ -180,3 +181,52 @@ def tap_scale_shift(y: jax.Array, x_hat: jax.Array, slot: jax.Array,
 
   tap.defvjp(fwd, bwd)
   return tap(y, x_hat, slot)
+
+
+def tap_projected(y: jax.Array, x: jax.Array, q_a: jax.Array, q_s: jax.Array,
+                  slot: jax.Array, rows_fn: Callable[[jax.Array], jax.Array],
+                  with_bias: bool) -> jax.Array:
+  """`y`, whose backward pass returns EK-FAC's per-example projected second moment.
+
+  The example n's gradient of a dense layer is `Σ_t a_{n,t} ĝ_{n,t}ᵀ` over its positions t
+  (every non-contracted input axis after the first); in the eigenbases its entries are
+  `P_n = Σ_t (Q_Aᵀ a_{n,t})(Q_Sᵀ ĝ_{n,t})ᵀ`, formed from the projected rows without the
+  per-example gradients in the parameters' basis. The slot's cotangent is `Σ_n P_n²`.
+
+  Args:
+    y: the layer's output (its trailing axes the output units, the others its rows).
+    x: the layer's input (its first axis the examples); only read, never differentiated.
+    q_a: `[a_dim, a_dim]`, the eigenbasis of A (columns), bias row included.
+    q_s: `[s_dim, s_dim]`, the eigenbasis of S.
+    slot: zeros `[a_dim, s_dim]` in the statistics' dtype.
+    rows_fn: `x -> [N, in]`, the layer kind's input rows (example-major).
+    with_bias: append a constant 1 to every row.
+
+  Returns:
+    `y` unchanged.
+  """
+
+  @jax.custom_vjp
+  def tap(y, x, q_a, q_s, slot):
+    del x, q_a, q_s, slot
+    return y
+
+  def fwd(y, x, q_a, q_s, slot):
+    del slot
+    return y, (x, q_a, q_s)
+
+  def bwd(res, ct):
+    x, q_a, q_s = res
+    n = x.shape[0]
+    rows = rows_fn(jax.lax.stop_gradient(x)).astype(slot.dtype)
+    if with_bias:
+      rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), rows.dtype)], axis=-1)
+    pa = jnp.matmul(rows.reshape(n, -1, rows.shape[-1]),
+                    jax.lax.stop_gradient(q_a).astype(slot.dtype), precision=_HIGHEST)
+    ps = jnp.matmul(ct.reshape(n, -1, slot.shape[-1]).astype(slot.dtype),
+                    jax.lax.stop_gradient(q_s).astype(slot.dtype), precision=_HIGHEST)
+    p = jnp.einsum("nti,ntj->nij", pa, ps, precision=_HIGHEST)
+    return ct, jnp.zeros_like(x), jnp.zeros_like(q_a), jnp.zeros_like(q_s), jnp.sum(p * p, 0)
+
+  tap.defvjp(fwd, bwd)
+  return tap(y, x, q_a, q_s, slot)

@@ -24,9 +24,14 @@ class LayerStats(NamedTuple):
       `[features, k, k]` (`KfacLayer.stat_shapes`).
     s: Ŝ, `[out, out]`, the per-example second moment of the output gradients (likewise);
       None for a norm layer.
+    e: EK-FAC's projected second moment `M Σ_n (Q_Aᵀ G_n Q_S)²` `[in (+1), out]` (likewise
+      stacked) of a dense layer captured with `bases=` (G_n the example's gradient, the
+      sum over its positions, in the eigenbases Q_A, Q_S handed to the capture); None
+      otherwise.
   """
   a: jax.Array
   s: jax.Array | None
+  e: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
