@@ -69,6 +69,10 @@ from secondorder.transforms.hutchinson import ScaleByHutchinsonState
 from secondorder.transforms.hutchinson import adahessian
 from secondorder.transforms.hutchinson import scale_by_hutchinson
 from secondorder.transforms.hutchinson import value_grad_and_hessian_diag
+from secondorder.transforms.ekfac import ScaleByEkfacState
+from secondorder.transforms.ekfac import ekfac
+from secondorder.transforms.ekfac import ekfac_bases
+from secondorder.transforms.ekfac import scale_by_ekfac
 from secondorder.transforms.kfac import ScaleByKfacState
 from secondorder.transforms.kfac import kfac
 from secondorder.transforms.kfac import scale_by_kfac_factors

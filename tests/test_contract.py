@@ -14,6 +14,7 @@ from secondorder import capture
 from secondorder.transforms.accumulate import (accumulated_adamw, accumulated_sgd,
                                                every_k_accumulate, every_k_gate,
                                                scale_by_adam_beta_tilde)
+from secondorder.transforms.ekfac import ekfac, scale_by_ekfac
 from secondorder.transforms.hessian_free import STATIC_ARGS as HESSIAN_FREE_STATIC_ARGS
 from secondorder.transforms.hessian_free import (hessian_free, natural_gradient,
                                                  scale_by_hessian_free,
@@ -129,7 +130,9 @@ CASES: list[Case] = [
     Case("scale_by_kl_shampoo",
          _with_lr(lambda: scale_by_kl_shampoo(b1=0.9, b2=0.999, precondition_frequency=2)),
          lr=0.05, steps={**C.DEFAULT_STEPS, "mixed_pytree": 400},
-         converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400)},
+         # The default estimates start at the gradient's scale: Adam-sized steps.
+         converge_lr={"mixed_pytree": optax.cosine_decay_schedule(0.1, 400),
+                      "matrix_quadratic": 0.5},
          primitive=(scale_by_kl_shampoo, dict(b1=0.9, b2=0.99, eps=1e-8,
                                               precondition_frequency=2, block_size=4),
                     KL_SHAMPOO_STATIC_ARGS)),
@@ -137,7 +140,8 @@ CASES: list[Case] = [
     Case("kl_shampoo", lambda learning_rate: kl_shampoo(
              learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, precondition_frequency=2,
              weight_dimension_numbers=C.stacked_dimension_numbers),
-         lr=0.05, alias=(kl_shampoo, dict(learning_rate=0.05, precondition_frequency=2))),
+         lr=0.05, converge_lr={"matrix_quadratic": 0.5, "mixed_pytree": 0.2},
+         alias=(kl_shampoo, dict(learning_rate=0.05, precondition_frequency=2))),
     # K-FAC on plain pytrees: every parameter on the diagonal fallback (RMS scaling, no
     # momentum in the primitive).
     Case("scale_by_kfac_factors",
@@ -157,6 +161,23 @@ CASES: list[Case] = [
          _with_lr(lambda: scale_by_kfac_factors(layers=C.dense_layers())),
          extra_args=C.kfac_capture_args, lr=0.3, problems=("dense_softmax",),
          check_problem="dense_softmax", skip=_KFAC_MASK_SKIP),
+    # EK-FAC: on plain pytrees every parameter is on the fallback, as K-FAC's; with the
+    # covered Dense layer the capture returns the projected moments (contract.ekfac_capture_args).
+    Case("scale_by_ekfac",
+         _with_lr(lambda: scale_by_ekfac(layers=capture.no_layers())),
+         extra_args=_no_kfac_stats, lr=0.05,
+         steps={**C.DEFAULT_STEPS, "quadratic": 600, "matrix_quadratic": 600,
+                "mixed_pytree": 600, "rosenbrock": 3000},
+         converge_lr=_cosine(0.05, 600, rosenbrock=optax.cosine_decay_schedule(0.03, 3000))),
+    Case("ekfac", lambda learning_rate: ekfac(learning_rate, layers=capture.no_layers()),
+         extra_args=_no_kfac_stats, lr=0.05, lr_is_last=False,
+         steps={**C.DEFAULT_STEPS, "quadratic": 600, "matrix_quadratic": 600,
+                "mixed_pytree": 600, "rosenbrock": 3000},
+         converge_lr=_cosine(0.05, 600, rosenbrock=optax.cosine_decay_schedule(0.03, 3000))),
+    Case("ekfac_dense", lambda learning_rate: ekfac(learning_rate, layers=C.dense_layers()),
+         extra_args=C.ekfac_capture_args, lr=0.1, problems=("dense_softmax",),
+         check_problem="dense_softmax", lr_is_last=False, skip=_KFAC_MASK_SKIP,
+         alias=(ekfac, dict(learning_rate=0.1, layers=C.dense_layers()))),
     # Hessian-free: Newton-CG (the Hessian of obj_fn) on the regression problems, the
     # Gauss-Newton matrix of softmax cross-entropy on the classifiers. Natural gradient:
     # the KL budget is the learning rate of the alias (steps scale as its square root).

@@ -212,7 +212,8 @@ _ALIASES = sorted(n for n in _public_transforms() if not n.startswith("scale_by_
 # case: the generic problem's Fisher has rank 1, so the default 1e-3 takes steps of ~100
 # along its null space, as documented, which this matrix would read as exploding).
 _ALIAS_REQUIRED = {"accumulated_adamw": dict(k=2), "accumulated_sgd": dict(k=2),
-                   "kfac": dict(layers=_no_layers), "natural_gradient": dict(damping=1e-2)}
+                   "kfac": dict(layers=_no_layers), "ekfac": dict(layers=_no_layers),
+                   "natural_gradient": dict(damping=1e-2)}
 
 
 def _alias_kwargs(name):
