@@ -15,10 +15,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from secondorder._validation import (check_choice, check_float_leaves, check_int,
+from secondorder._validation import (check_choice, check_count, check_float_leaves,
                                      check_range, check_same_structure, require_extra_arg)
 from secondorder.curvature.cg import CGResult, conjugate_gradient, tree_norm, tree_vdot
 from secondorder.curvature.products import (fisher_operator, gauss_newton_operator,
@@ -121,23 +120,6 @@ def _zeros_like_stats(params) -> optax.Updates:
   """A params-shaped tree of zeros in each leaf's statistics dtype."""
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _stats_dtype(jnp.result_type(p))),
                       params)
-
-
-def _check_iterations(name: str, value) -> None:
-  """A Python int >= 1, or a concrete array holding one (what `optax.inject_hyperparams`
-  passes when the state is built, so an injected 0 is an error there); a traced count
-  passes, and CG clamps it to >= 1."""
-  if isinstance(value, (jax.Array, np.ndarray)):
-    try:
-      concrete = int(value)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
-            TypeError):
-      return
-    if concrete < 1 or concrete != value:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r} (an injected "
-                       "hyperparameter is checked when the state is built).")
-    return
-  check_int(name, value, minimum=1)
 
 
 def _check_damping_bounds(initial_damping, min_damping, max_damping) -> None:
@@ -435,7 +417,7 @@ def scale_by_hessian_free(
   check_range("damping_increase", damping_increase, 1.0)
   check_range("damping_decrease", damping_decrease, 0.0, 1.0, low_inclusive=False)
   check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-  _check_iterations("cg_max_iterations", cg_max_iterations)
+  check_count("cg_max_iterations", cg_max_iterations)
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
@@ -666,7 +648,7 @@ def scale_by_natural_gradient(
   check_range("max_learning_rate", max_learning_rate, 0.0, low_inclusive=False)
   check_range("damping", damping, 0.0)
   check_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-  _check_iterations("cg_max_iterations", cg_max_iterations)
+  check_count("cg_max_iterations", cg_max_iterations)
   check_range("cg_tol", cg_tol, 0.0)
   if progress_tol is not None:
     check_range("progress_tol", progress_tol, 0.0)
