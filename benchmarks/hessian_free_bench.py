@@ -262,8 +262,10 @@ def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_cent
   Hessian-free's initial λ are bracketed (`bracketed`: 3 points spaced by 10^0.5, up to 4
   more beyond a winning edge), then at that value K-FAC's damping and Hessian-free's CG
   budget each take a 3-point grid (the default, a tenth, ten times). Adam's learning rate
-  and the natural gradient's KL budget are bracketed too. With `hf_reject`, a second
-  Hessian-free row (`reject_increase=True`) is tuned the same way.
+  and the natural gradient's KL budget are bracketed too. The `hessian_free` row takes every
+  finite step (`min_rho=None`, Martens' rule); with `hf_reject`, a second row with the
+  library's default rule (a step that raises the batch's loss is rejected) is tuned the same
+  way.
   """
   params0 = problem.init_params(0)
   target = problem.target_loss
@@ -300,7 +302,7 @@ def network_rows(problem, steps: int, lbfgs: bool, adam_centre: float, kfac_cent
 
     def hf_at(initial_damping, limit=None, cg_max_iterations=hf_cg):
       config = dict(initial_damping=initial_damping, cg_max_iterations=cg_max_iterations,
-                    reject_increase=reject)
+                    min_rho=0.0 if reject else None)
       tx = so.hessian_free(**config)
       res = go(closure_step(tx, problem, ("logits_fn", "loss_fn")), tx.init(params0),
                hf_passes, limit)
