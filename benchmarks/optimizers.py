@@ -329,6 +329,47 @@ register(OptimizerSpec(
     second=second_grid("damping", 0.01)))
 
 
+def _ekfac_value_grad(problem, params, batch, opt_state, key):
+  # K-FAC's capture, handed the optimizer's eigenbases: the dense layers' statistics then
+  # carry the per-example second moments projected into them (EK-FAC's diagonal).
+  cap, _ = _kfac_capture(problem)
+  if cap is None:
+    return _kfac_value_grad(problem, params, batch, opt_state, key)
+  from flax import nnx
+  bases = _module("secondorder.transforms.ekfac").ekfac_bases(opt_state)
+  loss, grads, stats = cap(problem.bind(params), problem.inputs(batch), problem.labels(batch),
+                           key=key, bases=bases)
+  return loss, nnx.to_pure_dict(grads), {"kfac_stats": stats}
+
+
+def _ekfac(lr, n, problem, damping=0.01):
+  return _module("secondorder.transforms.ekfac").ekfac(lr, layers=_kfac_capture(problem)[1],
+                                                        damping=damping,
+                                                        **_kfac_interval(problem))
+
+
+register(OptimizerSpec(
+    "ekfac", _ekfac, 0.1, needs=("kfac_stats",), family="secondorder",
+    note="EK-FAC (K-FAC's eigenbasis every 5 steps, the diagonal from per-example gradients "
+         "projected into it every step, sampled Fisher, KL clipping; on the language model "
+         "statistics every 2 steps, eigenbasis every 10)",
+    value_grad=_ekfac_value_grad, host_refresh=_kfac_stats_every,
+    second=second_grid("damping", 0.01)))
+
+
+def _kfac_exact(lr, n, problem, damping=0.01):
+  return _module("secondorder.transforms.kfac").kfac(lr, layers=_kfac_capture(problem)[1],
+                                                      damping=damping, damping_mode="exact",
+                                                      **_kfac_interval(problem))
+
+
+register(OptimizerSpec(
+    "kfac_exact", _kfac_exact, 0.1, needs=("kfac_stats",), family="secondorder",
+    note="K-FAC with damping_mode=\"exact\" (eigendecompositions; EK-FAC's basis cost)",
+    value_grad=_kfac_value_grad, host_refresh=_kfac_stats_every,
+    second=second_grid("damping", 0.01)))
+
+
 def _dense_only(problem):
   """The language model's layers at K-FAC's previous coverage: dense kernels only."""
   return _kfac_capture(problem)[1].only("dense")
