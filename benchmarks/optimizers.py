@@ -457,17 +457,16 @@ register(OptimizerSpec(
     second=second_grid("eps", 1e-8)))
 
 
-def _kl_shampoo(lr, n, problem, init_factor=0.1):
+def _kl_shampoo(lr, n, problem, eps=1e-8):
   # SOAP's settings: refreshes every 10 steps, and on the language model blocks of
   # SOAP_LM_BLOCK_SIZE, so the two rows keep factors of the same sides. No grafting. The
-  # second hyperparameter is the eigenvalue estimates' starting value (the authors' 0.1),
-  # the one KL-Shampoo is sensitive to over a short run (it sets how long its steps stay
-  # short while the estimates fall to the gradients' scale; eps barely matters there).
+  # eigenvalue estimates start from the first step's statistics (the library's default);
+  # the second hyperparameter is the damping eps, as SOAP's.
   make = _module("secondorder.transforms.kl_shampoo").kl_shampoo
   blocks = {}
   if problem is not None and getattr(problem, "name", None) == "lm":
     blocks = {"block_size": SOAP_LM_BLOCK_SIZE}
-  return make(lr, precondition_frequency=10, init_factor=init_factor, **blocks,
+  return make(lr, precondition_frequency=10, eps=eps, **blocks,
               **dimension_numbers_kwargs(make, problem))
 
 
@@ -475,7 +474,7 @@ register(OptimizerSpec(
     "kl_shampoo", _kl_shampoo, 3e-3, family="secondorder",
     note="KL-Shampoo (Shampoo's factors fitted jointly under KL, eigenbases refreshed every "
          "10 steps; no grafting)",
-    in_quick=_FULL_ONLY, second=second_grid("init_factor", 0.1)))
+    in_quick=_FULL_ONLY, second=second_grid("eps", 1e-8)))
 
 
 # Gradient accumulation: k = 4 mini-batches per update, so these rows make a quarter of the

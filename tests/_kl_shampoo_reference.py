@@ -5,6 +5,11 @@ implementation, independent of the library's block plan and contractions: the ot
 factors' inverses enter as an explicit Kronecker product, and the direction as a dense
 matrix acting on the flattened momentum. Axes without a factor (a dimension above
 max_precond_dim) are the identity. Leaves without factors take Adam's bias-corrected step.
+
+The eigenvalue estimates start either at a constant (`init_factor`, the authors' 0.1) or,
+with `init_factor=None`, unset (zero) until a call's statistics set them: each factor of a
+block with k factors takes (||G||^2 / N)^(1/k), the mean eigenvalue of its contribution
+(computed with the other factors' inverses at the identity) to the power 1/k.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ class Block:
     self.shape = tuple(shape)
     self.factored = tuple(factored)
     self.init_factor = init_factor
+    start = 0.0 if init_factor is None else init_factor
     self.h = [np.zeros((s, s)) if f else None for s, f in zip(shape, factored)]
     self.q = [np.eye(s) if f else None for s, f in zip(shape, factored)]
-    self.d = [np.full(s, init_factor) if f else None for s, f in zip(shape, factored)]
+    self.d = [np.full(s, start) if f else None for s, f in zip(shape, factored)]
     self.m = np.zeros(shape)
     self.count = 0
 
@@ -53,6 +59,9 @@ class Block:
     k = len(self.shape)
     first = self.count == 0
     r = [self._r(i, cap) for i in range(k)]
+    # Estimates still to be set (init_factor None): all zero.
+    unset = [self.init_factor is None and f and not np.any(self.d[i] > 0)
+             for i, f in enumerate(self.factored)]
     # Direction from the state before this step: vec(U) = Q diag(p / (1 + eps p)) Q^T vec(M)
     # with Q = Q_1 (x) ... (x) Q_k and p = r_1 (x) ... (x) r_k (row-major flattening).
     if first:
@@ -75,18 +84,21 @@ class Block:
       for j in range(k):
         if j == i:
           continue
-        if first or not self.factored[j]:
+        if first or not self.factored[j] or unset[j]:
           inverses.append(np.eye(self.shape[j]))
         else:
           inverses.append(self.q[j] @ np.diag(r[j] ** 2) @ self.q[j].T)
       gi = _unfold(g, i)
       contributions.append(self.shape[i] / n * gi @ _kron(inverses) @ gi.T)
+    n_factors = sum(self.factored)
     for i, c in enumerate(contributions):
       if c is None:
         continue
       diag = np.diag(self.q[i].T @ c @ self.q[i])
       self.h[i] = beta * self.h[i] + (1 - beta) * c
-      if not first:
+      if unset[i]:
+        self.d[i] = np.full(self.shape[i], (np.trace(c) / self.shape[i]) ** (1 / n_factors))
+      elif not first:
         self.d[i] = beta * self.d[i] + (1 - beta) * diag
     # Bases: eigenvectors (decreasing eigenvalue) on the first call, then every
     # `frequency` calls one step of power iteration Q <- qr(H Q), columns in order.

@@ -39,15 +39,15 @@ def _gradients(steps: int, seed: int = 0):
           for _ in range(steps)]
 
 
-def _reference_blocks():
+def _reference_blocks(init):
   """The reference state per leaf: a list of blocks in the plan's order, or a Diagonal."""
   factored_4 = (True, True)
   return {
-      "w": [ref.Block((4, 4), factored_4, 0.1)],
-      "t": [ref.Block((3, 4, 4), (True, True, True), 0.1)],
-      "tall": [ref.Block((4, 4), factored_4, 0.1) for _ in range(2)],  # rows 0-3, 4-7
-      "stack": [ref.Block((3, 3), factored_4, 0.1) for _ in range(2)],  # layers 0, 1
-      "wide": [ref.Block((3, 12), (True, False), 0.1)],  # 12 > max_precond_dim: no factor
+      "w": [ref.Block((4, 4), factored_4, init)],
+      "t": [ref.Block((3, 4, 4), (True, True, True), init)],
+      "tall": [ref.Block((4, 4), factored_4, init) for _ in range(2)],  # rows 0-3, 4-7
+      "stack": [ref.Block((3, 3), factored_4, init) for _ in range(2)],  # layers 0, 1
+      "wide": [ref.Block((3, 12), (True, False), init)],  # 12 > max_precond_dim: no factor
       "b": ref.Diagonal((3,)),
       "s": ref.Diagonal(()),
   }
@@ -70,16 +70,20 @@ def _join(name, parts):
   return parts[0]
 
 
-def test_matches_the_numpy_transcription_over_20_steps():
+@pytest.mark.parametrize("init", [0.1, None], ids=["authors_init_factor", "from_statistics"])
+def test_matches_the_numpy_transcription_over_20_steps(init):
   """Updates, factors, eigenvalue estimates and bases (up to column signs) of 20 float64
-  steps with refreshes every 3 calls equal the dense NumPy transcription to 1e-9."""
+  steps with refreshes every 3 calls equal the dense NumPy transcription to 1e-9: the
+  authors' algorithm with its constant initial estimates (0.1), and the default estimates
+  set from the first call's statistics. The first gradient of the leaf "w" is zero, so
+  its estimates are set on the second call."""
   with jax.enable_x64(True):
-    tx = scale_by_kl_shampoo(**HYPER, max_precond_dim=10, block_size=4,
+    tx = scale_by_kl_shampoo(**HYPER, max_precond_dim=10, block_size=4, init_factor=init,
                              weight_dimension_numbers=DIMS, statistics_dtype=jnp.float64)
     params = {k: jnp.zeros(s, jnp.float64) for k, s in SHAPES.items()}
     state = tx.init(params)
     step = jax.jit(tx.update)
-    blocks = _reference_blocks()
+    blocks = _reference_blocks(init)
     kw = dict(b1=HYPER["b1"], beta=HYPER["shampoo_beta"], eps=HYPER["eps"],
               frequency=HYPER["precondition_frequency"], cap=4000.0)
     leaves = jax.tree.leaves(params)
@@ -88,7 +92,9 @@ def test_matches_the_numpy_transcription_over_20_steps():
                              tuple(resolve_leaf_axes(DIMS, params)),
                              block_size=4, merge=False, max_dim=10, exponent_override=1.0,
                              one_sided=True)
-    for t, g in enumerate(_gradients(REF_STEPS)):
+    gradients = _gradients(REF_STEPS)
+    gradients[0]["w"] = np.zeros(SHAPES["w"])
+    for t, g in enumerate(gradients):
       u, state = step({k: jnp.asarray(v) for k, v in g.items()}, state)
       for name in names:
         b = blocks[name]
@@ -180,13 +186,34 @@ def test_a_non_finite_contribution_is_skipped_and_counted():
     ("shampoo_beta", 1.0, ValueError), ("eps", -1.0, ValueError),
     ("precondition_frequency", 0, ValueError), ("precondition_frequency", 2.5, ValueError),
     ("max_precond_dim", 0, ValueError), ("block_size", 0, ValueError),
-    ("init_factor", 0.0, ValueError), ("init_factor", None, TypeError),
+    ("init_factor", 0.0, ValueError), ("init_factor", "big", TypeError),
     ("inverse_sqrt_cap", 0.0, ValueError), ("inverse_sqrt_cap", "big", TypeError),
     ("weight_decay", -1.0, ValueError),
 ])
 def test_bad_arguments_are_named(name, value, error):
   with pytest.raises(error, match=name):
     kl_shampoo(1e-3, **{name: value})
+
+
+def test_a_non_finite_first_gradient_leaves_the_estimates_unset():
+  """The default estimates come from the first finite statistics: a NaN first gradient is
+  skipped and counted, and the next gradient G [4, 3] sets both factors' estimates to
+  (||G||^2 / 12)^(1/2)."""
+  tx = scale_by_kl_shampoo()
+  state = tx.init({"w": jnp.zeros((4, 3))})
+  np.testing.assert_array_equal(state.eigenvalues[0], 0.0)
+  g = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3)), jnp.float32)
+  u, state = tx.update({"w": g.at[1, 2].set(jnp.nan)}, state)
+  assert int(state.stat_skips) == 1 and not np.all(np.isfinite(u["w"]))
+  for d in state.eigenvalues:
+    np.testing.assert_array_equal(d, 0.0)
+  u, state = tx.update({"w": g}, state)
+  np.testing.assert_array_equal(u["w"], 0.0)  # no estimates yet: a zero direction
+  sigma = np.sqrt(np.mean(np.square(np.asarray(g, np.float64))))
+  for d in state.eigenvalues:
+    np.testing.assert_allclose(d, sigma, rtol=1e-5)
+  u, state = tx.update({"w": g}, state)
+  assert np.all(np.isfinite(u["w"])) and np.any(u["w"] != 0)
 
 
 @pytest.mark.parametrize("rate", [-1e-3, float("nan")])

@@ -47,7 +47,8 @@ class ScaleByKlShampooState(NamedTuple):
       factor side s (the plan's groups, sorted by side), in ``statistics_dtype``.
     bases: the factors' eigenbases in use, stacked like ``factors``.
     eigenvalues: the running estimates of the factors' eigenvalues in those bases, one
-      ``[n, s]`` per group; they start at ``init_factor``.
+      ``[n, s]`` per group; they start at ``init_factor``, or at 0 (not set yet) when it
+      is None.
     mu: the momentum of the gradient, a tree like the params (in the original
       coordinates, so a basis refresh leaves it as it is).
     nu: Adam's second moment of each leaf without factors (vectors, scalars), in leaf order.
@@ -184,8 +185,21 @@ def _group_scales(eigenvalues: Sequence[jax.Array], cap) -> tuple[jax.Array, ...
   return tuple(inverse_sqrt(d, cap) for d in eigenvalues)
 
 
+def isotropic_fit(diagonals: Sequence[jax.Array | None]) -> list[jax.Array | None]:
+  r"""The KL-optimal multiple of the identity for a block's statistics, split evenly
+  between its k factors: :math:`(\operatorname{tr} C_i / s_i)^{1/k}` per factor, ``[n]``.
+
+  With the other factors at the identity every contribution has the same mean eigenvalue
+  :math:`\sigma^2 = \lVert G \rVert^2 / N` (the mean square entry of the block), and
+  :math:`\sigma^2 I_N` is the closest isotropic Gaussian to the gradient's under KL; each
+  factor takes :math:`\sigma^{2/k}`, so that their Kronecker product is :math:`\sigma^2
+  I_N`."""
+  k = sum(c is not None for c in diagonals)
+  return [None if c is None else jnp.mean(c, axis=1) ** (1.0 / k) for c in diagonals]
+
+
 def accumulate_statistics(plan: _blocks.Plan, blocks, factors, eigenvalues, bases, scales,
-                          beta, first):
+                          beta, first, from_statistics: bool):
   r"""Moves every factor and its eigenvalue estimates towards the gradient's KL
   contribution (`kl_statistics`):
 
@@ -194,36 +208,46 @@ def accumulate_statistics(plan: _blocks.Plan, blocks, factors, eigenvalues, base
     d_i \leftarrow \beta d_i + (1 - \beta) c_i .
 
   On the first call (no basis yet) the other factors' inverses are the identity and the
-  eigenvalue estimates stay at their initial value. A factor whose contribution is not
+  eigenvalue estimates stay at their initial value. With ``from_statistics``, estimates
+  that are not set yet (all zero: the initial value) are set instead to `isotropic_fit` of
+  this call's contributions, computed with the other factors' inverses at the identity (a
+  zero gradient leaves them unset, for a later call). A factor whose contribution is not
   finite keeps its value and its estimates.
 
   Returns:
     ``(factors, eigenvalues, skipped)``: the new stacks and whether any factor was left
     unchanged.
   """
+  # Per factor: its estimates are still to be set (from_statistics only), [n].
+  unset = tuple(jnp.all(d <= 0, axis=1) if from_statistics else jnp.zeros(d.shape[:1], bool)
+                for d in eigenvalues)
   grams = [[] for _ in plan.groups]
   diags = [[] for _ in plan.groups]
+  fits = [[] for _ in plan.groups]
   for lp, leaf in zip(plan.leaves, blocks):
     if lp.diagonal:
       continue
     for combo, b in zip(lp.combos, leaf):
       q = _blocks.combo_factors(bases, lp, combo)
-      r = [None if x is None else jnp.where(first, jnp.ones_like(x), x)
-           for x in _blocks.combo_factors(scales, lp, combo)]
+      r = [None if x is None else jnp.where(first | u[:, None], jnp.ones_like(x), x)
+           for x, u in zip(_blocks.combo_factors(scales, lp, combo),
+                           _blocks.combo_factors(unset, lp, combo))]
       g, c = kl_statistics(b, q, r)
-      for slot, gi, ci in zip(combo.slots, g, c):
+      for slot, gi, ci, fi in zip(combo.slots, g, c, isotropic_fit(c)):
         if slot is not None:
           grams[slot[0]].append(gi)
           diags[slot[0]].append(ci)
+          fits[slot[0]].append(fi)
   join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
   new_factors, new_values, skipped = [], [], jnp.asarray(False)
-  for old_h, old_d, g, c in zip(factors, eigenvalues, grams, diags):
-    g, c = join(g), join(c)
+  for old_h, old_d, g, c, fit, u in zip(factors, eigenvalues, grams, diags, fits, unset):
+    g, c, fit = join(g), join(c), join(fit)
     finite = jnp.all(jnp.isfinite(g), axis=(1, 2)) & jnp.all(jnp.isfinite(c), axis=1)
     new_factors.append(jnp.where(finite[:, None, None], beta * old_h + (1 - beta) * g,
                                  old_h))
-    moved = finite & ~first
-    new_values.append(jnp.where(moved[:, None], beta * old_d + (1 - beta) * c, old_d))
+    moved = finite & ~first & ~u
+    d = jnp.where(moved[:, None], beta * old_d + (1 - beta) * c, old_d)
+    new_values.append(jnp.where((finite & u)[:, None], fit[:, None], d))
     skipped = skipped | ~jnp.all(finite)
   return tuple(new_factors), tuple(new_values), skipped
 
@@ -342,7 +366,7 @@ def scale_by_kl_shampoo(
     max_precond_dim: int | None = None,
     block_size: int | None = None,
     *,
-    init_factor: float = 0.1,
+    init_factor: float | None = None,
     inverse_sqrt_cap: float | None = 4000.0,
     merge_small_dims: bool = False,
     weight_dimension_numbers: WeightDimensionNumbers = None,
@@ -369,8 +393,12 @@ def scale_by_kl_shampoo(
   (and :math:`d_R` likewise): the two-sided fit of a matrix-normal covariance, where
   Shampoo fits each factor alone. The direction uses the state before this step's
   statistics. The first call only collects statistics (the plain Gram matrices, scaled
-  the same way), takes the eigenbases by an eigendecomposition and sets every eigenvalue
-  estimate to ``init_factor``; its update is zero. Every ``precondition_frequency`` calls
+  the same way), takes the eigenbases by an eigendecomposition and sets the eigenvalue
+  estimates of a block with k factors to :math:`(\lVert G \rVert^2 / N)^{1/k}`, the
+  closest isotropic fit under KL to its gradient split evenly between its factors (the
+  authors' implementation sets them to a constant, ``init_factor=0.1``); its update is
+  zero. A block whose first gradient is zero keeps zero estimates and a zero direction
+  until a call with a non-zero gradient sets them the same way. Every ``precondition_frequency`` calls
   each basis moves by one step of power iteration, :math:`Q \leftarrow
   \operatorname{qr}(H Q)`, its columns (and their estimates d) kept in order. Every
   :math:`d^{-1/2}` is capped at :math:`\max(10, \min(s, \text{inverse\_sqrt\_cap}))`
@@ -400,7 +428,8 @@ def scale_by_kl_shampoo(
       the leaf still do); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
       below ``max_precond_dim``.
-    init_factor: the eigenvalue estimates after the first call (> 0).
+    init_factor: the eigenvalue estimates after the first call (> 0), as the authors'
+      implementation (0.1 there); None: set from the first call's statistics (see above).
     inverse_sqrt_cap: see above; None: no cap.
     merge_small_dims: drop size-1 dimensions and merge small adjacent ones (product up to
       ``block_size``) before blocking.
@@ -431,8 +460,9 @@ def scale_by_kl_shampoo(
   block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
   if not hasattr(precondition_frequency, "shape"):
     check_int("precondition_frequency", precondition_frequency, minimum=1)
-  for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("init_factor", init_factor)):
+  for name, value in (("b1", b1), ("b2", b2), ("eps", eps)):
     _check_number(name, value)
+  _check_number("init_factor", init_factor, optional=True)
   _check_number("shampoo_beta", shampoo_beta, optional=True)
   _check_number("inverse_sqrt_cap", inverse_sqrt_cap, optional=True)
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
@@ -443,6 +473,7 @@ def scale_by_kl_shampoo(
   check_range("inverse_sqrt_cap", inverse_sqrt_cap, 0.0, None, low_inclusive=False)
   stat_dtype = jnp.dtype(statistics_dtype)
   merge = bool(merge_small_dims)
+  from_statistics = init_factor is None
 
   def plan_for(tree):
     leaves = jax.tree.leaves(tree)
@@ -469,7 +500,8 @@ def scale_by_kl_shampoo(
         count=zero,
         factors=tuple(jnp.zeros((n, s, s), stat_dtype) for (s, _), n in sizes),
         bases=tuple(eye(n, s) for (s, _), n in sizes),
-        eigenvalues=tuple(jnp.full((n, s), init_factor, stat_dtype) for (s, _), n in sizes),
+        eigenvalues=tuple(jnp.full((n, s), 0.0 if from_statistics else init_factor,
+                                   stat_dtype) for (s, _), n in sizes),
         mu=mu,
         nu=tuple(jnp.zeros(lp.shape, stat_dtype) for lp in plan.leaves if lp.diagonal),
         refresh_failures=jnp.zeros([], jnp.int32), stat_skips=jnp.zeros([], jnp.int32))
@@ -499,7 +531,8 @@ def scale_by_kl_shampoo(
                                     b2_, eps_, first, k)
     with jax.named_scope("statistics"):
       factors, eigenvalues, skipped = accumulate_statistics(
-          plan, blocks, state.factors, state.eigenvalues, state.bases, scales, beta, first)
+          plan, blocks, state.factors, state.eigenvalues, state.bases, scales, beta, first,
+          from_statistics)
     with jax.named_scope("refresh"):
       bases, failures = refresh(plan, due, first, factors, state.bases)
 
@@ -530,7 +563,7 @@ def kl_shampoo(
     max_precond_dim: int | None = None,
     block_size: int | None = None,
     *,
-    init_factor: float = 0.1,
+    init_factor: float | None = None,
     inverse_sqrt_cap: float | None = 4000.0,
     merge_small_dims: bool = False,
     weight_dimension_numbers: WeightDimensionNumbers = None,
