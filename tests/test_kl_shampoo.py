@@ -216,6 +216,25 @@ def test_a_non_finite_first_gradient_leaves_the_estimates_unset():
   assert np.all(np.isfinite(u["w"])) and np.any(u["w"] != 0)
 
 
+def test_an_injected_frequency_below_one_reads_as_one():
+  """precondition_frequency injected as 0 into a running state takes exactly the steps of
+  1 (a refresh every call), not `count % 0` (whose value depends on the backend)."""
+  tx = optax.inject_hyperparams(scale_by_kl_shampoo)(precondition_frequency=2)
+  step = jax.jit(tx.update)
+  g = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3)), jnp.float32)
+  runs = []
+  for value in (0, 1, 2):
+    state = tx.init({"w": jnp.zeros((4, 3))})
+    state.hyperparams["precondition_frequency"] = jnp.asarray(value, jnp.int32)
+    out = []
+    for i in range(4):
+      u, state = step({"w": g * (1 + i) + i}, state)
+      out.append(np.asarray(u["w"]))
+    runs.append(np.stack(out))
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert not np.allclose(runs[1], runs[2])  # the frequency does change the steps
+
+
 @pytest.mark.parametrize("rate", [-1e-3, float("nan")])
 def test_a_negative_learning_rate_is_named(rate):
   with pytest.raises(ValueError, match="learning_rate"):

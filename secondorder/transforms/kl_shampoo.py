@@ -423,7 +423,8 @@ def scale_by_kl_shampoo(
     b2: Adam's second-moment decay on the leaves without factors.
     shampoo_beta: the factors' decay β; None (or a negative number) uses ``b2``.
     eps: the damping ε of the scaling (and Adam's ε on the leaves without factors).
-    precondition_frequency: calls between basis refreshes (an injected array is fine).
+    precondition_frequency: calls between basis refreshes (an injected array is fine; an
+      injected value below 1 reads as 1).
     max_precond_dim: a (merged) dimension above it gets no factor (the other dimensions of
       the leaf still do); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
@@ -518,7 +519,9 @@ def scale_by_kl_shampoo(
     beta = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, stat_dtype)
     beta = jnp.where(beta < 0, b2_, beta)
     first = state.count == 0
-    due = (state.count % jnp.asarray(precondition_frequency, jnp.int32)) == 0
+    # An injected frequency below 1 is read as 1 (a refresh every call), not count % 0.
+    frequency = jnp.maximum(jnp.asarray(precondition_frequency, jnp.int32), 1)
+    due = (state.count % frequency) == 0
     k = jnp.maximum(state.count, 1)  # Adam's step on the leaves without factors
     scales = _group_scales(state.eigenvalues, inverse_sqrt_cap)
 
