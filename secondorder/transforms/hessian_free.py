@@ -358,7 +358,7 @@ def scale_by_hessian_free(
   decrease: it stops a run that has converged from taking one step along a nearly flat
   direction of C that multiplies the loss by orders of magnitude, and on mini-batches it
   keeps steps that overfit their batch from raising its loss (measured in
-  docs/methods/hessian_free.md). ρ_min < 0 allows a rise of up to |ρ_min| times the
+  docs/methods/hessian_free.md). ρ_min < 0 allows a rise of up to −ρ_min times the
   predicted decrease; `min_rho=None` takes every finite step (Martens' rule).
   `reject_increase=True` raises ρ_min to at least 0 (the default already is).
   The state's `rho` shows a rejected step. A step whose gradient, CG solution, model or
