@@ -91,10 +91,11 @@ capture (statistics every k-th step only) passes `kfac_stats=no_new_stats()`.
 from secondorder.capture.core import Capture, layers_from_calls, linen_capture, nnx_capture
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
 from secondorder.capture.types import (KfacLayer, KfacLayers, LayerStats, NoNewStats,
-                                       no_layers, no_new_stats, no_stats, param_path)
+                                       ProjectedLayerStats, no_layers, no_new_stats, no_stats, param_path)
 
 __all__ = [
     "LayerStats",
+    "ProjectedLayerStats",
     "KfacLayer",
     "KfacLayers",
     "Capture",

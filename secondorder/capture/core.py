@@ -291,9 +291,9 @@ class Capture:
       call_kwargs: the model's keyword arguments (`deterministic=False`).
       bases: EK-FAC's eigenbases `{layer name: (Q_A, Q_S)}` of dense layers
         (`secondorder.transforms.ekfac.ekfac_bases(opt_state)`): each such layer's
-        `LayerStats.e` is then `M Σ_n (Q_Aᵀ G_n Q_S)²` over the examples n (the first axis
-        of the layer's input; an example's gradient sums its positions), from the same
-        Fisher pass as Ŝ.
+        statistics are then `ProjectedLayerStats` whose `e` is `M Σ_n (Q_Aᵀ G_n Q_S)²` over
+        the examples n (the first axis of the layer's input; an example's gradient sums its
+        positions), from the same Fisher pass as Ŝ.
 
     Returns:
       `(loss, grads, kfac_stats)`; for linen with `state`, `(loss, grads, kfac_stats,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from secondorder.capture.types import LayerStats
+from secondorder.capture.types import LayerStats, ProjectedLayerStats
 
 KIND = "dense"
 
@@ -90,6 +90,7 @@ def statistics(layer, first: tuple, fisher: tuple, m: int):
   """
   del layer
   uses = jnp.maximum(first[2], 1)[..., None, None]
-  # With EK-FAC bases (slots A, S, uses, Q_A, Q_S, E): E from the Fisher pass, as Ŝ.
-  e = m * fisher[5] if len(fisher) > 5 else None
-  return LayerStats(a=first[0] / uses, s=m * fisher[1], e=e)
+  a, s = first[0] / uses, m * fisher[1]
+  if len(fisher) > 5:   # EK-FAC bases (slots A, S, uses, Q_A, Q_S, E): E from the Fisher pass
+    return ProjectedLayerStats(a=a, s=s, e=m * fisher[5])
+  return LayerStats(a=a, s=s)

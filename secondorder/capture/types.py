@@ -11,7 +11,7 @@ import jax
 from secondorder.capture import conv
 from secondorder.dimension_numbers import LeafAxes, MuonDimensionNumbers, leaf_axes
 
-__all__ = ["LayerStats", "KfacLayer", "KfacLayers", "no_layers", "no_stats", "param_path"]
+__all__ = ["LayerStats", "ProjectedLayerStats", "KfacLayer", "KfacLayers", "no_layers", "no_stats", "param_path"]
 
 
 class LayerStats(NamedTuple):
@@ -24,14 +24,24 @@ class LayerStats(NamedTuple):
       `[features, k, k]` (`KfacLayer.stat_shapes`).
     s: Ŝ, `[out, out]`, the per-example second moment of the output gradients (likewise);
       None for a norm layer.
-    e: EK-FAC's projected second moment `M Σ_n (Q_Aᵀ G_n Q_S)²` `[in (+1), out]` (likewise
-      stacked) of a dense layer captured with `bases=` (G_n the example's gradient, the
-      sum over its positions, in the eigenbases Q_A, Q_S handed to the capture); None
-      otherwise.
   """
   a: jax.Array
   s: jax.Array | None
-  e: jax.Array | None = None
+
+
+class ProjectedLayerStats(NamedTuple):
+  """A dense layer's `LayerStats` with EK-FAC's projected moment, from a capture run with
+  `bases=` (`secondorder.transforms.ekfac.ekfac_bases`).
+
+  Attributes:
+    a, s: as `LayerStats`.
+    e: `M Σ_n (Q_Aᵀ G_n Q_S)²`, `[in (+1), out]` (with the stack axes first for a stack),
+      G_n the example n's gradient (the sum over its positions) and Q_A, Q_S the bases
+      handed to the capture.
+  """
+  a: jax.Array
+  s: jax.Array
+  e: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

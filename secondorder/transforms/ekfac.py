@@ -89,15 +89,16 @@ def ekfac_bases(opt_state) -> dict:
 
 
 def _check_moments(stats: dict, layers) -> None:
-  """Every dense layer's `LayerStats.e`, shaped `[*stack, in (+1), out]`."""
+  """Every dense layer's `ProjectedLayerStats.e`, shaped `[*stack, in (+1), out]`."""
   for layer in layers:
     if not projected(layer):
       continue
-    e = stats[layer.name].e if len(stats[layer.name]) > 2 else None
+    e = getattr(stats[layer.name], "e", None)
     want = layer.factor_shape(0)[:-2] + (layer.a_dim, layer.s_dim)
     if e is None:
       raise ValueError(
-          f"kfac_stats for dense layer {layer.name!r} has no projected moments (LayerStats.e): "
+          f"kfac_stats for dense layer {layer.name!r} has no projected moments "
+          "(ProjectedLayerStats.e): "
           "run the capture with the optimizer's bases, cap(model, x, y, key=key, "
           "bases=ekfac_bases(opt_state)).")
     if tuple(jnp.shape(e)) != want:
