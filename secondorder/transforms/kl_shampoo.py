@@ -5,7 +5,8 @@ and the learning rate. Both sit on the block plan Shampoo and SOAP use
 (`secondorder.transforms._blocks`): the same blocking, stacking of same-sized factors into
 batched decompositions, dimension numbers for scan-stacked layers, and sharding of the
 stacks. The update reads as named steps: `momentum`, `precondition`, `kl_statistics`
-(through `accumulate_statistics`) and `refresh`.
+(through `accumulate_statistics`) and `refresh`; the eigenbases, their rotation and their
+refresh are the steps SOAP shares (`secondorder.transforms._eigenbasis`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder import linalg
 from secondorder._validation import (check_float_leaves, check_int, check_range,
                                      check_state_shapes)
 from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
+from secondorder.transforms import _eigenbasis
 
 __all__ = ["ScaleByKlShampooState", "scale_by_kl_shampoo", "kl_shampoo", "STATIC_ARGS"]
 
@@ -31,9 +32,6 @@ __all__ = ["ScaleByKlShampooState", "scale_by_kl_shampoo", "kl_shampoo", "STATIC
 STATIC_ARGS = ("block_size", "max_precond_dim")
 
 _DEFAULT_MAX_PRECOND_DIM = 10000
-# No matrix roots are taken: one nominal exponent puts every factor of one side into one
-# stack of the plan (one batched eigendecomposition or QR per side).
-_NO_ROOT = 1.0
 # The smallest cap on an inverse square root eigenvalue, whatever the factor's side.
 _MIN_CAP = 10.0
 
@@ -58,7 +56,7 @@ class ScaleByKlShampooState(NamedTuple):
       contribution was not finite.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   factors: tuple[jax.Array, ...]
   bases: tuple[jax.Array, ...]
   eigenvalues: tuple[jax.Array, ...]
@@ -69,16 +67,6 @@ class ScaleByKlShampooState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- block math
-
-
-def rotate(blocks: jax.Array, bases: Sequence[jax.Array | None], back: bool = False
-           ) -> jax.Array:
-  r"""Rotates a stack of blocks into (or, with ``back``, out of) their eigenbases:
-  :math:`G \times_1 Q_1^\top \cdots \times_k Q_k^\top` (:math:`Q_L^\top G Q_R` for a
-  matrix); an axis whose basis is None stays as it is."""
-  if back:
-    bases = [None if q is None else jnp.swapaxes(q, 1, 2) for q in bases]
-  return _blocks.contract_blocks(blocks, bases)
 
 
 def scale_axes(blocks: jax.Array, scales: Sequence[jax.Array | None]) -> jax.Array:
@@ -130,23 +118,25 @@ def kl_statistics(blocks: jax.Array, bases: Sequence[jax.Array | None],
   """
   size = blocks[0].size
   squared = None  # the squares of G rotated along every axis, taken once
-  grams, diagonals = [], []
+  grams: list[jax.Array | None] = []
+  diagonals: list[jax.Array | None] = []
   for i, q in enumerate(bases):
     if q is None:
       grams.append(None)
       continue
     others = [None if j == i else b for j, b in enumerate(bases)]
     others_r = [None if j == i else r for j, r in enumerate(scales)]
-    rotated_others = rotate(blocks, others)
+    rotated_others = _eigenbasis.rotate(blocks, others)
     if squared is None:
       own = [q if j == i else None for j in range(len(bases))]
-      squared = jnp.square(rotate(rotated_others, own))
+      squared = jnp.square(_eigenbasis.rotate(rotated_others, own))
     grams.append(q.shape[-1] / size
                  * _blocks.factor_stats(scale_axes(rotated_others, others_r), i))
   for i, q in enumerate(bases):
     if q is None:
       diagonals.append(None)
       continue
+    assert squared is not None  # set by the first loop, at this axis at the latest
     others_r2 = [None if j == i or r is None else jnp.square(r) for j, r in enumerate(scales)]
     axes = tuple(a for a in range(1, blocks.ndim) if a != i + 1)
     diagonals.append(q.shape[-1] / size * jnp.sum(scale_axes(squared, others_r2), axis=axes))
@@ -165,19 +155,12 @@ def precondition_blocks(blocks: jax.Array, bases: Sequence[jax.Array | None],
   written as :math:`P / (1 + \epsilon P)` with :math:`P = r_L r_R^\top` (zero where an r
   is zero; at most 1/ε).
   """
-  rotated = rotate(blocks, bases)
+  rotated = _eigenbasis.rotate(blocks, bases)
   product = scale_axes(jnp.ones_like(rotated), scales)  # r_L r_R^T (1 without a factor)
-  return rotate(rotated * (product / (1 + eps * product)), bases, back=True)
+  return _eigenbasis.rotate(rotated * (product / (1 + eps * product)), bases, back=True)
 
 
 # ----------------------------------------------------------------------------- plan steps
-
-
-def _plan_for(leaves, axes, block_size: int, max_dim: int, merge: bool) -> _blocks.Plan:
-  """The block plan: one-sided, a dimension above ``max_dim`` is kept whole, unrotated."""
-  shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
-  return _blocks.make_plan(shapes, tuple(axes), block_size=block_size, merge=merge,
-                           max_dim=max_dim, exponent_override=_NO_ROOT, one_sided=True)
 
 
 def _group_scales(eigenvalues: Sequence[jax.Array], cap) -> tuple[jax.Array, ...]:
@@ -221,15 +204,15 @@ def accumulate_statistics(plan: _blocks.Plan, blocks, factors, eigenvalues, base
   # Per factor: its estimates are still to be set (from_statistics only), [n].
   unset = tuple(jnp.all(d <= 0, axis=1) if from_statistics else jnp.zeros(d.shape[:1], bool)
                 for d in eigenvalues)
-  grams = [[] for _ in plan.groups]
-  diags = [[] for _ in plan.groups]
-  fits = [[] for _ in plan.groups]
+  grams: list[list[Any]] = [[] for _ in plan.groups]
+  diags: list[list[Any]] = [[] for _ in plan.groups]
+  fits: list[list[Any]] = [[] for _ in plan.groups]
   for lp, leaf in zip(plan.leaves, blocks):
     if lp.diagonal:
       continue
     for combo, b in zip(lp.combos, leaf):
       q = _blocks.combo_factors(bases, lp, combo)
-      r = [None if x is None else jnp.where(first | u[:, None], jnp.ones_like(x), x)
+      r = [None if x is None or u is None else jnp.where(first | u[:, None], jnp.ones_like(x), x)
            for x, u in zip(_blocks.combo_factors(scales, lp, combo),
                            _blocks.combo_factors(unset, lp, combo))]
       g, c = kl_statistics(b, q, r)
@@ -242,9 +225,8 @@ def accumulate_statistics(plan: _blocks.Plan, blocks, factors, eigenvalues, base
   new_factors, new_values, skipped = [], [], jnp.asarray(False)
   for old_h, old_d, g, c, fit, u in zip(factors, eigenvalues, grams, diags, fits, unset):
     g, c, fit = join(g), join(c), join(fit)
-    finite = jnp.all(jnp.isfinite(g), axis=(1, 2)) & jnp.all(jnp.isfinite(c), axis=1)
-    new_factors.append(jnp.where(finite[:, None, None], beta * old_h + (1 - beta) * g,
-                                 old_h))
+    finite = _eigenbasis.finite_stacks(g) & jnp.all(jnp.isfinite(c), axis=1)
+    new_factors.append(_eigenbasis.decay_if_finite(old_h, g, beta, finite))
     moved = finite & ~first & ~u
     d = jnp.where(moved[:, None], beta * old_d + (1 - beta) * c, old_d)
     new_values.append(jnp.where((finite & u)[:, None], fit[:, None], d))
@@ -287,28 +269,13 @@ def precondition(plan: _blocks.Plan, mu, nu, grads, bases, scales, b1, b2, eps, 
   return directions, tuple(new_nu)
 
 
-def _first_bases(factors, bases):
-  """The first refresh: the eigenvectors of every factor, by decreasing eigenvalue."""
-  new, failures = [], jnp.zeros([], jnp.int32)
-  for f, old in zip(factors, bases):
-    q = linalg.symmetric_eigh(f)[1][..., ::-1]
-    ok = jnp.all(jnp.isfinite(q), axis=(1, 2))
-    new.append(jnp.where(ok[:, None, None], q, old))
-    failures = failures + jnp.sum(~ok).astype(jnp.int32)
-  return tuple(new), failures
-
-
 def _power_iteration_bases(factors, bases):
   r"""A later refresh: one step of power iteration, :math:`Q \leftarrow
   \operatorname{qr}(H Q)`, columns kept in their order (so each eigenvalue estimate stays
   with its column)."""
-  new, failures = [], jnp.zeros([], jnp.int32)
-  for f, old in zip(factors, bases):
-    q = linalg.orthonormal_factor(jnp.matmul(f, old, precision=jax.lax.Precision.HIGHEST))
-    ok = jnp.all(jnp.isfinite(q), axis=(1, 2))
-    new.append(jnp.where(ok[:, None, None], q, old))
-    failures = failures + jnp.sum(~ok).astype(jnp.int32)
-  return tuple(new), failures
+  candidates = [_eigenbasis.power_step(f, q) for f, q in zip(factors, bases)]
+  return _eigenbasis.install_bases(candidates, bases,
+                                   [_eigenbasis.finite_stacks(q) for q in candidates])
 
 
 def refresh(plan: _blocks.Plan, due, first, factors, bases):
@@ -318,16 +285,8 @@ def refresh(plan: _blocks.Plan, due, first, factors, bases):
   Returns:
     ``(bases, failures)``.
   """
-  if not plan.groups:
-    return tuple(bases), jnp.zeros([], jnp.int32)
-
-  def keep(factors, bases):
-    del factors
-    return tuple(bases), jnp.zeros([], jnp.int32)
-
-  branch = jnp.where(first, 1, jnp.where(due, 2, 0))
-  return jax.lax.switch(branch, [keep, _first_bases, _power_iteration_bases],
-                        tuple(factors), tuple(bases))
+  return _eigenbasis.switch_refresh(plan, due, first, _eigenbasis.first_bases,
+                                    _power_iteration_bases, factors, bases)
 
 
 # ----------------------------------------------------------------------------- transform
@@ -344,17 +303,9 @@ def _check_number(name: str, value: Any, optional: bool = False) -> None:
 
 
 def _static_int(name: str, value: Any) -> int:
-  """A structural number; a concrete array is accepted, a traced one explained."""
-  if hasattr(value, "shape"):
-    try:
-      value = int(value)
-    except jax.errors.ConcretizationTypeError:
-      raise ValueError(
-          f"{name} fixes the shape of the KL-Shampoo state and cannot be an injected "
-          "hyperparameter: leave it at None or use optax.inject_hyperparams(..., "
-          "static_args=secondorder.transforms.kl_shampoo.STATIC_ARGS).") from None
-  check_int(name, value, minimum=1)
-  return value
+  """A structural number (see `_eigenbasis.static_int`)."""
+  return _eigenbasis.static_int(name, value, "KL-Shampoo",
+                                "secondorder.transforms.kl_shampoo")
 
 
 def scale_by_kl_shampoo(
@@ -479,7 +430,7 @@ def scale_by_kl_shampoo(
   def plan_for(tree):
     leaves = jax.tree.leaves(tree)
     axes = resolve_leaf_axes(weight_dimension_numbers, tree)
-    return _plan_for(leaves, axes, block_size, max_precond_dim, merge)
+    return _eigenbasis.one_sided_plan(leaves, axes, block_size, max_precond_dim, merge)
 
   def init_fn(params):
     check_float_leaves("scale_by_kl_shampoo", params, complex_ok=False)
@@ -496,11 +447,9 @@ def scale_by_kl_shampoo(
     plan = plan_for(params)
     sizes = list(zip(plan.groups, plan.group_sizes))
     # Every leaf its own buffer (a donated state must not alias): no array is reused.
-    eye = lambda n, s: jnp.tile(jnp.eye(s, dtype=stat_dtype), (n, 1, 1))
     return ScaleByKlShampooState(
-        count=zero,
-        factors=tuple(jnp.zeros((n, s, s), stat_dtype) for (s, _), n in sizes),
-        bases=tuple(eye(n, s) for (s, _), n in sizes),
+        count=zero, factors=_eigenbasis.zero_factors(plan, stat_dtype),
+        bases=_eigenbasis.identity_bases(plan, stat_dtype),
         eigenvalues=tuple(jnp.full((n, s), 0.0 if from_statistics else init_factor,
                                    stat_dtype) for (s, _), n in sizes),
         mu=mu,
@@ -516,13 +465,9 @@ def scale_by_kl_shampoo(
     plan = plan_for(updates)
     grads = [g.astype(stat_dtype) for g in leaves]
     b1_, b2_, eps_ = (jnp.asarray(x, stat_dtype) for x in (b1, b2, eps))
-    beta = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, stat_dtype)
-    beta = jnp.where(beta < 0, b2_, beta)
-    first = state.count == 0
-    # An injected frequency below 1 is read as 1 (a refresh every call), not count % 0.
-    frequency = jnp.maximum(jnp.asarray(precondition_frequency, jnp.int32), 1)
-    due = (state.count % frequency) == 0
-    k = jnp.maximum(state.count, 1)  # Adam's step on the leaves without factors
+    beta = _eigenbasis.factor_decay(shampoo_beta, b2_)
+    # k: Adam's step on the leaves without factors.
+    first, due, k = _eigenbasis.refresh_schedule(state.count, precondition_frequency)
     scales = _group_scales(state.eigenvalues, inverse_sqrt_cap)
 
     blocks = [None if lp.diagonal else _blocks.leaf_blocks(g, lp)
@@ -545,11 +490,8 @@ def scale_by_kl_shampoo(
     new_state = ScaleByKlShampooState(
         count=optax.safe_increment(state.count), factors=factors, bases=bases,
         eigenvalues=eigenvalues, mu=jax.tree.unflatten(treedef, mu), nu=nu,
-        # Saturating counters (like optax.safe_increment): they never wrap negative.
-        refresh_failures=state.refresh_failures + jnp.minimum(
-            failures, jnp.iinfo(jnp.int32).max - state.refresh_failures),
-        stat_skips=jnp.where(skipped, optax.safe_increment(state.stat_skips),
-                             state.stat_skips))
+        refresh_failures=_eigenbasis.add_failures(state.refresh_failures, failures),
+        stat_skips=_eigenbasis.count_skip(state.stat_skips, skipped))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

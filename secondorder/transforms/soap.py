@@ -3,7 +3,8 @@
 `scale_by_soap` is the primitive; `soap` chains it with decoupled weight decay and the
 learning rate. Both sit on the block plan Shampoo uses (`secondorder.transforms._blocks`):
 the same blocking, stacking of same-sized factors into batched decompositions, dimension
-numbers for scan-stacked layers, and sharding of the stacks.
+numbers for scan-stacked layers, and sharding of the stacks. The eigenbases, their rotation
+and their refresh are the steps KL-Shampoo shares (`secondorder.transforms._eigenbasis`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from secondorder import linalg
-from secondorder._validation import (check_count, check_float_leaves, check_int, check_range,
+from secondorder._validation import (check_count, check_float_leaves, check_range,
                                      check_state_shapes, check_tree_structure)
 from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
+from secondorder.transforms import _eigenbasis
 
 __all__ = ["ScaleBySoapState", "scale_by_soap", "soap", "STATIC_ARGS"]
 
@@ -30,9 +30,6 @@ STATIC_ARGS = ("block_size", "max_precond_dim")
 
 _DEFAULT_MAX_PRECOND_DIM = 10000
 _HIGHEST = jax.lax.Precision.HIGHEST
-# SOAP takes no matrix roots: one nominal exponent puts every factor of one side into one
-# stack of the plan (one batched eigendecomposition or QR per side).
-_NO_ROOT = 1.0
 
 
 class ScaleBySoapState(NamedTuple):
@@ -53,7 +50,7 @@ class ScaleBySoapState(NamedTuple):
       contribution was not finite.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   factors: tuple[jax.Array, ...]
   bases: tuple[jax.Array, ...]
   mu: tuple[jax.Array, ...]
@@ -63,27 +60,6 @@ class ScaleBySoapState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- block math
-
-
-def rotate(blocks: jax.Array, bases: Sequence[jax.Array], back: bool = False) -> jax.Array:
-  r"""Rotates a stack of blocks into (or, with ``back``, out of) their eigenbases.
-
-  Forward, every block axis i is contracted with its basis :math:`Q_i`,
-  :math:`G' = G \times_1 Q_1^\top \cdots \times_k Q_k^\top` (:math:`Q_L^\top G Q_R` for a
-  matrix); back applies :math:`Q_i` instead, the inverse rotation.
-
-  Args:
-    blocks: ``[n, *block]``.
-    bases: per block axis, ``[n, s, s]`` orthogonal matrices, or None for an axis that
-      is not rotated (one-sided SOAP).
-    back: rotate back to the original coordinates.
-
-  Returns:
-    ``[n, *block]``.
-  """
-  if back:
-    bases = [None if q is None else jnp.swapaxes(q, 1, 2) for q in bases]
-  return _blocks.contract_blocks(blocks, bases)
 
 
 def adam_direction(rotated: Sequence[jax.Array], mu: Sequence[jax.Array],
@@ -123,23 +99,6 @@ def _safe_divide(m: jax.Array, denominator: jax.Array) -> jax.Array:
                                                                       denominator))
 
 
-def eigenbases(factors: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigenvectors of a stack of factors, columns by decreasing eigenvalue.
-
-  One batched call (`secondorder.linalg.symmetric_eigh`, one matrix at a time on CPU for
-  large sides).
-
-  Args:
-    factors: ``[n, s, s]`` symmetric.
-
-  Returns:
-    ``(bases, ok)``: ``[n, s, s]`` and ``[n]`` (False where the result is not finite).
-  """
-  _, vecs = linalg.symmetric_eigh(factors)
-  bases = vecs[..., ::-1]
-  return bases, jnp.all(jnp.isfinite(bases), axis=(1, 2))
-
-
 def power_iteration_bases(factors: jax.Array, bases: jax.Array
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""One step of power iteration and QR towards each factor's eigenbasis.
@@ -160,8 +119,8 @@ def power_iteration_bases(factors: jax.Array, bases: jax.Array
   estimates = jnp.einsum("nij,nik,nkj->nj", bases, factors, bases, precision=_HIGHEST)
   order = jnp.argsort(-estimates, axis=-1, stable=True)
   ordered = jnp.take_along_axis(bases, order[:, None, :], axis=2)
-  new = linalg.orthonormal_factor(jnp.matmul(factors, ordered, precision=_HIGHEST))
-  ok = jnp.all(jnp.isfinite(new), axis=(1, 2)) & jnp.all(jnp.isfinite(factors), axis=(1, 2))
+  new = _eigenbasis.power_step(factors, ordered)
+  ok = _eigenbasis.finite_stacks(new) & _eigenbasis.finite_stacks(factors)
   identity = jnp.broadcast_to(jnp.arange(order.shape[-1]), order.shape)
   return (jnp.where(ok[:, None, None], new, bases), jnp.where(ok[:, None], order, identity),
           ok)
@@ -182,13 +141,6 @@ def permute_axes(x: jax.Array, orders: Sequence[jax.Array]) -> jax.Array:
 # ----------------------------------------------------------------------------- plan steps
 
 
-def _plan_for(leaves, axes, block_size: int, max_dim: int, merge: bool) -> _blocks.Plan:
-  """The block plan: one-sided, a dimension above ``max_dim`` is kept whole, unrotated."""
-  shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
-  return _blocks.make_plan(shapes, tuple(axes), block_size=block_size, merge=merge,
-                           max_dim=max_dim, exponent_override=_NO_ROOT, one_sided=True)
-
-
 def _moment_shapes(plan: _blocks.Plan) -> list[tuple[int, ...]]:
   """The shape of every moment array: per leaf, one per block shape (or the leaf's)."""
   out = []
@@ -203,7 +155,8 @@ def _moment_shapes(plan: _blocks.Plan) -> list[tuple[int, ...]]:
 def _split_gradients(plan: _blocks.Plan, grads: Sequence[jax.Array]):
   """Per leaf its block stacks (None for a diagonal leaf), and the flat list of arrays
   laid out like the moments."""
-  blocks, flat = [], []
+  blocks: list[list[jax.Array] | None] = []
+  flat: list[jax.Array] = []
   for lp, g in zip(plan.leaves, grads):
     if lp.diagonal:
       blocks.append(None)
@@ -217,7 +170,7 @@ def _split_gradients(plan: _blocks.Plan, grads: Sequence[jax.Array]):
 
 def _combo_slots(plan: _blocks.Plan):
   """Per moment array, ``(leaf plan, combo)`` (combo None for a diagonal leaf)."""
-  out = []
+  out: list[tuple[_blocks.LeafPlan, _blocks.Combo | None]] = []
   for lp in plan.leaves:
     if lp.diagonal:
       out.append((lp, None))
@@ -245,8 +198,8 @@ def accumulate_factors(plan: _blocks.Plan, blocks, factors: Sequence[jax.Array],
   contribs = _blocks.factor_stats_per_group(plan, blocks)
   out, skipped = [], jnp.asarray(False)
   for old, c in zip(factors, contribs):
-    finite = jnp.all(jnp.isfinite(c), axis=(1, 2))
-    out.append(jnp.where(finite[:, None, None], beta * old + (1 - beta) * c, old))
+    finite = _eigenbasis.finite_stacks(c)
+    out.append(_eigenbasis.decay_if_finite(old, c, beta, finite))
     skipped = skipped | ~jnp.all(finite)
   return tuple(out), skipped
 
@@ -259,22 +212,19 @@ def precondition(plan: _blocks.Plan, flat_grads, bases, mu, nu, b1, b2, eps, k):
     ``(directions, mu, nu)``, laid out like the moments.
   """
   slots = _combo_slots(plan)
-  rotated = [g if c is None else rotate(g, _blocks.combo_factors(bases, lp, c))
+  rotated = [g if c is None else _eigenbasis.rotate(g, _blocks.combo_factors(bases, lp, c))
              for g, (lp, c) in zip(flat_grads, slots)]
   directions, mu, nu = adam_direction(rotated, mu, nu, b1, b2, eps, k)
-  directions = [d if c is None else rotate(d, _blocks.combo_factors(bases, lp, c), back=True)
+  directions = [d if c is None
+                else _eigenbasis.rotate(d, _blocks.combo_factors(bases, lp, c), back=True)
                 for d, (lp, c) in zip(directions, slots)]
   return directions, mu, nu
 
 
-def _first_bases(plan, factors, bases, mu, nu):
+def _first_bases(factors, bases, mu, nu):
   """The first refresh: an eigendecomposition of every factor (the moments are still 0)."""
-  new, failures = [], jnp.zeros([], jnp.int32)
-  for f, old in zip(factors, bases):
-    q, ok = eigenbases(f)
-    new.append(jnp.where(ok[:, None, None], q, old))
-    failures = failures + jnp.sum(~ok).astype(jnp.int32)
-  return tuple(new), tuple(mu), tuple(nu), failures
+  new, failures = _eigenbasis.first_bases(factors, bases)
+  return new, tuple(mu), tuple(nu), failures
 
 
 def _refreshed_bases(plan, factors, bases, mu, nu):
@@ -294,7 +244,7 @@ def _refreshed_bases(plan, factors, bases, mu, nu):
       continue
     old_q = _blocks.combo_factors(bases, lp, c)
     new_q = _blocks.combo_factors(new, lp, c)
-    mu_out.append(rotate(rotate(m, old_q, back=True), new_q))
+    mu_out.append(_eigenbasis.rotate(_eigenbasis.rotate(m, old_q, back=True), new_q))
     nu_out.append(permute_axes(v, _blocks.combo_factors(orders, lp, c)))
   return tuple(new), tuple(mu_out), tuple(nu_out), failures
 
@@ -306,33 +256,17 @@ def refresh(plan, due, first, factors, bases, mu, nu):
   Returns:
     ``(bases, mu, nu, failures)``.
   """
-  if not plan.groups:
-    return tuple(bases), tuple(mu), tuple(nu), jnp.zeros([], jnp.int32)
-
-  def keep(factors, bases, mu, nu):
-    del factors
-    return tuple(bases), tuple(mu), tuple(nu), jnp.zeros([], jnp.int32)
-
-  branch = jnp.where(first, 1, jnp.where(due, 2, 0))
-  branches = [keep, lambda *a: _first_bases(plan, *a), lambda *a: _refreshed_bases(plan, *a)]
-  return jax.lax.switch(branch, branches, tuple(factors), tuple(bases), tuple(mu), tuple(nu))
+  return _eigenbasis.switch_refresh(plan, due, first, _first_bases,
+                                    lambda *a: _refreshed_bases(plan, *a), factors, bases,
+                                    tuple(mu), tuple(nu))
 
 
 # ----------------------------------------------------------------------------- transform
 
 
 def _static_int(name: str, value: Any) -> int:
-  """A structural number; a concrete array is accepted, a traced one explained."""
-  if hasattr(value, "shape"):
-    try:
-      value = int(value)
-    except jax.errors.ConcretizationTypeError:
-      raise ValueError(
-          f"{name} fixes the shape of the SOAP state and cannot be an injected "
-          "hyperparameter: leave it at None or use optax.inject_hyperparams(..., "
-          "static_args=secondorder.transforms.soap.STATIC_ARGS).") from None
-  check_int(name, value, minimum=1)
-  return value
+  """A structural number (see `_eigenbasis.static_int`)."""
+  return _eigenbasis.static_int(name, value, "SOAP", "secondorder.transforms.soap")
 
 
 def scale_by_soap(
@@ -438,7 +372,7 @@ def scale_by_soap(
   def plan_for(tree):
     leaves = jax.tree.leaves(tree)
     axes = resolve_leaf_axes(weight_dimension_numbers, tree)
-    return _plan_for(leaves, axes, block_size, max_precond_dim, merge)
+    return _eigenbasis.one_sided_plan(leaves, axes, block_size, max_precond_dim, merge)
 
   def init_fn(params):
     check_float_leaves("scale_by_soap", params, complex_ok=False)
@@ -452,13 +386,10 @@ def scale_by_soap(
       return ScaleBySoapState(count=zero(), factors=none(), bases=none(), mu=none(),
                               nu=none(), refresh_failures=zero(), stat_skips=zero())
     plan = plan_for(params)
-    eye = lambda n, s: jnp.broadcast_to(jnp.eye(s, dtype=stat_dtype), (n, s, s))
     moments = lambda: tuple(jnp.zeros(s, stat_dtype) for s in _moment_shapes(plan))
     return ScaleBySoapState(
-        count=zero(),
-        factors=tuple(jnp.zeros((n, s, s), stat_dtype)
-                      for (s, _), n in zip(plan.groups, plan.group_sizes)),
-        bases=tuple(eye(n, s) for (s, _), n in zip(plan.groups, plan.group_sizes)),
+        count=zero(), factors=_eigenbasis.zero_factors(plan, stat_dtype),
+        bases=_eigenbasis.identity_bases(plan, stat_dtype),
         mu=moments(), nu=moments(), refresh_failures=zero(), stat_skips=zero())
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -469,13 +400,9 @@ def scale_by_soap(
     plan = plan_for(updates)
     grads = [g.astype(stat_dtype) for g in leaves]
     b1_, b2_, eps_ = (jnp.asarray(x, stat_dtype) for x in (b1, b2, eps))
-    beta = b2_ if shampoo_beta is None else jnp.asarray(shampoo_beta, stat_dtype)
-    beta = jnp.where(beta < 0, b2_, beta)
-    first = state.count == 0
-    k = jnp.maximum(state.count, 1)  # the Adam step (calls after the first)
-    # An injected frequency below 1 is read as 1 (a refresh every step).
-    frequency = jnp.maximum(jnp.asarray(precondition_frequency, jnp.int32), 1)
-    due = (state.count % frequency) == 0
+    beta = _eigenbasis.factor_decay(shampoo_beta, b2_)
+    # k: the Adam step (calls after the first).
+    first, due, k = _eigenbasis.refresh_schedule(state.count, precondition_frequency)
 
     blocks, flat = _split_gradients(plan, grads)
     with jax.named_scope("statistics"):
@@ -505,11 +432,8 @@ def scale_by_soap(
       factors, bases, mu, nu = state.factors, state.bases, state.mu, state.nu
     new_state = ScaleBySoapState(
         count=optax.safe_increment(state.count), factors=factors, bases=bases, mu=mu, nu=nu,
-        # Saturating counters (like optax.safe_increment): they never wrap negative.
-        refresh_failures=state.refresh_failures + jnp.minimum(
-            failures, jnp.iinfo(jnp.int32).max - state.refresh_failures),
-        stat_skips=jnp.where(skipped, optax.safe_increment(state.stat_skips),
-                             state.stat_skips))
+        refresh_failures=_eigenbasis.add_failures(state.refresh_failures, failures),
+        stat_skips=_eigenbasis.count_skip(state.stat_skips, skipped))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
