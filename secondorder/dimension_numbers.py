@@ -146,13 +146,13 @@ def resolve_leaf_axes(weight_dimension_numbers: WeightDimensionNumbers, params: 
     return [None] * len(paths_leaves)
   spec_tree = (weight_dimension_numbers(params) if callable(weight_dimension_numbers)
                else weight_dimension_numbers)
-  treedef = jax.tree.structure(params)
+  treedef: Any = jax.tree.structure(params)  # jaxlib ships no stub for PyTreeDef
   try:
     specs = treedef.flatten_up_to(spec_tree)
   except (ValueError, TypeError) as e:
     raise ValueError("weight_dimension_numbers must have the structure of the params "
                      f"(with MuonDimensionNumbers or None at each leaf): {e}") from None
-  out = []
+  out: list[LeafAxes | None] = []
   for (path, leaf), spec in zip(paths_leaves, specs):
     if spec is None:
       out.append(None)
@@ -230,7 +230,7 @@ def _nnx_kernel_layouts(module: Any
     return None, {}
   own = tuple(layer.own_shape(module)) if layer.own_shape is not None else None
   axes = None if own is None else registry.spec_axes(layer, module, own)
-  if axes is None or isinstance(axes, str):
+  if own is None or axes is None or isinstance(axes, str):
     return layer, {}
   return layer, {layer.kernel: (own, axes)}
 
@@ -379,7 +379,8 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
     MuonDimensionNumbers(reduction_axis=0, output_axis=1)
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  specs, unknown = {}, {}
+  specs: dict[tuple, Any] = {}
+  unknown: dict[tuple, Any] = {}
   owned = set()
   for path, node in nnx.iter_graph(model):
     if not isinstance(node, nnx.Module):
@@ -390,7 +391,7 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
     for name, (layer_shape, axes) in kernels.items():
       shape = tuple(np.shape(getattr(node, name).get_value()))
       specs[path + (name,)] = _stacked_spec(shape, layer_shape, axes, stack_axis,
-                                            "/".join(path + (name,)))
+                                            "/".join(map(str, path + (name,))))
       extra = len(shape) - len(layer_shape)
     if layer is not None:
       for n, v in vars(node).items():
@@ -402,7 +403,7 @@ def dimension_numbers_from_nnx(model: Any, *, stack_axis: int = 0, wrt: Any = No
         shape = tuple(np.shape(v.get_value()))
         # A norm's own parameters are vectors: every further axis is a stack axis.
         n_extra = len(shape) - 1 if extra is None else extra
-        spec = _stacked_vector_spec(shape, n_extra, stack_axis, "/".join(path + (n,)))
+        spec = _stacked_vector_spec(shape, n_extra, stack_axis, "/".join(map(str, path + (n,))))
         if spec is not None:
           specs[path + (n,)] = spec
   for key in owned - set(specs):

@@ -51,18 +51,18 @@ class GroupedAxes(LeafAxes):
   @property
   def matrix_shape(self) -> tuple[int, int, int]:
     """`(B·G, R, O/G)`: one matrix per layer and group."""
-    b, r, o = LeafAxes.matrix_shape.fget(self)
+    b, r, o = super().matrix_shape
     return b * self.groups, r, o // self.groups
 
   def to_matrices(self, x: jax.Array) -> jax.Array:
     """`x` of the kernel's shape as the stack `[B·G, R, O/G]` of its groups' matrices."""
-    b, r, o = LeafAxes.matrix_shape.fget(self)
+    b, r, o = super().matrix_shape
     y = x.transpose(self._transpose).reshape(b, r, self.groups, o // self.groups)
     return y.transpose(0, 2, 1, 3).reshape(self.matrix_shape)
 
   def from_matrices(self, y: jax.Array) -> jax.Array:
     """The inverse of :meth:`to_matrices`."""
-    b, r, o = LeafAxes.matrix_shape.fget(self)
+    b, r, o = super().matrix_shape
     y = y.reshape(b, self.groups, r, o // self.groups).transpose(0, 2, 1, 3)
     return LeafAxes.from_matrices(self, y.reshape(b, r, o))
 
@@ -114,7 +114,8 @@ def describe(module, x: jax.Array) -> tuple[tuple, int] | str:
   if jnp.ndim(x) != nd + 2:
     return f"a convolution input of rank {jnp.ndim(x)} (expected {nd + 2}: batch, spatial, features)"
   pad = module.padding
-  pre_pad = None
+  pre_pad: tuple[str, tuple[tuple[int, int], ...]] | None = None
+  padding: str | tuple[tuple[int, ...], ...]
   if isinstance(pad, str) and pad.upper() in ("CIRCULAR", "REFLECT", "CAUSAL"):
     # As the layer itself does: pad the input explicitly, then take VALID patches.
     dil = tup(module.kernel_dilation)

@@ -106,7 +106,10 @@ def describe(equation: str, x: jax.Array, kernel_ndim: int):
   axes = kernel_axes(equation, kernel_ndim, jnp.ndim(x))
   if isinstance(axes, str):
     return axes
-  xs, ks, out = _expand(equation, jnp.ndim(x))
+  expanded = _expand(equation, jnp.ndim(x))
+  if isinstance(expanded, str):
+    return expanded
+  xs, ks, out = expanded
   reduction, output = axes
   x_axes = tuple(xs.index(ks[i]) for i in reduction)
   y_axes = tuple(out.index(ks[i]) for i in output)

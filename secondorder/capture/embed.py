@@ -127,8 +127,9 @@ def statistics(layer: KfacLayer, first: tuple, fisher: tuple, m: int) -> LayerSt
     return LayerStats(a=freq, s=s_lookup)
   pairs = ((jnp.vectorize(jnp.diag, signature="(v)->(v,v)")(freq), s_lookup, first[2]),
            (m * fisher[4], first[3] / per_use(first[5])[..., None], first[5]))
-  left = right = 0.0
-  used = 0.0
+  left: jax.Array | float = 0.0
+  right: jax.Array | float = 0.0
+  used: jax.Array | float = 0.0
   for l_u, r_u, uses in pairs:
     t = _mean_eigenvalue(l_u)
     on = (uses > 0) & (t > 0)
@@ -136,4 +137,4 @@ def statistics(layer: KfacLayer, first: tuple, fisher: tuple, m: int) -> LayerSt
     left = left + jnp.where(on[..., None, None], l_u / t_safe, 0.0)
     right = right + jnp.where(on[..., None, None], t_safe * r_u, 0.0)
     used = used + on
-  return LayerStats(a=left / jnp.maximum(used, 1)[..., None, None], s=right)
+  return LayerStats(a=left / jnp.maximum(used, 1)[..., None, None], s=jnp.asarray(right))

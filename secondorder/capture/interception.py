@@ -105,7 +105,7 @@ class Recorder:
       y = call(x)
       problem = described if isinstance(described, str) else None
       config, nin = (None, 0) if problem else described
-      groups = conv.num_groups(config) if kind == conv.KIND and not problem else 1
+      groups = conv.num_groups(config) if kind == conv.KIND and config is not None else 1
       shape = tuple(kernel_shape())
       axes = nin if isinstance(nin, tuple) else (tuple(range(nin)),
                                                   tuple(range(nin, len(shape))))

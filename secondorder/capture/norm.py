@@ -160,6 +160,7 @@ def normalized(config: tuple, x: jax.Array) -> jax.Array:
 
 def _standardize(x: jax.Array, axes: tuple[int, ...], cfg: dict) -> jax.Array:
   """`(x − mean) / sqrt(var + ε)` over `axes` (or `x / sqrt(mean x² + ε)` without a mean)."""
+  mean: jax.Array | float
   if cfg["use_mean"]:
     mean = x.mean(axes, keepdims=True)
     if cfg["fast"]:

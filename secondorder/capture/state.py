@@ -39,8 +39,8 @@ def nnx_training_copy(model: nnx.Module, params: Any) -> nnx.Module:
   Returns:
     A new module with the same graph, `params`, and copies of every other variable.
   """
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  return nnx.merge(graphdef, params, rest, copy=True)
+  graphdef, _, *rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, params, *rest, copy=True)
 
 
 def nnx_written_state(model: nnx.Module) -> nnx.State:

@@ -334,7 +334,7 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
     for index in itertools.product(*(range(len(p)) for p in per_dim)):
       pieces = tuple(per_dim[i][j] for i, j in enumerate(index))
       num = layers * math.prod(p.count for p in pieces)
-      slots = []
+      slots: list[tuple[int, int] | None] = []
       for piece, keep in zip(pieces, whole):
         if keep:
           slots.append(None)
@@ -357,10 +357,10 @@ def make_plan(shapes: tuple[tuple[int, ...], ...],
     if lp.diagonal:
       leaves.append(lp)
       continue
-    combos = tuple(dataclasses.replace(c, slots=tuple(
+    remapped = tuple(dataclasses.replace(c, slots=tuple(
         None if slot is None else (remap[slot[0]], slot[1]) for slot in c.slots))
-                   for c in lp.combos)
-    leaves.append(dataclasses.replace(lp, combos=combos))
+                     for c in lp.combos)
+    leaves.append(dataclasses.replace(lp, combos=remapped))
   return Plan(leaves=tuple(leaves), groups=tuple(order),
               group_sizes=tuple(group_sizes[group_index[k]] for k in order),
               root_buckets=root_buckets(order, bucket_ratio, mixed_roots))
@@ -496,6 +496,7 @@ def factor_stats_per_group(plan: Plan, blocks: Sequence[Sequence[jax.Array] | No
   for lp, leaf in zip(plan.leaves, blocks):
     if lp.diagonal:
       continue
+    assert leaf is not None  # a leaf that is not diagonal has blocks
     for combo, b in zip(lp.combos, leaf):
       for dim, slot in enumerate(combo.slots):
         if slot is not None:
@@ -505,7 +506,7 @@ def factor_stats_per_group(plan: Plan, blocks: Sequence[Sequence[jax.Array] | No
 
 
 def combo_factors(stacks: Sequence[jax.Array], lp: LeafPlan, combo: Combo
-                  ) -> list[jax.Array]:
+                  ) -> list[jax.Array | None]:
   """The per-dimension factors of one combo, read from the group stacks.
 
   Args:
@@ -522,7 +523,7 @@ def combo_factors(stacks: Sequence[jax.Array], lp: LeafPlan, combo: Combo
           for slot in combo.slots]
 
 
-def contract_blocks(blocks: jax.Array, mats: Sequence[jax.Array]) -> jax.Array:
+def contract_blocks(blocks: jax.Array, mats: Sequence[jax.Array | None]) -> jax.Array:
   r"""Contracts every block axis i with its matrix: :math:`x_{a\ldots} M^{(i)}_{ab}`.
 
   For symmetric matrices (roots) this is :math:`G \times_1 M_1 \cdots \times_k M_k`; for an

@@ -52,7 +52,8 @@ def plan_stacks(layers: tuple[KfacLayer, ...], pad_ratio: float | None) -> tuple
   entries = [(l.name, r, i, d) for r in (0, 1) for l in layers if r in l.matrix_factors
              for d in ((l.a_dim, l.s_dim)[r],) for i in range(l.num_stacked)]
   entries.sort(key=lambda e: -e[3])
-  stacks, current = [], []
+  stacks: list[list[tuple]] = []
+  current: list[tuple] = []
   for entry in entries:
     if current and (pad_ratio is None or entry[3] * pad_ratio < current[0][3]):
       stacks.append(current)

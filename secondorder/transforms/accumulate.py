@@ -62,7 +62,7 @@ def _in_float32(tx: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _k_fn(k: KSchedule) -> Callable[[jax.Array], jax.Array]:
+def _k_fn(k: KSchedule) -> Callable[[jax.Array], Any]:
   return k if callable(k) else (lambda _: k)
 
 
@@ -115,7 +115,7 @@ class EveryKAccumulateState(NamedTuple):
   nu: second moment, one array per parameter (Adam form); `()` in the momentum form.
   """
   mini_step: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   mu: optax.Updates
   nu: optax.Updates
 
@@ -250,7 +250,7 @@ def every_k_accumulate(
 class EveryKGateState(NamedTuple):
   """State of `every_k_gate`: its counters and the wrapped transformation's state."""
   mini_step: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   inner_state: Any
 
 

@@ -45,7 +45,7 @@ class ScaleByEkfacState(NamedTuple):
     moment_weight: its total EMA weight since the last refresh (0 right after one: the
       moments restart in the new bases).
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   factor_weight: jax.Array
   a: dict
   s: dict
@@ -107,7 +107,7 @@ def _check_moments(stats: dict, layers) -> None:
 
 
 def accumulate_moments(moments: dict, weight, stats: dict, layers, decay, finite, dtype
-                       ) -> tuple[dict, jax.Array]:
+                       ) -> tuple[dict, jax.Array, jax.Array]:
   """`E ← βE + (1 − β)Ê` for every dense layer, unless the batch's statistics were not
   finite (`finite`, the factors' decision, extended by the moments' own)."""
   for layer in layers:

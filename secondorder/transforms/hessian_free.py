@@ -63,7 +63,7 @@ class ScaleByHessianFreeState(NamedTuple):
       the model or the loss at the candidate was NaN or Inf (int32).
     direction: the last solution p = −d (params-shaped), CG's warm start.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   damping: jax.Array
   rho: jax.Array
   loss: jax.Array
@@ -86,7 +86,7 @@ class ScaleByNaturalGradientState(NamedTuple):
       solution were NaN or Inf (int32).
     direction: the last direction d = (F + λI)⁻¹ g (params-shaped), CG's warm start.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   step_size: jax.Array
   kl: jax.Array
   newton_decrement: jax.Array
@@ -308,7 +308,7 @@ def scale_by_hessian_free(
     preconditioner: str = "none",
     preconditioner_power: float = 0.75,
     reject_increase: bool = False,
-    min_rho: float | None = 0.0,
+    min_rho: float | jax.Array | None = 0.0,
     min_damping: float = MIN_DAMPING,
     max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:
@@ -503,7 +503,7 @@ def hessian_free(
     progress_tol: float | None = 5e-4,
     preconditioner: str = "none",
     reject_increase: bool = False,
-    min_rho: float | None = 0.0,
+    min_rho: float | jax.Array | None = 0.0,
     min_damping: float = MIN_DAMPING,
     max_damping: float = MAX_DAMPING,
 ) -> optax.GradientTransformationExtraArgs:

@@ -37,7 +37,7 @@ class ScaleByHutchinsonState(NamedTuple):
     mu: EMA of the gradient.
     nu: EMA of the squared, spatially averaged ``|z * Hz|``.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   hessian_count: jax.Array
   nonfinite_count: jax.Array
   key: jax.Array

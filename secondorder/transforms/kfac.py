@@ -52,7 +52,7 @@ class ScaleByKfacState(NamedTuple):
       ν = 0 (its NaN entries stay NaN, the others are zero).
     fallback: state of the diagonal method for the uncovered parameters.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   factor_weight: jax.Array
   a: dict
   s: dict
@@ -69,7 +69,7 @@ class ScaleByKfacState(NamedTuple):
   fallback: optax.OptState
 
 
-def value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+def value_at(v: ScalarOrSchedule, count: jax.Array) -> jax.Array | float:
   return v(count) if callable(v) else v
 
 
@@ -230,7 +230,7 @@ def refresh(state: ScaleByKfacState, a: dict, s: dict, weight, lam, layers, stac
   mats = _factor_members(a, s, weight, layers)
   diag = {(l.name, 0, i): v for l in layers if l.a_diagonal
           for i, v in enumerate(as_stack(a[l.name], l, 1) / weight)}
-  out = ({}, {}, {}, {}, {}, {})
+  out: tuple[dict[Any, Any], ...] = ({}, {}, {}, {}, {}, {})
   if damping_mode == "exact":
     dec = _kfac_stacks.eigh_stacks(mats, stacks, dtype, sharding)
     dec.update({k: (jnp.maximum(v, 0.0), None) for k, v in diag.items()})

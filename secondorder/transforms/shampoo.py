@@ -56,10 +56,11 @@ class ShampooState(NamedTuple):
       update was not finite.
   """
 
-  count: jax.Array
-  stats: tuple[jax.Array, ...]
-  preconds: tuple[jax.Array, ...]
-  diag_stats: tuple[jax.Array, ...]
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
+  # One empty array each for a tree without parameters (`_init_state`).
+  stats: tuple[jax.Array, ...] | jax.Array
+  preconds: tuple[jax.Array, ...] | jax.Array
+  diag_stats: tuple[jax.Array, ...] | jax.Array
   graft_state: optax.OptState
   root_failures: jax.Array
   stat_skips: jax.Array
@@ -156,7 +157,7 @@ def _init_state(params: Any, plan: _blocks.Plan | None, graft_tx, stat_dtype) ->
   stats = tuple(jnp.zeros((n, s, s), stat_dtype)
                 for (s, _), n in zip(plan.groups, plan.group_sizes))
   preconds = tuple(eye(n, s) for (s, _), n in zip(plan.groups, plan.group_sizes))
-  diag_stats = ()
+  diag_stats: tuple[jax.Array, ...] = ()
   if graft_tx is None:
     diag_stats = tuple(jnp.zeros(lp.shape, stat_dtype) for lp in plan.leaves if lp.diagonal)
   graft_state = (optax.EmptyState() if graft_tx is None else
@@ -276,7 +277,7 @@ def _precondition_leaf(lp: _blocks.LeafPlan, blocks, graft_update, preconds,
   out = []
   for ci, (combo, b) in enumerate(zip(lp.combos, blocks)):
     u = _blocks.contract_blocks(b, _blocks.combo_factors(preconds, lp, combo))
-    if grafted:
+    if graft_blocks is not None:
       u_norm = _blocks.block_norms(u)
       g_norm = _blocks.block_norms(graft_blocks[ci])
       scale = jnp.where(u_norm > 0, g_norm / jnp.where(u_norm > 0, u_norm, 1.0), 0.0)

@@ -90,7 +90,7 @@ class SophiaClipState(NamedTuple):
     hessian: EMA of the Hessian-diagonal estimates.
     estimator_state: the estimator's state (the PRNG key for the built-in ones).
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   hessian_count: jax.Array
   nonfinite_count: jax.Array
   win_rate: jax.Array
