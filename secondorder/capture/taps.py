@@ -225,8 +225,12 @@ def tap_projected(y: jax.Array, x: jax.Array, q_a: jax.Array, q_s: jax.Array,
                     jax.lax.stop_gradient(q_a).astype(slot.dtype), precision=_HIGHEST)
     ps = jnp.matmul(ct.reshape(n, -1, slot.shape[-1]).astype(slot.dtype),
                     jax.lax.stop_gradient(q_s).astype(slot.dtype), precision=_HIGHEST)
-    p = jnp.einsum("nti,ntj->nij", pa, ps, precision=_HIGHEST)
-    return ct, jnp.zeros_like(x), jnp.zeros_like(q_a), jnp.zeros_like(q_s), jnp.sum(p * p, 0)
+    if pa.shape[1] == 1:   # one row per example: Σ_n (p_a p_sᵀ)² = (p_a²)ᵀ p_s², no [N, a, s]
+      e = jnp.einsum("nti,ntj->ij", pa * pa, ps * ps, precision=_HIGHEST)
+    else:
+      p = jnp.einsum("nti,ntj->nij", pa, ps, precision=_HIGHEST)
+      e = jnp.sum(p * p, 0)
+    return ct, jnp.zeros_like(x), jnp.zeros_like(q_a), jnp.zeros_like(q_s), e
 
   tap.defvjp(fwd, bwd)
   return tap(y, x, q_a, q_s, slot)
