@@ -272,6 +272,18 @@ _BOUNDARIES = {
         so.soap, dict(learning_rate=0.1, weight_decay=0.01, precondition_frequency=2), (),
         dict(learning_rate=[0.0], weight_decay=[0.0]),
         dict(learning_rate=[-0.1], weight_decay=[-0.1], precondition_frequency=[0])),
+    "scale_by_kl_shampoo": (
+        so.scale_by_kl_shampoo, dict(b1=0.9, b2=0.9, eps=1e-8, precondition_frequency=2,
+                                     shampoo_beta=0.9, init_factor=0.1,
+                                     inverse_sqrt_cap=4000.0), (),
+        dict(b1=[0.0], b2=[0.0], eps=[0.0], precondition_frequency=[1], shampoo_beta=[0.0],
+             init_factor=[1e-30], inverse_sqrt_cap=[1e-30]),
+        dict(b1=[1.0, -0.1], b2=[1.0], eps=[-1e-8], precondition_frequency=[0],
+             shampoo_beta=[1.0, 1.5], init_factor=[0.0, -0.1], inverse_sqrt_cap=[0.0])),
+    "kl_shampoo": (
+        so.kl_shampoo, dict(learning_rate=0.1, weight_decay=0.01, precondition_frequency=2),
+        (), dict(learning_rate=[0.0], weight_decay=[0.0]),
+        dict(learning_rate=[-0.1], weight_decay=[-0.1], precondition_frequency=[0])),
     "shampoo_preconditioner": (
         so.shampoo_preconditioner,
         dict(beta2=0.9, eps=1e-6, update_interval=2, graft_b2=0.9, graft_eps=1e-8,
@@ -328,6 +340,7 @@ _BOUNDARIES = {
 }
 
 _BOUNDARY_CASE = {"scale_by_soap": "scale_by_soap", "soap": "soap",
+                  "scale_by_kl_shampoo": "scale_by_kl_shampoo", "kl_shampoo": "kl_shampoo",
                   "shampoo_preconditioner": "shampoo_preconditioner", "shampoo": "shampoo",
                   "sophia_clip": "sophia_clip_hutchinson", "sophia": "sophia",
                   "scale_by_hutchinson": "scale_by_hutchinson", "adahessian": "adahessian",
@@ -365,8 +378,8 @@ def test_boundary_hyperparameters_run_finite(name):
   factory, kwargs, static, good, bad = _BOUNDARIES[name]
   case = next(c for c in METHOD_CASES if c.name == _BOUNDARY_CASE[name])
   tx = optax.inject_hyperparams(factory, static_args=static)(**_built(kwargs))
-  if name in ("scale_by_soap", "shampoo_preconditioner", "sophia_clip", "scale_by_hutchinson",
-              "every_k_accumulate"):
+  if name in ("scale_by_soap", "scale_by_kl_shampoo", "shampoo_preconditioner", "sophia_clip",
+              "scale_by_hutchinson", "every_k_accumulate"):
     tx = optax.chain(tx, optax.scale_by_learning_rate(0.1))
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra_args(case, p)))
   hp = lambda s: s.hyperparams if hasattr(s, "hyperparams") else s[0].hyperparams
@@ -473,6 +486,8 @@ def test_standalone_pieces_reject_renamed_keys(make, extra):
 
 _INTERVALS = [
     ("scale_by_soap", so.scale_by_soap, dict(precondition_frequency=2), "precondition_frequency"),
+    ("scale_by_kl_shampoo", so.scale_by_kl_shampoo, dict(precondition_frequency=2),
+     "precondition_frequency"),
     ("shampoo_preconditioner", so.shampoo_preconditioner, dict(update_interval=2),
      "update_interval"),
     ("shampoo_preconditioner", so.shampoo_preconditioner, dict(update_interval=2),

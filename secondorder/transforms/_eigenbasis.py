@@ -21,7 +21,7 @@ from secondorder import linalg
 from secondorder._validation import check_int
 from secondorder.transforms import _blocks
 
-__all__ = ["one_sided_plan", "static_int", "rotate", "finite_stacks", "eigenbases",
+__all__ = ["one_sided_plan", "static_int", "rotate", "safe_divide", "finite_stacks", "eigenbases",
            "power_step", "install_bases", "first_bases", "switch_refresh", "zero_factors",
            "identity_bases", "factor_decay", "refresh_schedule", "decay_if_finite",
            "add_failures", "count_skip"]
@@ -86,6 +86,13 @@ def rotate(blocks: jax.Array, bases: Sequence[jax.Array | None], back: bool = Fa
   if back:
     bases = [None if q is None else jnp.swapaxes(q, 1, 2) for q in bases]
   return _blocks.contract_blocks(blocks, bases)
+
+
+def safe_divide(m: jax.Array, denominator: jax.Array) -> jax.Array:
+  """m / denominator, 0 where the denominator is 0 (with eps = 0, an entry whose second
+  moment is 0 has a zero first moment too: its direction is 0, not 0/0). A NaN stays NaN."""
+  return jnp.where(denominator == 0, jnp.zeros_like(m), m / jnp.where(denominator == 0, 1,
+                                                                      denominator))
 
 
 def finite_stacks(x: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder._validation import (check_float_leaves, check_int, check_range,
+from secondorder._validation import (check_count, check_float_leaves, check_range,
                                      check_state_shapes)
 from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
@@ -259,7 +259,8 @@ def precondition(plan: _blocks.Plan, mu, nu, grads, bases, scales, b1, b2, eps, 
       new_nu.append(jnp.where(first, nu[i], v))
       i += 1
       m_hat = m / (1 - b1 ** kf)
-      directions.append(m_hat / (jnp.sqrt(v / (1 - b2 ** kf)) + eps))
+      denominator = jnp.sqrt(v / (1 - b2 ** kf)) + eps
+      directions.append(_eigenbasis.safe_divide(m_hat, denominator))
       continue
     parts = [precondition_blocks(b, _blocks.combo_factors(bases, lp, c),
                                  _blocks.combo_factors(scales, lp, c), eps)
@@ -373,9 +374,12 @@ def scale_by_kl_shampoo(
     b1: the momentum's decay.
     b2: Adam's second-moment decay on the leaves without factors.
     shampoo_beta: the factors' decay β; None (or a negative number) uses ``b2``.
-    eps: the damping ε of the scaling (and Adam's ε on the leaves without factors).
-    precondition_frequency: calls between basis refreshes (an injected array is fine; an
-      injected value below 1 reads as 1).
+    eps: the damping ε of the scaling (and Adam's ε on the leaves without factors), >= 0.
+      With 0, an entry of such a leaf whose second moment is exactly 0 gets a zero
+      direction (never 0/0).
+    precondition_frequency: calls between basis refreshes, >= 1 (an injected array is
+      fine; a concrete value below 1 is rejected, also at init under
+      `optax.inject_hyperparams`, and a traced one is read as 1).
     max_precond_dim: a (merged) dimension above it gets no factor (the other dimensions of
       the leaf still do); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
@@ -410,8 +414,7 @@ def scale_by_kl_shampoo(
   max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
                      else _static_int("max_precond_dim", max_precond_dim))
   block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
-  if not hasattr(precondition_frequency, "shape"):
-    check_int("precondition_frequency", precondition_frequency, minimum=1)
+  check_count("precondition_frequency", precondition_frequency, minimum=1)
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps)):
     _check_number(name, value)
   _check_number("init_factor", init_factor, optional=True)

@@ -88,15 +88,8 @@ def adam_direction(rotated: Sequence[jax.Array], mu: Sequence[jax.Array],
   nu = optax.tree.update_moment_per_elem_norm(list(rotated), list(nu), b2, 2)
   kf = k.astype(mu[0].dtype) if mu else k
   scale = jnp.sqrt(1 - b2 ** kf) / (1 - b1 ** kf)
-  directions = [scale * _safe_divide(m, jnp.sqrt(v) + eps) for m, v in zip(mu, nu)]
+  directions = [scale * _eigenbasis.safe_divide(m, jnp.sqrt(v) + eps) for m, v in zip(mu, nu)]
   return directions, mu, nu
-
-
-def _safe_divide(m: jax.Array, denominator: jax.Array) -> jax.Array:
-  """m / denominator, 0 where the denominator is 0 (with eps = 0, an entry whose second
-  moment is 0 has a zero first moment too: its direction is 0, not 0/0). A NaN stays NaN."""
-  return jnp.where(denominator == 0, jnp.zeros_like(m), m / jnp.where(denominator == 0, 1,
-                                                                      denominator))
 
 
 def power_iteration_bases(factors: jax.Array, bases: jax.Array
