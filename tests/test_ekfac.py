@@ -222,3 +222,40 @@ def test_bad_inputs_name_the_argument():
     cap(params, x, y, bases=[1])
   with pytest.raises(ValueError, match="exactly one ScaleByEkfacState"):
     ekfac_bases(optax.adam(0.1).init(params))
+
+
+def test_nnx_capture_projects_per_sequence_gradients_into_any_bases():
+  """The capture's protocol for NNX: for given orthogonal bases (not the optimizer's), e of
+  an `nnx.Linear` on sequences `[B, T, d]` is M Σ_b (Q_Aᵀ g_b Q_S)², g_b the sequence's part
+  of the mean loss's gradient (vmap of grad)."""
+  from flax import nnx
+  with jax.enable_x64(True):
+    model = nnx.Sequential(nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+                           nnx.tanh,
+                           nnx.Linear(4, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(1)))
+    x = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(3), (3, 5), 0, 3)
+    cap = capture.nnx_capture(ce, fisher="empirical", stats_dtype=jnp.float64)
+    layers = cap.layers(model, x)
+    rng = np.random.default_rng(0)
+    orth = lambda d: np.linalg.qr(rng.normal(size=(d, d)))[0]
+    bases = {l.name: (orth(l.a_dim), orth(l.s_dim)) for l in layers}
+    _, _, stats = cap(model, x, y, bases=bases)
+    m = 15
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def sequence_loss(p, xb, yb):
+      z = nnx.merge(graphdef, p)(xb[None])[0]
+      return optax.softmax_cross_entropy_with_integer_labels(z, yb).sum() / m
+
+    per = jax.vmap(jax.grad(sequence_loss), in_axes=(None, 0, 0))(params, x, y)
+    per = nnx.to_pure_dict(per)
+    for layer in layers:
+      node = per
+      for key in layer.kernel[:-1]:
+        node = node[key if key in node else int(key)]
+      g = np.concatenate([node["kernel"], node["bias"][:, None]], axis=1)
+      qa, qs = bases[layer.name]
+      want = m * np.sum((np.swapaxes(qa, 0, 1)[None] @ g @ qs) ** 2, axis=0)
+      np.testing.assert_allclose(stats[layer.name].e, want, rtol=1e-10,
+                                 atol=1e-13 * want.max())
