@@ -24,7 +24,6 @@ import collections
 import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -14,7 +13,7 @@ from flax import nnx
 from secondorder._validation import check_choice
 from secondorder.capture import interception, likelihoods, padding, registry, state as model_state
 from secondorder.capture.likelihoods import FISHERS, LIKELIHOODS
-from secondorder.capture.types import KfacLayer, KfacLayers, LayerStats, param_path
+from secondorder.capture.types import KfacLayer, KfacLayers, param_path
 from secondorder.dimension_numbers import MuonDimensionNumbers
 
 __all__ = ["Capture", "linen_capture", "nnx_capture"]
