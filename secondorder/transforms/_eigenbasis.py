@@ -19,9 +19,10 @@ import optax
 
 from secondorder import linalg
 from secondorder._validation import check_int
+from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
 from secondorder.transforms import _blocks
 
-__all__ = ["one_sided_plan", "static_int", "rotate", "safe_divide", "finite_stacks", "eigenbases",
+__all__ = ["one_sided_plan", "structural_sizes", "static_int", "rotate", "safe_divide", "finite_stacks", "eigenbases",
            "power_step", "install_bases", "first_bases", "switch_refresh", "zero_factors",
            "identity_bases", "factor_decay", "refresh_schedule", "decay_if_finite",
            "add_failures", "count_skip"]
@@ -30,16 +31,32 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # No matrix roots are taken: one nominal exponent puts every factor of one side into one
 # stack of the plan (one batched eigendecomposition or QR per side).
 _NO_ROOT = 1.0
+_DEFAULT_MAX_PRECOND_DIM = 10000
 
 
 # ----------------------------------------------------------------------------- plan
 
 
-def one_sided_plan(leaves, axes, block_size: int, max_dim: int, merge: bool) -> _blocks.Plan:
-  """The block plan: one-sided, a dimension above ``max_dim`` is kept whole, unrotated."""
+def one_sided_plan(tree, weight_dimension_numbers: WeightDimensionNumbers, block_size: int,
+                   max_dim: int, merge: bool) -> _blocks.Plan:
+  """The block plan of a tree: one-sided, a dimension above ``max_dim`` is kept whole,
+  unrotated."""
+  leaves = jax.tree.leaves(tree)
+  axes = resolve_leaf_axes(weight_dimension_numbers, tree)
   shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
   return _blocks.make_plan(shapes, tuple(axes), block_size=block_size, merge=merge,
                            max_dim=max_dim, exponent_override=_NO_ROOT, one_sided=True)
+
+
+def structural_sizes(max_precond_dim, block_size, method: str, module: str
+                     ) -> tuple[int, int]:
+  """``(max_precond_dim, block_size)`` as Python ints: None reads as 10000 and as
+  ``max_precond_dim`` (no blocking below it); see `static_int`."""
+  max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
+                     else static_int("max_precond_dim", max_precond_dim, method, module))
+  block_size = (max_precond_dim if block_size is None
+                else static_int("block_size", block_size, method, module))
+  return max_precond_dim, block_size
 
 
 def static_int(name: str, value: Any, method: str, module: str) -> int:

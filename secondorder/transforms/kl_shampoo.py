@@ -20,7 +20,7 @@ import optax
 
 from secondorder._validation import (check_count, check_float_leaves, check_range,
                                      check_state_shapes)
-from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
+from secondorder.dimension_numbers import WeightDimensionNumbers
 from secondorder.transforms import _blocks
 from secondorder.transforms import _eigenbasis
 
@@ -31,7 +31,6 @@ __all__ = ["ScaleByKlShampooState", "scale_by_kl_shampoo", "kl_shampoo", "STATIC
 # `optax.inject_hyperparams(kl_shampoo, static_args=STATIC_ARGS)`.
 STATIC_ARGS = ("block_size", "max_precond_dim")
 
-_DEFAULT_MAX_PRECOND_DIM = 10000
 # The smallest cap on an inverse square root eigenvalue, whatever the factor's side.
 _MIN_CAP = 10.0
 
@@ -303,12 +302,6 @@ def _check_number(name: str, value: Any, optional: bool = False) -> None:
                     f"{value!r} of type {type(value).__name__}.")
 
 
-def _static_int(name: str, value: Any) -> int:
-  """A structural number (see `_eigenbasis.static_int`)."""
-  return _eigenbasis.static_int(name, value, "KL-Shampoo",
-                                "secondorder.transforms.kl_shampoo")
-
-
 def scale_by_kl_shampoo(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -411,9 +404,8 @@ def scale_by_kl_shampoo(
     Lin, Lowe, Dangel, Eschenhagen, Xu & Grosse, "Understanding and Improving Shampoo and
     SOAP via Kullback-Leibler Minimization", ICLR 2026 (arXiv 2509.03378).
   """
-  max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
-                     else _static_int("max_precond_dim", max_precond_dim))
-  block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
+  max_precond_dim, block_size = _eigenbasis.structural_sizes(
+      max_precond_dim, block_size, "KL-Shampoo", "secondorder.transforms.kl_shampoo")
   check_count("precondition_frequency", precondition_frequency, minimum=1)
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps)):
     _check_number(name, value)
@@ -431,9 +423,8 @@ def scale_by_kl_shampoo(
   from_statistics = init_factor is None
 
   def plan_for(tree):
-    leaves = jax.tree.leaves(tree)
-    axes = resolve_leaf_axes(weight_dimension_numbers, tree)
-    return _eigenbasis.one_sided_plan(leaves, axes, block_size, max_precond_dim, merge)
+    return _eigenbasis.one_sided_plan(tree, weight_dimension_numbers, block_size,
+                                      max_precond_dim, merge)
 
   def init_fn(params):
     check_float_leaves("scale_by_kl_shampoo", params, complex_ok=False)

@@ -17,7 +17,7 @@ import optax
 
 from secondorder._validation import (check_count, check_float_leaves, check_range,
                                      check_state_shapes, check_tree_structure)
-from secondorder.dimension_numbers import WeightDimensionNumbers, resolve_leaf_axes
+from secondorder.dimension_numbers import WeightDimensionNumbers
 from secondorder.transforms import _blocks
 from secondorder.transforms import _eigenbasis
 
@@ -28,7 +28,6 @@ __all__ = ["ScaleBySoapState", "scale_by_soap", "soap", "STATIC_ARGS"]
 # `optax.inject_hyperparams(soap, static_args=STATIC_ARGS)`.
 STATIC_ARGS = ("block_size", "max_precond_dim")
 
-_DEFAULT_MAX_PRECOND_DIM = 10000
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -257,11 +256,6 @@ def refresh(plan, due, first, factors, bases, mu, nu):
 # ----------------------------------------------------------------------------- transform
 
 
-def _static_int(name: str, value: Any) -> int:
-  """A structural number (see `_eigenbasis.static_int`)."""
-  return _eigenbasis.static_int(name, value, "SOAP", "secondorder.transforms.soap")
-
-
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -351,9 +345,8 @@ def scale_by_soap(
     Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade, "SOAP: Improving
     and Stabilizing Shampoo using Adam", ICLR 2025.
   """
-  max_precond_dim = (_DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None
-                     else _static_int("max_precond_dim", max_precond_dim))
-  block_size = max_precond_dim if block_size is None else _static_int("block_size", block_size)
+  max_precond_dim, block_size = _eigenbasis.structural_sizes(
+      max_precond_dim, block_size, "SOAP", "secondorder.transforms.soap")
   check_count("precondition_frequency", precondition_frequency, minimum=1)
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
@@ -363,9 +356,8 @@ def scale_by_soap(
   merge = bool(merge_small_dims)
 
   def plan_for(tree):
-    leaves = jax.tree.leaves(tree)
-    axes = resolve_leaf_axes(weight_dimension_numbers, tree)
-    return _eigenbasis.one_sided_plan(leaves, axes, block_size, max_precond_dim, merge)
+    return _eigenbasis.one_sided_plan(tree, weight_dimension_numbers, block_size,
+                                      max_precond_dim, merge)
 
   def init_fn(params):
     check_float_leaves("scale_by_soap", params, complex_ok=False)
