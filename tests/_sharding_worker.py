@@ -302,7 +302,7 @@ def make_train(setup: ts.Setup, mesh: Mesh | None):
     def body(carry, inputs):
       params, state = carry
       batch, key = inputs
-      grads, extra_args = setup.grads_and_args(params, batch, key)
+      grads, extra_args = ts.grads_and_args(setup, params, batch, key, state)
       updates, state = tx.update(grads, state, params, **extra_args)
       return (optax.apply_updates(params, updates), state), stats_of(state)
 
@@ -328,7 +328,7 @@ def donated_steps(setup: ts.Setup, mesh: Mesh, params, batches, keys) -> float:
   tx = setup.make_on(mesh)
 
   def step(params, state, batch, key):
-    grads, extra_args = setup.grads_and_args(params, batch, key)
+    grads, extra_args = ts.grads_and_args(setup, params, batch, key, state)
     updates, state = tx.update(grads, state, params, **extra_args)
     return optax.apply_updates(params, updates), state
 
@@ -347,7 +347,7 @@ def run_method(setup: ts.Setup, meshes_: dict[str, Mesh]) -> dict:
   train = make_train(setup, None)
   params0 = getattr(setup, "init_params", ts.init_params)()
   specs_of = getattr(setup, "param_specs", param_specs)
-  batches = ts.make_batches(STEPS)
+  batches = ts.make_batches(STEPS, batch_size=getattr(setup, "batch_size", ts.BATCH))
   keys = jax.random.split(jax.random.key(2), STEPS)
 
   options = getattr(setup, "compiler_options", None)

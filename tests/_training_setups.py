@@ -46,17 +46,18 @@ def init_params(seed: int = 0):
   return _init_params(jax.random.key(seed))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def make_batches(num_steps: int, seed: int = 1):
-  """`num_steps` batches; the two halves of every batch come from different inputs.
+@functools.partial(jax.jit, static_argnums=0, static_argnames="batch_size")
+def make_batches(num_steps: int, seed: int = 1, batch_size: int = BATCH):
+  """`num_steps` batches of `batch_size`; the two halves of every batch come from different
+  inputs.
 
   The first half has inputs of scale 1 and the second of scale 3, so curvature
   statistics of one half differ clearly from those of the whole batch.
   """
   kx, ky = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(kx, (num_steps, BATCH, IN_FEATURES), jnp.float32)
-  x = x * jnp.where(jnp.arange(BATCH) < BATCH // 2, 1.0, 3.0)[None, :, None]
-  y = jax.random.randint(ky, (num_steps, BATCH), 0, CLASSES)
+  x = jax.random.normal(kx, (num_steps, batch_size, IN_FEATURES), jnp.float32)
+  x = x * jnp.where(jnp.arange(batch_size) < batch_size // 2, 1.0, 3.0)[None, :, None]
+  y = jax.random.randint(ky, (num_steps, batch_size), 0, CLASSES)
   return {"x": x, "y": y}
 
 
@@ -79,19 +80,32 @@ class Setup:
   """A transform, how a training step feeds it, and where its curvature statistics live.
 
   `grads_and_args(params, batch, key)` runs inside the jitted step and returns the
-  gradients and the extra keyword arguments of `update`. `statistics(state)` returns the
-  part of the state estimated from the batch (Hessian-diagonal EMA, Kronecker factors,
-  Shampoo statistics), or None for methods without one.
+  gradients and the extra keyword arguments of `update`; with `reads_state` it is called
+  `grads_and_args(params, batch, key, opt_state=state)` with the optimizer state before
+  the step (EK-FAC's capture measures its moments in the state's bases): call it through
+  the module's `grads_and_args`. `statistics(state)` returns the part of the state
+  estimated from the batch (Hessian-diagonal EMA, Kronecker factors, Shampoo
+  statistics), or None for methods without one. `batch_size`: the examples per step.
   """
   name: str
   make: Callable[[], Any]
-  grads_and_args: Callable[[Any, Any, Any], tuple[Any, dict]] = _grads
+  grads_and_args: Callable[..., tuple[Any, dict]] = _grads
   statistics: Callable[[Any], Any] | None = None
   make_for_mesh: Callable[[Any], Any] | None = None
+  reads_state: bool = False
+  batch_size: int = BATCH
 
   def make_on(self, mesh=None):
     """The transform for `mesh` (None: one device); most methods ignore the mesh."""
     return self.make() if self.make_for_mesh is None else self.make_for_mesh(mesh)
+
+
+def grads_and_args(setup, params, batch, key, opt_state):
+  """`setup.grads_and_args(params, batch, key)`, handed `opt_state=` when the setup reads it
+  (`reads_state`)."""
+  if getattr(setup, "reads_state", False):
+    return setup.grads_and_args(params, batch, key, opt_state=opt_state)
+  return setup.grads_and_args(params, batch, key)
 
 
 def find_state(state, cls_name: str):
@@ -197,6 +211,33 @@ def available_setups() -> dict[str, Setup]:
 
     setups["kfac_spread"] = Setup("kfac_spread", lambda: make_kfac_spread(None), kfac_grads,
                                   kfac_statistics, make_for_mesh=make_kfac_spread)
+
+  ekfac = _module("secondorder.transforms.ekfac")
+  if ekfac is not None and capture is not None:
+    cap = capture.linen_capture(MODEL, _ce, likelihood="softmax")
+
+    def ekfac_grads(params, batch, key, *, opt_state):
+      # The projected moments are measured in the eigenbases of the state before the step.
+      _, grads, stats = cap(params, batch["x"], batch["y"], key=key,
+                            bases=ekfac.ekfac_bases(opt_state))
+      return grads, {"kfac_stats": stats}
+
+    def make_ekfac():
+      layers = cap.layers(init_params(), jnp.zeros((BATCH, IN_FEATURES), jnp.float32))
+      return ekfac.ekfac(1e-2, layers=layers, update_interval=5)
+
+    def ekfac_statistics(s):
+      st = find_state(s, "ScaleByEkfacState")
+      return st.a, st.s, st.moments
+
+    # Batches of 64: with 16 examples the factors A_out [33, 33] and S_hidden [32, 32] of
+    # the first refresh have rank 16, and inside their null spaces eigh's basis is set by
+    # rounding, different on every mesh. K-FAC's step does not depend on that choice (its
+    # divisor is constant there); EK-FAC's measured diagonal does, and the parameters of
+    # a mesh ended 2.6e-2 (8x1) and 5.0e-2 (2x4) from one device's (damping 1e-2), 1e-6
+    # with full-rank factors.
+    setups["ekfac"] = Setup("ekfac", make_ekfac, ekfac_grads, ekfac_statistics,
+                            reads_state=True, batch_size=64)
 
   accumulate = _module("secondorder.transforms.accumulate")
   if accumulate is not None:

@@ -31,15 +31,19 @@ ROOT = os.path.dirname(HERE)
 # through dimension numbers; the worker's own model.)
 # (soap: SOAP on the classifier with a squared-error head, blocks of 4; see
 # test_soap_state_matches_one_device for why not the softmax head.)
+# (ekfac: its capture measures the moments in the state's bases, batches of 64; see
+# _training_setups for why.)
 METHODS = ["adam", "adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
-           "shampoo_stacked", "kfac", "kfac_spread", "every_k_adamw", "soap", "kl_shampoo"]
+           "shampoo_stacked", "kfac", "kfac_spread", "ekfac", "every_k_adamw", "soap",
+           "kl_shampoo"]
 # The methods that keep statistics estimated from the batch.
 STATISTICS_METHODS = ["adahessian", "sophia_h", "sophia_g", "shampoo", "shampoo_sparse_stats",
-                      "shampoo_stacked", "kfac", "kfac_spread", "soap", "kl_shampoo"]
+                      "shampoo_stacked", "kfac", "kfac_spread", "ekfac", "soap", "kl_shampoo"]
 # The methods whose state holds trees shaped like the params. SOAP keeps its moments per
 # stack of blocks in the rotated coordinates instead; test_soap_stacks_follow_the_blocks
-# checks their sharding.
-PARAM_TREE_STATE_METHODS = [name for name in METHODS if name != "soap"]
+# checks their sharding. EK-FAC covers every parameter of the classifier and keeps no
+# momentum: its state has no parameter-shaped leaf (test_ekfac_factor_of_a_sharded_...).
+PARAM_TREE_STATE_METHODS = [name for name in METHODS if name not in ("soap", "ekfac")]
 MESHES = ["dp8", "dp2_mp4"]
 # Twenty float32 steps whose reductions (batch means, contractions over a sharded hidden
 # dimension) run in a different order on the mesh. Most methods agree to ~1e-6; AdaHessian
@@ -333,6 +337,27 @@ def test_kfac_decompositions_are_spread_over_devices(report):
     sharded = sorted(entry["meshes"][mesh]["decomposition_shapes"])
     assert sharded == [[1, 9, 9], [33, 33]], (mesh, sharded)
     assert sum(map(_size, sharded)) < sum(map(_size, single))
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_ekfac_state_matches_one_device(report, mesh):
+  """EK-FAC's factors, eigenbases and projected moments after 20 steps equal one device's,
+  within the parameters' tolerance."""
+  entry = _method(report, "ekfac")["meshes"][mesh]
+  scale = max(1.0, entry["state_max_abs"])
+  assert entry["state_max_abs_diff"] <= PARAM_RTOL * scale, entry["state_max_abs_diff"]
+
+
+def test_ekfac_factor_of_a_sharded_dimension_is_sharded(report):
+  """As K-FAC's: the hidden layer's output factor S [32, 32] and its eigenbasis stay sharded
+  over "model" on the 2x4 mesh, a quarter per device; the factors of unsharded dimensions
+  are replicated."""
+  rows = _by_path(_method(report, "ekfac")["meshes"]["dp2_mp4"]["state"])
+  for path in ("[0].s['hidden']", "[0].s_eigvecs['hidden']"):
+    assert "model" in rows[path]["spec"] and not rows[path]["replicated"], rows[path]
+    assert rows[path]["shard_nbytes"] * 4 == rows[path]["nbytes"], rows[path]
+  for path in ("[0].a['hidden']", "[0].s['out']"):
+    assert rows[path]["replicated"], rows[path]
 
 
 def _size(shape):
