@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -279,17 +280,30 @@ def kfac_capture_args(problem: Problem, params: PyTree) -> dict:
   return {"kfac_stats": stats}
 
 
-def ekfac_capture_args(problem: Problem, params: PyTree) -> dict:
-  """`kfac_stats=` with EK-FAC's projected moments for `dense_softmax`, in the eigenbases of
-  this batch's own factors: the contract's `extra_args` cannot see the optimizer's state, so
-  these cases check the plumbing (jit, injection, wrappers, checkpoints), not the moments'
-  basis (tests/test_ekfac.py hands the capture the state's bases)."""
+def ekfac_capture_args(problem: Problem, params: PyTree, opt_state=None) -> dict:
+  """`kfac_stats=` with EK-FAC's projected moments for `dense_softmax`, measured in the
+  eigenbases of `opt_state` (`ekfac_bases`), as a training loop does. Without `opt_state`
+  (callers that see only the params) in the eigenbases of this batch's own factors: the
+  plumbing is checked, not the moments' basis."""
   del problem
+  from secondorder.transforms.ekfac import ekfac_bases  # pylint: disable=g-import-not-at-top
   _, x, labels, _, cap = _dense()
+  if opt_state is not None:
+    _, _, stats = cap(params, x, labels, bases=ekfac_bases(opt_state))
+    return {"kfac_stats": stats}
   _, _, stats = cap(params, x, labels)
   bases = {n: (jnp.linalg.eigh(st.a)[1], jnp.linalg.eigh(st.s)[1]) for n, st in stats.items()}
   _, _, stats = cap(params, x, labels, bases=bases)
   return {"kfac_stats": stats}
+
+
+def call_extra_args(extra_args: ExtraArgsFn, problem: Problem, params: PyTree, opt_state
+                    ) -> Mapping[str, Any]:
+  """`extra_args(problem, params)`, also handed `opt_state=` (the state before the step)
+  when it takes one."""
+  if "opt_state" in inspect.signature(extra_args).parameters:
+    return extra_args(problem, params, opt_state=opt_state)
+  return extra_args(problem, params)
 
 
 REGRESSION_PROBLEMS = ("quadratic", "matrix_quadratic", "mixed_pytree", "rosenbrock")
@@ -369,7 +383,8 @@ class Case:
       For a primitive without a learning rate use
       `lambda learning_rate: optax.chain(primitive(...), optax.scale_by_learning_rate(learning_rate))`.
     extra_args: (problem, params) -> dict of keyword extra arguments for `update`. Called
-      inside the traced step with the current params.
+      inside the traced step with the current params; one that takes `opt_state=` is also
+      handed the optimizer state before the step (`call_extra_args`).
     lr: learning rate for convergence, a float or a dict problem name -> float.
     steps: number of steps for convergence, an int or a dict problem name -> int.
     problems: the convergence problems that apply to this case.
@@ -478,9 +493,10 @@ def make_update_fn(case: Case, tx: optax.GradientTransformation, problem: Proble
 
   def update(grads, state, params):
     if masked is not None:
-      extra = case.extra_args(_masked_subproblem(problem, params), mask_tree(masked, params))
+      extra = call_extra_args(case.extra_args, _masked_subproblem(problem, params),
+                              mask_tree(masked, params), state)
     else:
-      extra = case.extra_args(problem, params)
+      extra = call_extra_args(case.extra_args, problem, params, state)
     extra = dict(extra)
     if unexpected:
       extra.update(unexpected)
@@ -874,7 +890,7 @@ def _converge_fn(case: Case, problem_name: str):
     def body(carry, _):
       p, s = carry
       g = jax.grad(problem.loss)(p)
-      u, s = tx.update(g, s, p, **case.extra_args(problem, p))
+      u, s = tx.update(g, s, p, **call_extra_args(case.extra_args, problem, p, s))
       p = optax.apply_updates(p, u)
       return (p, s), problem.loss(p)
     (p, s), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
