@@ -282,9 +282,9 @@ def kfac_capture_args(problem: Problem, params: PyTree) -> dict:
 
 def ekfac_capture_args(problem: Problem, params: PyTree, opt_state=None) -> dict:
   """`kfac_stats=` with EK-FAC's projected moments for `dense_softmax`, measured in the
-  eigenbases of `opt_state` (`ekfac_bases`), as a training loop does. Without `opt_state`
-  (callers that see only the params) in the eigenbases of this batch's own factors: the
-  plumbing is checked, not the moments' basis."""
+  eigenbases of `opt_state` (`ekfac_bases`), as a training loop does (`call_extra_args`
+  hands it the state). Without `opt_state`, in the eigenbases of this batch's own factors:
+  the plumbing is checked, not the moments' basis."""
   del problem
   from secondorder.transforms.ekfac import ekfac_bases  # pylint: disable=g-import-not-at-top
   _, x, labels, _, cap = _dense()

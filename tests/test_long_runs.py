@@ -44,8 +44,11 @@ def _ce(p):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_logits(p), jnp.asarray(_Y)))
 
 
+_CAPTURES = (C.kfac_capture_args, C.ekfac_capture_args)
+
+
 def _problem(case):
-  if case.extra_args is C.kfac_capture_args:
+  if case.extra_args in _CAPTURES:
     return C.get_problem("dense_softmax")
   # The Gauss-Newton cases (hessian_free's default curvature) need the logits and the labels
   # of a classification problem: the same 2-class problem, with its labels for `loss_fn`.
@@ -57,7 +60,7 @@ def _problem(case):
 
 def _lr(case):
   name = ("softmax_regression" if case.extra_args in (C.logits_fn_args, C.gauss_newton_args) else
-          "dense_softmax" if case.extra_args is C.kfac_capture_args else "matrix_quadratic")
+          "dense_softmax" if case.extra_args in _CAPTURES else "matrix_quadratic")
   return 0.5 * case.lr_for(name)
 
 
@@ -73,7 +76,7 @@ def _run(case, dtype):
     def body(carry, _):
       p, s = carry
       g = jax.grad(problem.loss)(p)
-      u, s = tx.update(g, s, p, **case.extra_args(problem, p))
+      u, s = tx.update(g, s, p, **C.call_extra_args(case.extra_args, problem, p, s))
       finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(u)]))
       return (optax.apply_updates(p, u), s), finite
 
@@ -170,7 +173,8 @@ def test_counters_saturate_at_int32_max(case):
 
   @jax.jit
   def step(p, s):
-    u, s = tx.update(jax.grad(problem.loss)(p), s, p, **case.extra_args(problem, p))
+    u, s = tx.update(jax.grad(problem.loss)(p), s, p,
+                     **C.call_extra_args(case.extra_args, problem, p, s))
     return optax.apply_updates(p, u), s, u
 
   p, s, _ = step(params, tx.init(params))
