@@ -2,8 +2,8 @@
 
 ``python -m benchmarks gpu`` trains the language model at its ``gpu`` size (6 layers, width
 384, 10,829,952 parameters, batch 64 x context 256) for `STEPS` steps (16.4M tokens: 1.5
-tokens per parameter, a thirteenth of the compute-optimal horizon: what fits twice in a
-15-minute allowance of one H100 with start-up and compilation) and races:
+tokens per parameter, a thirteenth of the compute-optimal horizon: what fits in 8 minutes
+on one H100 with start-up and compilation) and races:
 
 1. AdamW, SOAP, K-FAC and Muon, one run each (seed 0) at the rate (and second setting) the
    size ladder tuned at its largest size (``docs/results/ladder/ladder.jsonl``; a row the
@@ -40,7 +40,7 @@ __all__ = ["ROWS", "STEPS", "BUDGET_S", "transferred", "main"]
 START = time.perf_counter()
 ROWS = ("adamw", "soap", "kfac", "muon")
 STEPS = 1000
-BUDGET_S = 420.0          # of the 8 minutes: the rest is the machine's start and the copy
+BUDGET_S = 420.0          # of the 8 minutes: the rest is start-up and compilation
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(os.path.dirname(HERE), "docs", "results", "gpu")
 

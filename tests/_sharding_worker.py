@@ -26,7 +26,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -174,13 +173,6 @@ class SoapSetup:
     return ts.find_state(state, "ScaleBySoapState").factors
 
 
-def soap_setup():
-  """`SoapSetup()`, or None when SOAP's module is not present."""
-  if importlib.util.find_spec("secondorder.transforms.soap") is None:
-    return None
-  return SoapSetup()
-
-
 class KlShampooSetup:
   """KL-Shampoo on the squared-error classifier, blocks of 4, like `SoapSetup` (a softmax
   head's zero-gradient direction, rotated into rounding-sized components and divided by
@@ -206,11 +198,8 @@ def all_setups() -> dict:
   setups = ts.available_setups()
   if "shampoo" in setups:
     setups["shampoo_stacked"] = StackedSetup()
-  soap = soap_setup()
-  if soap is not None:
-    setups["soap"] = soap
-  if importlib.util.find_spec("secondorder.transforms.kl_shampoo") is not None:
-    setups["kl_shampoo"] = KlShampooSetup()
+  setups["soap"] = SoapSetup()
+  setups["kl_shampoo"] = KlShampooSetup()
   return setups
 
 

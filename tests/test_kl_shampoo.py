@@ -217,13 +217,14 @@ def test_a_non_finite_first_gradient_leaves_the_estimates_unset():
 
 
 def test_an_injected_frequency_below_one_reads_as_one():
-  """precondition_frequency injected as 0 into a running state takes exactly the steps of
-  1 (a refresh every call), not `count % 0` (whose value depends on the backend)."""
+  """precondition_frequency injected as 0 or -2 into a running state takes exactly the steps
+  of 1 (a refresh every call), not `count % 0` (whose value depends on the backend) or
+  `count % -2` (a refresh every other call)."""
   tx = optax.inject_hyperparams(scale_by_kl_shampoo)(precondition_frequency=2)
   step = jax.jit(tx.update)
   g = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3)), jnp.float32)
   runs = []
-  for value in (0, 1, 2):
+  for value in (0, -2, 1, 2):
     state = tx.init({"w": jnp.zeros((4, 3))})
     state.hyperparams["precondition_frequency"] = jnp.asarray(value, jnp.int32)
     out = []
@@ -231,8 +232,9 @@ def test_an_injected_frequency_below_one_reads_as_one():
       u, state = step({"w": g * (1 + i) + i}, state)
       out.append(np.asarray(u["w"]))
     runs.append(np.stack(out))
-  np.testing.assert_array_equal(runs[0], runs[1])
-  assert not np.allclose(runs[1], runs[2])  # the frequency does change the steps
+  np.testing.assert_array_equal(runs[0], runs[2])
+  np.testing.assert_array_equal(runs[1], runs[2])
+  assert not np.allclose(runs[2], runs[3])  # the frequency does change the steps
 
 
 @pytest.mark.parametrize("rate", [-1e-3, float("nan")])

@@ -1,13 +1,16 @@
 """Curvature toolkit: products, estimators and spectra on pytree parameters.
 
 Pure functions of a loss, logits or outputs function and the parameters; each runs under
-`jax.jit` and `jax.vmap` and never forms a matrix whose side is the number of parameters.
+`jax.jit` and `jax.vmap` and, except `hessian_diag` (optax.second_order's exact diagonal,
+for small models), never forms a matrix whose side is the number of parameters.
 """
 
 from secondorder.curvature.cg import CGResult
 from secondorder.curvature.cg import conjugate_gradient
 from secondorder.curvature.estimators import empirical_fisher_diag
+from secondorder.curvature.estimators import fisher_diag
 from secondorder.curvature.estimators import gnb_diag
+from secondorder.curvature.estimators import hessian_diag
 from secondorder.curvature.estimators import hutchinson_diag
 from secondorder.curvature.estimators import value_grad_and_gnb_diag
 from secondorder.curvature.losses import softmax_cross_entropy

@@ -258,7 +258,7 @@ def scale_by_ekfac(
     stats = require_extra_arg(
         "scale_by_ekfac", "kfac_stats", kfac_stats,
         "kfac_stats=stats)  # loss, grads, stats = cap(model, x, y, key=key, "
-        "bases=ekfac_bases(opt_state)" if layer_list else "kfac_stats=capture.no_stats()")
+        "bases=ekfac_bases(opt_state))" if layer_list else "kfac_stats=capture.no_stats()")
     where = kfac_steps.check_layers_in(updates, layer_list, "updates")
     check_state_shapes("scale_by_ekfac", init_fn, updates, state)
 

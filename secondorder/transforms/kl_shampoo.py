@@ -372,7 +372,7 @@ def scale_by_kl_shampoo(
       direction (never 0/0).
     precondition_frequency: calls between basis refreshes, >= 1 (an injected array is
       fine; a concrete value below 1 is rejected, also at init under
-      `optax.inject_hyperparams`, and a traced one is read as 1).
+      `optax.inject_hyperparams`, and a traced value below 1 is read as 1).
     max_precond_dim: a (merged) dimension above it gets no factor (the other dimensions of
       the leaf still do); None: 10000.
     block_size: the largest factor side, larger dimensions are blocked; None: no blocking
