@@ -307,18 +307,10 @@ def scale_by_ekfac(
 
     a_w, a_v, s_w, s_v = decomp[:4]
     new_state = ScaleByEkfacState(
-        count=optax.safe_increment(state.count),
         factor_weight=weight, a=a, s=s,
         a_eigvals=a_w, a_eigvecs=a_v, s_eigvals=s_w, s_eigvecs=s_v,
-        moments=moments, moment_weight=m_weight,
-        num_refreshes=jnp.where(do_refresh, optax.safe_increment(state.num_refreshes),
-                                state.num_refreshes),
-        num_skipped=jnp.where(finite, state.num_skipped,
-                              optax.safe_increment(state.num_skipped)),
-        kl_scale=nu.astype(stats_dtype),
-        num_clip_skipped=jnp.where(decided, state.num_clip_skipped,
-                                   optax.safe_increment(state.num_clip_skipped)),
-        fallback=fb_state)
+        moments=moments, moment_weight=m_weight, kl_scale=nu.astype(stats_dtype),
+        fallback=fb_state, **kfac_steps.step_counters(state, do_refresh, finite, decided))
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -403,6 +403,19 @@ def kl_clip_scale(kl_sum, kl_clip, learning_rate, count, dtype) -> tuple[jax.Arr
   return jnp.where(finite, nu, 0.0).astype(dtype), finite
 
 
+def step_counters(state, do_refresh, finite, decided) -> dict:
+  """The state's saturating counters after a step (`optax.safe_increment`, as for `count`):
+  the step, the refreshes, the statistics skipped as non-finite and the KL clips skipped as
+  undecidable."""
+  return dict(
+      count=optax.safe_increment(state.count),
+      num_refreshes=jnp.where(do_refresh, optax.safe_increment(state.num_refreshes),
+                              state.num_refreshes),
+      num_skipped=jnp.where(finite, state.num_skipped, optax.safe_increment(state.num_skipped)),
+      num_clip_skipped=jnp.where(decided, state.num_clip_skipped,
+                                 optax.safe_increment(state.num_clip_skipped)))
+
+
 def check_update_interval(update_interval) -> None:
   """T >= 1: a Python int, or a concrete array (what `optax.inject_hyperparams` passes at
   init, so an injected 0 is an error there). A traced T (update under `jit`) is clamped to
@@ -636,19 +649,10 @@ def scale_by_kfac_factors(
 
     a_w, a_v, s_w, s_v, a_inv, s_inv = decomp
     new_state = ScaleByKfacState(
-        count=optax.safe_increment(state.count),
         factor_weight=weight, a=a, s=s,
         a_eigvals=a_w, a_eigvecs=a_v, s_eigvals=s_w, s_eigvecs=s_v,
-        a_inverse=a_inv, s_inverse=s_inv,
-        # Saturating counters (optax.safe_increment), as for `count`.
-        num_refreshes=jnp.where(do_refresh, optax.safe_increment(state.num_refreshes),
-                                state.num_refreshes),
-        num_skipped=jnp.where(finite, state.num_skipped,
-                              optax.safe_increment(state.num_skipped)),
-        kl_scale=nu.astype(stats_dtype),
-        num_clip_skipped=jnp.where(decided, state.num_clip_skipped,
-                                   optax.safe_increment(state.num_clip_skipped)),
-        fallback=fb_state)
+        a_inverse=a_inv, s_inverse=s_inv, kl_scale=nu.astype(stats_dtype),
+        fallback=fb_state, **step_counters(state, do_refresh, finite, decided))
     return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
