@@ -173,15 +173,12 @@ class SoapSetup:
     return ts.find_state(state, "ScaleBySoapState").factors
 
 
-class KlShampooSetup:
+class KlShampooSetup(SoapSetup):
   """KL-Shampoo on the squared-error classifier, blocks of 4, like `SoapSetup` (a softmax
   head's zero-gradient direction, rotated into rounding-sized components and divided by
   the small eigenvalue estimates there, would drift differently on every mesh)."""
 
   name = "kl_shampoo"
-  make_for_mesh = None
-  compiler_options = {"xla_backend_optimization_level": 0}
-  grads_and_args = staticmethod(_squared_error_grads)
 
   @staticmethod
   def make_on(mesh=None):
